@@ -1,0 +1,47 @@
+"""Shared fixtures: anyio on asyncio in debug mode, blocking-call detection, isolated stores."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from blockbuster import BlockBuster, blockbuster_ctx
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    return ("asyncio", {"debug": True})
+
+
+@pytest.fixture(autouse=True)
+def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
+    """Fail any test whose event loop makes a blocking call (file I/O, sleep, subprocess).
+
+    Sync tests run no loop and are unaffected; tests marked ``allow_blocking`` opt out
+    (for example a test that reads records back with the synchronous mlflow client).
+    """
+    if request.node.get_closest_marker("allow_blocking"):
+        yield None
+        return
+    with blockbuster_ctx() as bb:
+        yield bb
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test away from the user's ~/.cache, ./mlruns and MLflow settings."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("AIOPROJ_CACHE_DIR", str(cache))
+    for var in list(os.environ):
+        if var.startswith("MLFLOW_"):
+            monkeypatch.delenv(var)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh file store for one test, set as MLFLOW_TRACKING_URI."""
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
