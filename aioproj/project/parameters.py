@@ -1,0 +1,319 @@
+"""Parameter values: validation, coercion to their declared types, and command rendering.
+
+Everything happens before a run is created, so a bad value never leaves a half-made run.
+Three views of the parameters come out of :func:`resolve_parameters`:
+
+- ``values``: typed values (``0.5``, ``3``, ``True``, an absolute path) for callers;
+- ``logged``: the values as the user gave them, ``str()``'d and never shell-quoted, which is
+  what tracking records as the run's params;
+- ``command``: the entry point's command with shell-quoted values, extras appended.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import re
+import shlex
+import string
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aioproj.errors import MLprojectError, ParameterError
+from aioproj.project.spec import EntryPoint, Parameter, Project, parse_command_template
+
+__all__ = ["ResolvedParameters", "render_command", "resolve_parameters"]
+
+_EXTRA_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_TRUE_WORDS = frozenset({"true", "1", "yes"})
+_FALSE_WORDS = frozenset({"false", "0", "no"})
+_EXPECTED = {
+    "float": "a float",
+    "int": "an int",
+    "bool": "a bool (true/false, 1/0, yes/no)",
+    "path": "a path",
+    "uri": "a URI",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedParameters:
+    """The parameters of one run, resolved against an entry point.
+
+    ``values`` holds typed values (declared parameters in declaration order, then extras as
+    given); ``logged`` the same keys with the values as given, ``str()``'d (defaults as
+    written); ``command`` the rendered shell command.
+    """
+
+    values: dict[str, object]
+    logged: dict[str, str]
+    command: str
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Where a value comes from, for error messages."""
+
+    parameter: str
+    entry_point: str
+    is_default: bool
+
+    def suffix(self) -> str:
+        origin = " (its default in the MLproject)" if self.is_default else ""
+        return f"{origin} (entry point {self.entry_point!r})"
+
+
+def resolve_parameters(
+    project: Project,
+    entry_point: EntryPoint,
+    user_parameters: Mapping[str, object] | None,
+    *,
+    path_exists: Callable[[Path], bool] | None = None,
+    cwd: Path | None = None,
+) -> ResolvedParameters:
+    """Validate and coerce ``user_parameters`` for ``entry_point`` and render its command.
+
+    Declared parameters take the user's value or their default; a user value of None counts
+    as not given. Undeclared keys are extras: kept as given and appended to the command as
+    ``--key 'value'``. Local ``path`` values are checked with ``path_exists`` (default
+    :func:`os.path.exists`) relative to ``cwd`` (default the current directory) and made
+    absolute; ``path`` values with a scheme other than ``file`` pass through unchanged.
+
+    Raises:
+        ParameterError: a required parameter has no value; a value (or default) does not
+            fit its type, names a missing local path or is not a URI; an extra key is not a
+            valid option name; the command uses a placeholder that is not a declared
+            parameter.
+        MLprojectError: the command template is malformed.
+    """
+    exists = path_exists if path_exists is not None else os.path.exists
+    base = cwd if cwd is not None else Path.cwd()
+    given = {str(key): value for key, value in (user_parameters or {}).items() if value is not None}
+    _check_missing(entry_point, given)
+
+    values: dict[str, object] = {}
+    logged: dict[str, str] = {}
+    rendered: dict[str, str] = {}
+    for name, parameter in entry_point.parameters.items():
+        is_default = name not in given
+        raw = parameter.default if is_default else given[name]
+        context = _Context(name, entry_point.name, is_default)
+        values[name], rendered[name] = _coerce_value(
+            parameter, raw, context=context, path_exists=exists, cwd=base
+        )
+        logged[name] = str(raw)
+
+    extra_args: list[str] = []
+    for key, value in given.items():
+        if key in entry_point.parameters:
+            continue
+        _check_extra_key(key, entry_point.name)
+        values[key] = value
+        logged[key] = str(value)
+        extra_args.append(f"--{key} {shlex.quote(str(value))}")
+
+    quoted = {name: shlex.quote(text) for name, text in rendered.items()}
+    command = render_command(
+        entry_point.command,
+        quoted,
+        entry_point=entry_point.name,
+        mlproject_path=project.mlproject_path,
+    )
+    return ResolvedParameters(
+        values=values, logged=logged, command=" ".join([command, *extra_args])
+    )
+
+
+def _check_missing(entry_point: EntryPoint, given: Mapping[str, object]) -> None:
+    missing = [
+        name
+        for name, parameter in entry_point.parameters.items()
+        if parameter.default is None and name not in given
+    ]
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        raise ParameterError(
+            f"No value given for missing parameters: {names} (entry point {entry_point.name!r})"
+        )
+
+
+def _check_extra_key(key: str, entry_point: str) -> None:
+    if _EXTRA_KEY.fullmatch(key) is None:
+        raise ParameterError(
+            f"Parameter name {key!r} is not declared by entry point {entry_point!r} and cannot "
+            "be passed as an extra option: extra names must match [A-Za-z_][A-Za-z0-9_.-]*"
+        )
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+def _coerce_value(
+    parameter: Parameter,
+    raw: object,
+    *,
+    context: _Context,
+    path_exists: Callable[[Path], bool],
+    cwd: Path,
+) -> tuple[object, str]:
+    """The typed value of ``raw`` and the text the command gets for it (before quoting).
+
+    Raises:
+        ParameterError: ``raw`` does not fit ``parameter.type``.
+    """
+    kind = parameter.type
+    if kind == "float":
+        return _coerce_float(raw, context), str(raw)
+    if kind == "int":
+        return _coerce_int(raw, context), str(raw)
+    if kind == "bool":
+        return _coerce_bool(raw, context), str(raw)
+    if kind == "path":
+        path = _coerce_path(raw, context, path_exists, cwd)
+        return path, path
+    if kind == "uri":
+        return _coerce_uri(raw, context), str(raw)
+    return str(raw), str(raw)
+
+
+def _type_error(kind: str, raw: object, context: _Context) -> ParameterError:
+    return ParameterError(
+        f"Parameter {context.parameter!r} of entry point {context.entry_point!r} expects "
+        f"{_EXPECTED[kind]}, got {raw!r}"
+        + (" (its default in the MLproject)" if context.is_default else "")
+    )
+
+
+def _coerce_float(raw: object, context: _Context) -> float:
+    if isinstance(raw, bool):
+        raise _type_error("float", raw, context)
+    if isinstance(raw, numbers.Real):
+        return float(raw)
+    if isinstance(raw, str) and "_" not in raw:
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    raise _type_error("float", raw, context)
+
+
+def _coerce_int(raw: object, context: _Context) -> int:
+    if isinstance(raw, bool):
+        raise _type_error("int", raw, context)
+    if isinstance(raw, numbers.Integral):
+        return int(raw)
+    if isinstance(raw, str) and _INT_TEXT.fullmatch(raw.strip()):
+        return int(raw)
+    raise _type_error("int", raw, context)
+
+
+def _coerce_bool(raw: object, context: _Context) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, numbers.Integral) and int(raw) in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str):
+        word = raw.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    raise _type_error("bool", raw, context)
+
+
+def _coerce_path(
+    raw: object, context: _Context, path_exists: Callable[[Path], bool], cwd: Path
+) -> str:
+    if isinstance(raw, os.PathLike):
+        raw = os.fspath(raw)
+    if not isinstance(raw, str) or not raw:
+        raise _type_error("path", raw, context)
+    local = local_path_of(raw)
+    if local is None:
+        return raw
+    absolute = os.path.normpath(os.path.join(cwd, local))
+    if not path_exists(Path(absolute)):
+        raise ParameterError(
+            f"Got value {raw} for parameter {context.parameter}, but no such file or directory "
+            f"was found.{context.suffix()}"
+        )
+    return absolute
+
+
+def local_path_of(value: str) -> str | None:
+    """The local path a ``path`` value names, or None when it is a remote URI.
+
+    A value with no scheme, a one-letter scheme (a Windows drive) or ``file:`` without a
+    host is local.
+    """
+    parsed = urllib.parse.urlparse(value)
+    if parsed.scheme == "" or len(parsed.scheme) == 1:
+        return value
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return urllib.parse.unquote(parsed.path)
+    return None
+
+
+def _coerce_uri(raw: object, context: _Context) -> str:
+    if not isinstance(raw, str) or urllib.parse.urlparse(raw).scheme == "":
+        raise ParameterError(
+            f"Expected URI for parameter {context.parameter} but got {raw}{context.suffix()}"
+        )
+    return raw
+
+
+# --------------------------------------------------------------------------- command
+
+
+def render_command(
+    template: str,
+    quoted: Mapping[str, str],
+    *,
+    entry_point: str,
+    mlproject_path: Path | None = None,
+) -> str:
+    """Fill ``template`` (``str.format`` syntax) with the already shell-quoted values.
+
+    A placeholder must be exactly a declared parameter name (``{alpha}``); literal braces are
+    written ``{{`` and ``}}``.
+
+    Raises:
+        ParameterError: a placeholder is not a declared parameter.
+        MLprojectError: the template is malformed.
+    """
+    where = str(mlproject_path) if mlproject_path is not None else None
+    try:
+        parts = parse_command_template(template)
+    except ValueError as exc:
+        raise MLprojectError(
+            f"entry point {entry_point!r} has a malformed command {template!r}: {exc}",
+            path=where,
+        ) from None
+    formatter = string.Formatter()
+    out: list[str] = []
+    for literal, field, spec, conversion in parts:
+        out.append(literal)
+        if field is None:
+            continue
+        if field not in quoted:
+            raise ParameterError(
+                f"The command of entry point {entry_point!r} uses placeholder {{{field}}}, "
+                f"which is not a declared parameter (declared: {sorted(quoted)})"
+            )
+        value: object = quoted[field]
+        if conversion is not None:
+            value = formatter.convert_field(value, conversion)
+        filled_spec = render_command(
+            spec, quoted, entry_point=entry_point, mlproject_path=mlproject_path
+        )
+        try:
+            out.append(format(value, filled_spec))
+        except ValueError as exc:
+            raise MLprojectError(
+                f"entry point {entry_point!r} has a malformed command {template!r}: {exc}",
+                path=where,
+            ) from None
+    return "".join(out)
