@@ -1,0 +1,108 @@
+"""The small interface every backend implements.
+
+A backend turns a validated :class:`LaunchRequest` into a :class:`Launch` (everything that
+can fail before a tracking run exists: config checks, environment preparation, image
+builds), and a launch into a running :class:`Execution` once the run is tracked. The
+runner owns everything around it: sources, project validation, tracking, the handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .._output import RunOutput
+    from ..handle import RunStatus
+    from ..project import EntryPoint, Project, ResolvedParameters
+    from ..sources import FetchedProject
+
+__all__ = ["Backend", "Execution", "Launch", "LaunchRequest", "StartRequest"]
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What a backend needs to prepare a run: the project, resolved, before tracking."""
+
+    source: FetchedProject
+    project: Project
+    entry_point: EntryPoint
+    parameters: ResolvedParameters
+    backend_config: Mapping[str, Any]
+    env_manager: str | None
+    docker_args: Mapping[str, str | bool]
+    storage_dir: Path | None
+    build_image: bool
+    docker_auth: Mapping[str, str] | None
+    env_cache_dir: Path
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """What a prepared launch needs to start: the tracked run it belongs to."""
+
+    run_id: str
+    experiment_id: str
+    #: Environment variables the run's code needs to log into its run (MLFLOW_RUN_ID, ...).
+    tracking_env: Mapping[str, str]
+    output: RunOutput
+    grace_period: float = 10.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Execution(Protocol):
+    """A run on its backend, as the handle sees it."""
+
+    #: True when :meth:`cancel` returns only once the run has stopped (local processes);
+    #: False when it returns as soon as the backend has accepted the request (remote).
+    waits_for_stop: bool
+
+    async def wait(self) -> RunStatus:
+        """Follow the run to its end and return FINISHED, FAILED or KILLED.
+
+        Called once, by the runner's supervising task. Feeds output to the run's
+        :class:`~aioproj._output.RunOutput` and closes it at the end.
+        """
+        ...
+
+    def status(self) -> RunStatus:
+        """The latest known status, without I/O."""
+        ...
+
+    async def cancel(self) -> None:
+        """Stop the run. Idempotent; safe while or after :meth:`wait` runs or was cancelled."""
+        ...
+
+
+@runtime_checkable
+class Launch(Protocol):
+    """A run prepared by a backend, ready to start once it is tracked."""
+
+    #: Tags the run is created with (``mlflow.project.env``, ``mlflow.docker.image.uri``...).
+    tags: Mapping[str, str]
+
+    async def start(self, request: StartRequest) -> Execution:
+        """Start the run. Raises :class:`~aioproj.BackendError` if the backend refuses it."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A place where runs execute: local processes, Databricks, Kubernetes, plugins."""
+
+    #: The value of the ``mlflow.project.backend`` tag.
+    name: str
+
+    async def prepare(self, request: LaunchRequest) -> Launch:
+        """Validate ``request`` for this backend and prepare what the run needs.
+
+        Raises an :class:`~aioproj.ExecutionError` subclass; nothing is tracked yet.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release shared resources (clients, watches, pollers)."""
+        ...

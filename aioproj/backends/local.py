@@ -1,0 +1,149 @@
+"""The local backend: each run is ``bash -c <command>`` in its own process group.
+
+The engine supervises the process itself (no re-executed CLI per run, unlike MLflow's
+asynchronous local runs): output is streamed into the run's output, the exit is awaited
+without a thread, and cancellation stops the whole group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from ..envs import PreparedEnv, prepare_env, select_env_manager
+from ..errors import BackendError
+from ..handle import RunStatus
+from ._process import ProcessGroup
+from .base import Execution, LaunchRequest, StartRequest
+
+__all__ = ["LocalBackend", "LocalExecution", "LocalLaunch"]
+
+
+class LocalBackend:
+    """Runs projects as local processes. Construct with no arguments, or pass
+    ``shell`` to use another POSIX shell than bash."""
+
+    name = "local"
+
+    def __init__(self, *, shell: str = "bash") -> None:
+        self._shell = shell
+
+    async def prepare(self, request: LaunchRequest) -> LocalLaunch:
+        """Choose and prepare the environment. Raises EnvironmentBuildError."""
+        manager = select_env_manager(request.project, request.env_manager)
+        env = await prepare_env(request.project, manager, cache_dir=request.env_cache_dir)
+        shell = shutil.which(self._shell)
+        if shell is None:
+            raise BackendError(
+                f"The local backend runs commands with {self._shell!r}, which is not on PATH. "
+                "Install it, or pass LocalBackend(shell=...) with a POSIX shell that is."
+            )
+        return LocalLaunch(
+            shell=shell,
+            command=env.wrap(request.parameters.command),
+            work_dir=request.source.directory,
+            env=env,
+        )
+
+    async def aclose(self) -> None:
+        """Nothing is shared between local runs."""
+
+
+@dataclass(frozen=True)
+class LocalLaunch:
+    shell: str
+    command: str
+    work_dir: Path
+    env: PreparedEnv
+
+    @property
+    def tags(self) -> Mapping[str, str]:
+        return {"mlflow.project.env": self.env.tag} if self.env.tag else {}
+
+    async def start(self, request: StartRequest) -> Execution:
+        """Start the process group. Raises BackendError if it cannot start."""
+        child_env = {**os.environ, **self.env.env_vars, **request.tracking_env}
+        try:
+            group = ProcessGroup(
+                [self.shell, "-c", self.command],
+                cwd=self.work_dir,
+                env=child_env,
+                on_output=request.output.feed,
+            )
+        except OSError as exc:
+            raise BackendError(
+                f"Could not start run {request.run_id} in {self.work_dir}: {exc}"
+            ) from exc
+        return LocalExecution(group, request.output.close, grace_period=request.grace_period)
+
+
+class LocalExecution:
+    """A local run: its process group, its output and its stop."""
+
+    waits_for_stop = True
+
+    def __init__(
+        self, group: ProcessGroup, close_output: Callable[[], None], *, grace_period: float
+    ) -> None:
+        self._group = group
+        self._close_output = close_output
+        self._grace = grace_period
+        self._cancelled = False
+        self._status = RunStatus.RUNNING
+        self._stopped = anyio.Event()
+
+    @property
+    def pid(self) -> int:
+        """The process id of the group leader (``bash``); also the process group id."""
+        return self._group.pid
+
+    def status(self) -> RunStatus:
+        return self._status
+
+    async def wait(self) -> RunStatus:
+        group = self._group
+        try:
+            pumped = anyio.Event()
+
+            async def pump() -> None:
+                try:
+                    await group.pump_output()
+                finally:
+                    pumped.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump)
+                code = await group.wait_exit()
+                await group.reap_stragglers(self._grace)
+                # A process that left the group may still hold the pipe: stop reading then.
+                with anyio.move_on_after(self._grace):
+                    await pumped.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._finish()
+        if self._cancelled:
+            self._status = RunStatus.KILLED
+        else:
+            self._status = RunStatus.FINISHED if code == 0 else RunStatus.FAILED
+        return self._status
+
+    async def cancel(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._cancelled = True
+        await self._group.stop(self._grace)
+        self._finish()
+        self._status = RunStatus.KILLED
+
+    def _finish(self) -> None:
+        """Once the group is gone: release its fds and end the output."""
+        if self._group.returncode is None or self._stopped.is_set():
+            return
+        self._group.close()
+        self._close_output()
+        self._stopped.set()

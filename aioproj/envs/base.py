@@ -1,0 +1,29 @@
+"""What a prepared environment gives a run: a command prefix, variables and a tag."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["ENV_MANAGERS", "PreparedEnv"]
+
+#: The env managers ``run(env_manager=...)`` accepts, as MLflow names them.
+ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
+
+
+@dataclass(frozen=True)
+class PreparedEnv:
+    """An environment ready for runs: how to enter it, and how tracking names it."""
+
+    manager: str
+    #: The ``mlflow.project.env`` tag, or None (the ``local`` manager sets no tag).
+    tag: str | None = None
+    #: A shell command that enters the environment, run before the entry point with ``&&``.
+    activate: str | None = None
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+
+    def wrap(self, command: str) -> str:
+        """The entry-point command as it runs inside this environment."""
+        if self.activate is None:
+            return command
+        return f"{self.activate} && {command}"

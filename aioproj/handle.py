@@ -1,0 +1,187 @@
+"""The run handle users hold: :class:`SubmittedRun`, and :class:`RunStatus`.
+
+A handle is backend-neutral. A backend supplies an :class:`~aioproj.backends.base.Execution`
+(it knows how to follow and stop its run); the handle adds what every backend shares:
+the final status written to tracking exactly once, the run's output, and the awaitable
+API (``await run``, ``wait``, ``cancel``, ``logs``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._output import RunOutput
+
+if TYPE_CHECKING:
+    from .backends.base import Execution
+    from .tracking.base import TrackingStore
+
+__all__ = ["RunStatus", "SubmittedRun"]
+
+logger = logging.getLogger("aioproj")
+
+#: How long clean-up after a cancellation may take before it is abandoned (seconds).
+CLEANUP_TIMEOUT = 30.0
+
+
+class RunStatus(str, enum.Enum):
+    """The status of a run, with MLflow's names."""
+
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for FINISHED, FAILED and KILLED."""
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED})
+
+
+class SubmittedRun:
+    """A run that a backend has accepted. Returned by :func:`aioproj.run`.
+
+    ``run_id`` is the MLflow run id. The handle is awaitable: ``await run`` returns the
+    final :class:`RunStatus`. Handles are safe to share between tasks of one event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        experiment_id: str,
+        execution: Execution,
+        store: TrackingStore,
+        output: RunOutput,
+        on_done: Callable[[SubmittedRun], None] | None = None,
+    ) -> None:
+        self._run_id = run_id
+        self._experiment_id = experiment_id
+        self._execution = execution
+        self._store = store
+        self._output = output
+        self._on_done = on_done
+        self._final: RunStatus | None = None
+        self._done = anyio.Event()
+        self._cancel_requested = False
+
+    def __repr__(self) -> str:
+        status = self._final or self._execution.status()
+        return f"<SubmittedRun run_id={self._run_id!r} status={status.value}>"
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id of this run."""
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str:
+        """The MLflow experiment id of this run."""
+        return self._experiment_id
+
+    @property
+    def label(self) -> str:
+        """The short label that prefixes this run's lines on a shared terminal."""
+        return self._output.label
+
+    @property
+    def done(self) -> bool:
+        """True once the final status is known and recorded."""
+        return self._done.is_set()
+
+    async def wait(self) -> bool:
+        """Wait until the run ends; return True if it FINISHED.
+
+        Cancelling the task that waits does not cancel the run (use :meth:`cancel`, or
+        a synchronous :func:`aioproj.run`, for that).
+        """
+        return await self._final_status() is RunStatus.FINISHED
+
+    async def get_status(self) -> RunStatus:
+        """The current status, without waiting."""
+        if self._final is not None:
+            return self._final
+        return self._execution.status()
+
+    async def cancel(self) -> None:
+        """Stop the run and record it KILLED. Idempotent; a no-op once the run has ended.
+
+        For local runs this returns once the process group is gone (SIGTERM, a grace
+        period, then SIGKILL) and the status is recorded. Remote backends return once the
+        service has accepted the cancellation. If the calling task is cancelled meanwhile,
+        the stop still completes in the background.
+        """
+        if self._done.is_set():
+            return
+        self._cancel_requested = True
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+            await self._execution.cancel()
+            if self._execution.waits_for_stop:
+                await self._done.wait()
+
+    def logs(self) -> AsyncIterator[str]:
+        """Iterate over the run's output lines, from the start, live until the run ends."""
+        return self._output.lines()
+
+    def __await__(self) -> Generator[Any, None, RunStatus]:
+        return self._final_status().__await__()
+
+    async def _final_status(self) -> RunStatus:
+        await self._done.wait()
+        assert self._final is not None
+        return self._final
+
+    # -- driven by the runner --------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Follow the run to its end and record the final status exactly once.
+
+        Runs as a task of the runner. If it is cancelled (the runner or event loop is
+        shutting down), the run is stopped and recorded KILLED under a shielded,
+        bounded scope before the cancellation propagates.
+        """
+        try:
+            status = await self._execution.wait()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+                await self._execution.cancel()
+                await self._record(RunStatus.KILLED)
+            raise
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+                await self._execution.cancel()
+                await self._record(RunStatus.FAILED)
+            raise
+        if self._cancel_requested and status is not RunStatus.FINISHED:
+            status = RunStatus.KILLED
+        with anyio.CancelScope(shield=True):
+            await self._record(status)
+
+    async def _record(self, status: RunStatus) -> None:
+        if self._done.is_set():
+            return
+        self._final = status
+        try:
+            await self._output.aclose(self._store, self._run_id)
+            await self._store.set_terminated(
+                self._run_id, status.value, end_time_ms=int(time.time() * 1000)
+            )
+        except Exception as exc:
+            logger.error("Could not record the final status of run %s: %s", self._run_id, exc)
+        finally:
+            self._done.set()
+            if self._on_done is not None:
+                self._on_done(self)

@@ -1,0 +1,486 @@
+"""The Runner: owns what runs share, and turns ``run(...)`` calls into tracked runs.
+
+One direction, no back and forth: fetch the source, validate the project and its
+parameters, prepare the backend (environment), create the tracking run, start it, and
+hand back a :class:`~aioproj.SubmittedRun`. Everything that can be wrong with the input
+fails before a run is tracked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+import sys
+import warnings
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ._output import EchoMode, RunOutput
+from ._paths import cache_root
+from .backends import Backend, Launch, LaunchRequest, StartRequest, load_backend
+from .envs import validate_env_manager
+from .errors import InvalidArgumentError, RunFailedError
+from .handle import RunStatus, SubmittedRun
+from .project import EntryPoint, Project, ResolvedParameters, load_project, resolve_parameters
+from .sources import FetchedProject, SourceCache
+from .tracking import TrackingStore, open_store, resolve_tracking_uri
+
+__all__ = ["Runner", "run"]
+
+logger = logging.getLogger("aioproj")
+
+
+class Runner:
+    """Owns the resources runs share, and the runs it started. An async context manager.
+
+    ``tracking_uri``: where runs are recorded (default: ``MLFLOW_TRACKING_URI``, else
+    ``./mlruns``). ``max_concurrency``: at most this many runs of this runner are active
+    at once; ``run()`` waits for a free slot before it creates a run. ``echo``: how run
+    output reaches this process's stdout (``"labelled"`` prefixes each line with the run's
+    short label, ``"plain"`` does not, ``"off"`` keeps it to ``run.logs()`` and the run's
+    artifact). ``grace_period``: seconds between SIGTERM and SIGKILL when a local run is
+    cancelled.
+
+    Leaving the ``async with`` block normally waits for the runs still going, as a task
+    group does; leaving it with an exception (or by cancellation) cancels them and
+    records them KILLED. Either way no process started by the runner survives it and no
+    run it tracked is left RUNNING.
+    """
+
+    def __init__(
+        self,
+        *,
+        tracking_uri: str | None = None,
+        max_concurrency: int | None = None,
+        echo: EchoMode = "labelled",
+        grace_period: float = 10.0,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        if max_concurrency is not None and max_concurrency < 1:
+            raise InvalidArgumentError(
+                f"max_concurrency must be a positive integer or None, got {max_concurrency!r}"
+            )
+        if echo not in ("labelled", "plain", "off"):
+            raise InvalidArgumentError(
+                f"echo must be 'labelled', 'plain' or 'off', got {echo!r}"
+            )
+        self._tracking_uri = tracking_uri
+        self._slots = anyio.Semaphore(max_concurrency) if max_concurrency else None
+        self._echo: EchoMode = echo
+        self._grace = grace_period
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._sources: SourceCache | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._backends: dict[str, Backend] = {}
+        self._stores: dict[str, TrackingStore] = {}
+        self._live: set[SubmittedRun] = set()
+        self._state = "unopened"
+        self._is_default = False
+        self._ready = anyio.Event()
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Runner:
+        if self._state != "unopened":
+            raise RuntimeError(f"A Runner can be opened once; this one is {self._state}.")
+        cache = self._cache_dir or cache_root()
+        self._sources = SourceCache(cache / "sources")
+        await self._sources.__aenter__()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._state = "open"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None and self._sources is not None
+        left = len(self._live)
+        self._state = "closing"
+        try:
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+            self._state = "closed"
+            if self._is_default and left:
+                warnings.warn(
+                    f"{left} aioproj run(s) were still going when their event loop ended; "
+                    "they were cancelled and recorded KILLED. To let runs finish, await "
+                    "them (`await run` or `await run.wait()`) before the loop ends.",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
+
+    async def _release(self) -> None:
+        for backend in self._backends.values():
+            await backend.aclose()
+        for store in self._stores.values():
+            await store.aclose()
+        assert self._sources is not None
+        await self._sources.__aexit__(None, None, None)
+
+    @property
+    def active_runs(self) -> frozenset[SubmittedRun]:
+        """The runs of this runner that have not ended yet."""
+        return frozenset(self._live)
+
+    async def cancel_all(self) -> None:
+        """Cancel every run of this runner that has not ended, concurrently."""
+        async with anyio.create_task_group() as tg:
+            for handle in list(self._live):
+                tg.start_soon(handle.cancel)
+
+    # -- runs --------------------------------------------------------------------------
+
+    async def run(
+        self,
+        uri: str,
+        entry_point: str = "main",
+        version: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        docker_args: Mapping[str, str | bool] | None = None,
+        experiment_name: str | None = None,
+        experiment_id: str | int | None = None,
+        backend: str | Backend = "local",
+        backend_config: Mapping[str, Any] | str | None = None,
+        storage_dir: str | Path | None = None,
+        synchronous: bool = True,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        env_manager: str | None = None,
+        build_image: bool = False,
+        docker_auth: Mapping[str, str] | None = None,
+    ) -> SubmittedRun:
+        """Run an MLflow project; the arguments are those of ``mlflow.projects.run``.
+
+        Returns the run's :class:`SubmittedRun`. With ``synchronous=True`` (the default)
+        it returns once the run has FINISHED and raises :class:`RunFailedError`
+        ("Run (ID '…') failed") if it ended FAILED or KILLED; with ``synchronous=False``
+        it returns as soon as the backend has accepted the run.
+
+        Raises :class:`InvalidArgumentError` for bad arguments, and an
+        :class:`ExecutionError` subclass (:class:`SourceError`, :class:`MLprojectError`,
+        :class:`EntryPointError`, :class:`ParameterError`, :class:`EnvironmentBuildError`,
+        :class:`BackendError`) when the project cannot be run; in those cases no tracking
+        run is created.
+
+        Cancellation: if the calling task is cancelled while ``run()`` waits for a
+        synchronous run, or before it returns the handle of an asynchronous one, the run
+        is stopped and recorded KILLED before the cancellation propagates.
+        """
+        if self._state != "open":
+            raise RuntimeError(
+                "This Runner is not open: use `async with Runner() as runner:` "
+                "or the module-level aioproj.run()."
+            )
+        if experiment_name is not None and experiment_id is not None:
+            raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
+        if not isinstance(entry_point, str) or not entry_point:
+            raise InvalidArgumentError(f"entry_point must be a non-empty string, got {entry_point!r}")
+        if parameters is not None and not isinstance(parameters, Mapping):
+            raise InvalidArgumentError(
+                f"parameters must be a mapping of names to values, got {type(parameters).__name__}"
+            )
+        validate_env_manager(env_manager)
+        the_backend = self._backend(backend)
+        config = await _load_backend_config(backend_config)
+        store = self._store()
+
+        assert self._sources is not None
+        source = await self._sources.fetch(uri, version)
+        project, ep, resolved = await anyio.to_thread.run_sync(
+            _load_and_resolve, source.directory, entry_point, parameters
+        )
+        launch = await the_backend.prepare(
+            LaunchRequest(
+                source=source,
+                project=project,
+                entry_point=ep,
+                parameters=resolved,
+                backend_config=config,
+                env_manager=env_manager,
+                docker_args=dict(docker_args or {}),
+                storage_dir=Path(storage_dir) if storage_dir is not None else None,
+                build_image=build_image,
+                docker_auth=docker_auth,
+                env_cache_dir=(self._cache_dir or cache_root()) / "envs",
+            )
+        )
+        exp_id = await store.resolve_experiment(
+            experiment_name=experiment_name,
+            experiment_id=None if experiment_id is None else str(experiment_id),
+        )
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            # From here the run exists in tracking: no cancellation until it has a
+            # supervisor that will record its end, whatever happens.
+            with anyio.CancelScope(shield=True):
+                handle = await self._track_and_start(
+                    store, launch, source, ep, resolved, exp_id, the_backend.name,
+                    run_id=run_id, run_name=run_name,
+                )
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+        try:
+            if synchronous:
+                if not await handle.wait():
+                    raise RunFailedError(handle.run_id, (await handle.get_status()).value)
+                logger.info("=== Run (ID '%s') succeeded ===", handle.run_id)
+            else:
+                await anyio.lowlevel.checkpoint()
+        except anyio.get_cancelled_exc_class():
+            logger.info("Run (ID '%s') interrupted, cancelling it", handle.run_id)
+            await handle.cancel()
+            raise
+        return handle
+
+    async def _track_and_start(
+        self,
+        store: TrackingStore,
+        launch: Launch,
+        source: FetchedProject,
+        ep: EntryPoint,
+        resolved: ResolvedParameters,
+        experiment_id: str,
+        backend_name: str,
+        *,
+        run_id: str | None,
+        run_name: str | None,
+    ) -> SubmittedRun:
+        tags = {**_run_tags(source, ep, backend_name), **launch.tags}
+        if run_id is not None:
+            record = await store.get_run(run_id)
+            await store.set_tags(run_id, tags)
+        else:
+            record = await store.create_run(
+                experiment_id, run_name=run_name, tags=tags, params=resolved.logged
+            )
+        label = run_name or record.run_id[:8]
+        output = RunOutput(label, echo=self._echo)
+        tracking_env = {
+            **store.child_env(),
+            "MLFLOW_RUN_ID": record.run_id,
+            "MLFLOW_EXPERIMENT_ID": record.experiment_id,
+        }
+        try:
+            execution = await launch.start(
+                StartRequest(
+                    run_id=record.run_id,
+                    experiment_id=record.experiment_id,
+                    tracking_env=tracking_env,
+                    output=output,
+                    grace_period=self._grace,
+                )
+            )
+        except BaseException:
+            output.close()
+            await store.set_terminated(record.run_id, RunStatus.FAILED.value)
+            raise
+        handle = SubmittedRun(
+            run_id=record.run_id,
+            experiment_id=record.experiment_id,
+            execution=execution,
+            store=store,
+            output=output,
+            on_done=self._run_done,
+        )
+        self._live.add(handle)
+        assert self._tg is not None
+        self._tg.start_soon(handle._supervise, name=f"aioproj run {record.run_id}")
+        return handle
+
+    def _run_done(self, handle: SubmittedRun) -> None:
+        self._live.discard(handle)
+        if self._slots is not None:
+            self._slots.release()
+
+    def _backend(self, backend: str | Backend) -> Backend:
+        if not isinstance(backend, str):
+            if not isinstance(backend, Backend):
+                raise InvalidArgumentError(
+                    f"backend must be a name or an aioproj.backends.Backend, got {backend!r}"
+                )
+            return backend
+        if backend not in self._backends:
+            self._backends[backend] = load_backend(backend)
+        return self._backends[backend]
+
+    def _store(self) -> TrackingStore:
+        uri = resolve_tracking_uri(self._tracking_uri)
+        if uri not in self._stores:
+            self._stores[uri] = open_store(uri)
+        return self._stores[uri]
+
+
+def _load_and_resolve(
+    directory: Path, entry_point: str, parameters: Mapping[str, Any] | None
+) -> tuple[Project, EntryPoint, ResolvedParameters]:
+    """Read the MLproject and check the parameters (file I/O: runs in a worker thread)."""
+    project = load_project(directory)
+    ep = project.get_entry_point(entry_point)
+    return project, ep, resolve_parameters(project, ep, parameters)
+
+
+async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """A dict as given, a ``.json`` path loaded, a JSON object string parsed."""
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    if not isinstance(config, str):
+        raise InvalidArgumentError(
+            f"backend_config must be a dict or a path to a JSON file, got {type(config).__name__}"
+        )
+    if config.endswith(".json"):
+        try:
+            text = await anyio.Path(config).read_text()
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"Could not read backend config file {config}: {exc.strerror or exc}"
+            ) from exc
+        source = f"file {config}"
+    else:
+        text, source = config, "string"
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(
+            f"Invalid backend config JSON in {source}: {exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno}."
+        ) from exc
+    if not isinstance(loaded, dict):
+        raise InvalidArgumentError(
+            f"The backend config ({source}) must be a JSON object, got {type(loaded).__name__}."
+        )
+    return loaded
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _run_tags(source: FetchedProject, ep: EntryPoint, backend: str) -> dict[str, str]:
+    """The tags MLflow gives a project run, all set at creation."""
+    tags = {
+        "mlflow.user": _user(),
+        "mlflow.source.name": source.source_name,
+        "mlflow.source.type": "PROJECT",
+        "mlflow.project.entryPoint": ep.name,
+        "mlflow.project.backend": backend,
+    }
+    if source.git_commit:
+        tags["mlflow.source.git.commit"] = source.git_commit
+    if source.git_repo_url:
+        tags["mlflow.source.git.repoURL"] = source.git_repo_url
+    if source.git_branch:
+        tags["mlflow.source.git.branch"] = source.git_branch
+    parent = _active_mlflow_run_id()
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return tags
+
+
+def _active_mlflow_run_id() -> str | None:
+    """The caller's active MLflow run, if it uses mlflow (never imported just for this)."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return None
+    active = mlflow.active_run()
+    return active.info.run_id if active is not None else None
+
+
+# -- the default runner of each event loop ----------------------------------------------
+
+_default_runners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runner] = (
+    weakref.WeakKeyDictionary()
+)
+_host_tasks: set[asyncio.Task[None]] = set()
+
+
+async def _host(runner: Runner, ready: anyio.Event) -> None:
+    async with runner:
+        ready.set()
+        await anyio.sleep_forever()
+
+
+async def default_runner() -> Runner:
+    """The runner that module-level :func:`run` uses on the running event loop.
+
+    It lives as long as the loop: when the loop ends (``asyncio.run`` returns), runs
+    still going are cancelled and recorded KILLED, with a warning saying how many.
+    """
+    loop = asyncio.get_running_loop()
+    runner = _default_runners.get(loop)
+    if runner is None or runner._state in ("closing", "closed"):
+        runner = Runner()
+        runner._is_default = True
+        _default_runners[loop] = runner
+        task = loop.create_task(_host(runner, runner._ready))
+        _host_tasks.add(task)
+        task.add_done_callback(_host_tasks.discard)
+    await runner._ready.wait()
+    return runner
+
+
+async def run(
+    uri: str,
+    entry_point: str = "main",
+    version: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    docker_args: Mapping[str, str | bool] | None = None,
+    experiment_name: str | None = None,
+    experiment_id: str | int | None = None,
+    backend: str | Backend = "local",
+    backend_config: Mapping[str, Any] | str | None = None,
+    storage_dir: str | Path | None = None,
+    synchronous: bool = True,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    env_manager: str | None = None,
+    build_image: bool = False,
+    docker_auth: Mapping[str, str] | None = None,
+) -> SubmittedRun:
+    """Run an MLflow project on the default runner of the running event loop.
+
+    Same arguments, return value, errors and cancellation behaviour as
+    :meth:`Runner.run` (and as ``mlflow.projects.run``). Concurrent calls share one
+    runner, so they share its caches and clients.
+    """
+    runner = await default_runner()
+    return await runner.run(
+        uri,
+        entry_point=entry_point,
+        version=version,
+        parameters=parameters,
+        docker_args=docker_args,
+        experiment_name=experiment_name,
+        experiment_id=experiment_id,
+        backend=backend,
+        backend_config=backend_config,
+        storage_dir=storage_dir,
+        synchronous=synchronous,
+        run_id=run_id,
+        run_name=run_name,
+        env_manager=env_manager,
+        build_image=build_image,
+        docker_auth=docker_auth,
+    )
+
