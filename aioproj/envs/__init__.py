@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from ..errors import EnvironmentBuildError
@@ -12,10 +14,20 @@ from .select import select_env_manager, validate_env_manager
 __all__ = [
     "ENV_MANAGERS",
     "PreparedEnv",
+    "local_env",
     "prepare_env",
     "select_env_manager",
     "validate_env_manager",
 ]
+
+
+def local_env() -> PreparedEnv:
+    """The current environment: the command runs with this Python's ``bin`` first on PATH,
+    so ``python`` in an entry point is the interpreter aioproj runs in (as a user of a
+    virtualenv expects), even when that environment is not activated."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    return PreparedEnv(manager="local", env_vars={"PATH": f"{bindir}{os.pathsep}{path}"})
 
 
 async def prepare_env(project: Project, manager: str, *, cache_dir: Path) -> PreparedEnv:
@@ -25,7 +37,7 @@ async def prepare_env(project: Project, manager: str, *, cache_dir: Path) -> Pre
     nothing behind. Cancellation removes a half-built environment.
     """
     if manager == "local":
-        return PreparedEnv(manager="local")
+        return local_env()
     raise EnvironmentBuildError(
         f"The {manager!r} environment manager is not available in this version of aioproj. "
         f"Run the project in the current environment with env_manager='local' "

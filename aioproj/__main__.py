@@ -1,0 +1,3 @@
+from aioproj.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""The ``aioproj`` command: ``aioproj run`` mirrors ``mlflow run`` option for option.
+
+A thin layer: it parses options the way ``mlflow run`` does (same flags, same environment
+variables, same usage errors) and calls the async API with ``anyio.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+_SYNC_BY_DEFAULT = ("local", "kubernetes")
+
+#: Options that fall back to an environment variable, as in ``mlflow run``.
+_ENV_DEFAULTS = {
+    "experiment_name": "MLFLOW_EXPERIMENT_NAME",
+    "experiment_id": "MLFLOW_EXPERIMENT_ID",
+    "storage_dir": "MLFLOW_TMP_DIR",
+}
+
+
+class UsageError(Exception):
+    """A command-line mistake: reported with the usage line, exit code 2."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="aioproj", description="Run MLflow Projects from asyncio."
+    )
+    parser.add_argument("--version", action="version", version=f"aioproj {__version__}")
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="Load environment variables from a dotenv file first (existing ones win).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        help="Run an MLflow project from a local path, a git URI or a zip archive.",
+        description=(
+            "Run an MLflow project from a URI (a local directory, a git repository, or a "
+            "zip archive; add #subdir for a project inside it)."
+        ),
+    )
+    run.add_argument("uri", metavar="URI")
+    run.add_argument("-e", "--entry-point", default="main", metavar="NAME")
+    run.add_argument("-v", "--version", dest="project_version", metavar="VERSION",
+                     help="Git commit, branch or tag to run.")
+    run.add_argument("-P", "--param-list", action="append", default=[], metavar="NAME=VALUE",
+                     help="A parameter of the entry point; repeat for more.")
+    run.add_argument("-A", "--docker-args", action="append", default=[], metavar="NAME[=VALUE]",
+                     help="An argument for `docker run` (a bare NAME is a flag); repeat for more.")
+    run.add_argument("--experiment-name",
+                     help="Experiment to run in, created if missing [env MLFLOW_EXPERIMENT_NAME].")
+    run.add_argument("--experiment-id",
+                     help="Experiment id to run in [env MLFLOW_EXPERIMENT_ID].")
+    run.add_argument("-b", "--backend", default="local", metavar="BACKEND",
+                     help="local (default), databricks, kubernetes, or a plugin backend.")
+    run.add_argument("-c", "--backend-config", metavar="FILE_OR_JSON",
+                     help="A .json file or a JSON string of backend options.")
+    run.add_argument("--env-manager", choices=("local", "virtualenv", "uv", "conda"),
+                     help="How to build the project's environment (default: from the project).")
+    run.add_argument("--storage-dir",
+                     help="Where to download `path` parameters [env MLFLOW_TMP_DIR].")
+    run.add_argument("--run-id", help="Record into this existing run instead of a new one.")
+    run.add_argument("--run-name", help="The name of the new run.")
+    run.add_argument("--build-image", action="store_true",
+                     help="Build a docker image with the project code inside (docker projects).")
+    wait = run.add_mutually_exclusive_group()
+    wait.add_argument("--wait", dest="wait", action="store_true", default=None,
+                      help="Wait for the run to end (default for local and kubernetes).")
+    wait.add_argument("--no-wait", dest="wait", action="store_false",
+                      help="Return once the backend has accepted the run (default: databricks).")
+    return parser
+
+
+def _pairs(values: Sequence[str], *, option: str, flags: bool) -> dict[str, Any]:
+    """``name=value`` options to a dict, with mlflow's usage errors."""
+    result: dict[str, Any] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep and not flags:
+            raise UsageError(f"Invalid format for {option} parameter: {item!r}. Use {option} name=value.")
+        if not name:
+            raise UsageError(f"Invalid format for {option} parameter: {item!r}: the name is empty.")
+        if name in result:
+            raise UsageError(f"Repeated parameter: {name!r}")
+        result[name] = value if sep else True
+    return result
+
+
+def _backend_config(value: str | None) -> dict[str, Any] | str | None:
+    if value is None or value.endswith(".json"):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"Invalid backend config JSON. Parse error: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise UsageError("Invalid backend config JSON: it must be a JSON object.")
+    return parsed
+
+
+def _load_env_file(path: str) -> None:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"Could not read --env-file {path}: {exc.strerror or exc}") from exc
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{path}:{number}: expected NAME=VALUE, got {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        os.environ.setdefault(key.strip(), value)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    # Environment defaults are read here, after --env-file has been loaded.
+    for option, var in _ENV_DEFAULTS.items():
+        if getattr(args, option) is None and os.environ.get(var):
+            setattr(args, option, os.environ[var])
+    if args.experiment_name is not None and args.experiment_id is not None:
+        raise UsageError("Specify only one of 'experiment-name' or 'experiment-id' options.")
+    parameters = _pairs(args.param_list, option="-P", flags=False)
+    docker_args = _pairs(args.docker_args, option="-A", flags=True)
+    backend_config = _backend_config(args.backend_config)
+    if args.backend == "kubernetes" and backend_config is None:
+        raise UsageError("Specify 'backend_config' when using kubernetes mode.")
+    synchronous = args.wait if args.wait is not None else args.backend in _SYNC_BY_DEFAULT
+    if not synchronous and args.backend == "local":
+        raise UsageError(
+            "--no-wait is not available for the local backend yet: a local run ends with the "
+            "aioproj process that supervises it. Run it with --wait (the default), or start "
+            "many runs from one Python program with aioproj.run(..., synchronous=False)."
+        )
+
+    import anyio
+
+    from . import ExecutionError, InvalidArgumentError, Runner
+
+    async def main() -> str:
+        async with Runner(echo="plain") as runner:
+            handle = await runner.run(
+                args.uri,
+                entry_point=args.entry_point,
+                version=args.project_version,
+                parameters=parameters,
+                docker_args=docker_args,
+                experiment_name=args.experiment_name,
+                experiment_id=args.experiment_id,
+                backend=args.backend,
+                backend_config=backend_config,
+                storage_dir=args.storage_dir,
+                synchronous=synchronous,
+                run_id=args.run_id,
+                run_name=args.run_name,
+                env_manager=args.env_manager,
+                build_image=args.build_image,
+            )
+            return handle.run_id
+
+    try:
+        run_id = anyio.run(main)
+    except InvalidArgumentError as exc:
+        raise UsageError(str(exc)) from exc
+    except ExecutionError as exc:
+        print(f"=== {exc} ===", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("=== Interrupted: the run was cancelled and recorded KILLED ===", file=sys.stderr)
+        return 130
+    print(f"=== Run (ID '{run_id}') {'succeeded' if synchronous else 'submitted'} ===",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``aioproj`` command."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.env_file:
+            _load_env_file(args.env_file)
+        code = _run_command(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"aioproj: error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Helpers for tests: projects on disk, reading runs back with MLflow, process checks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+PYTHON = sys.executable
+
+
+def make_project(root: Path, mlproject: str | None, files: dict[str, str] | None = None) -> Path:
+    """Write a project directory: an MLproject (dedented) and other files."""
+    root.mkdir(parents=True, exist_ok=True)
+    if mlproject is not None:
+        (root / "MLproject").write_text(textwrap.dedent(mlproject))
+    for name, text in (files or {}).items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+def mlflow_client(tracking_uri: str) -> Any:
+    """A real MlflowClient on our file store (MLflow 3 wants the file store opted into)."""
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _read_run(tracking_uri: str, run_id: str) -> Any:
+    return mlflow_client(tracking_uri).get_run(run_id)
+
+
+async def read_run(tracking_uri: str, run_id: str) -> Any:
+    """Read a run back with MLflow's own client (in a worker thread)."""
+    return await anyio.to_thread.run_sync(_read_run, tracking_uri, run_id)
+
+
+def _all_runs(tracking_uri: str) -> list[Any]:
+    client = mlflow_client(tracking_uri)
+    experiments = client.search_experiments()
+    if not experiments:
+        return []
+    return list(client.search_runs([e.experiment_id for e in experiments]))
+
+
+async def all_runs(tracking_uri: str) -> list[Any]:
+    """Every run in the store, read with MLflow's client."""
+    return await anyio.to_thread.run_sync(_all_runs, tracking_uri)
+
+
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (a zombie of a reparented grandchild counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def pids_in(path: Path) -> list[int]:
+    """The pids a test project wrote into ``path``, one per line."""
+    return [int(line) for line in path.read_text().split()]
+
+
+async def wait_for_file(path: Path, *, lines: int = 1, timeout: float = 10.0) -> None:
+    """Wait until a test project has written ``lines`` lines into ``path``."""
+    with anyio.fail_after(timeout):
+        while True:
+            if await anyio.Path(path).exists():
+                text = await anyio.Path(path).read_text()
+                if len(text.split()) >= lines:
+                    return
+            await anyio.sleep(0.02)

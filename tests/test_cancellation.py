@@ -1,0 +1,190 @@
+"""Cancellation at every stage leaves no process, no RUNNING record, no half-made state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+
+from aioproj import RunStatus, Runner
+
+from .support import all_runs, make_project, pids_in, process_gone, read_run, wait_for_file
+
+pytestmark = pytest.mark.anyio
+
+# The entry point starts a grandchild in the background, then waits: cancel must reach both.
+MLPROJECT = """
+entry_points:
+  main:
+    parameters:
+      pids: path
+    command: "sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; wait"
+  stubborn:
+    parameters:
+      pids: path
+    command: "trap '' TERM; echo $$ >> {pids}; while true; do sleep 0.05; done"
+  leaves_child:
+    parameters:
+      pids: path
+    command: "setsid sleep 300 > /dev/null 2>&1 < /dev/null & sleep 300 > /dev/null & echo $! >> {pids}; echo done"
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj", MLPROJECT)
+
+
+@pytest.fixture
+def pids(tmp_path: Path) -> Path:
+    path = tmp_path / "pids"
+    path.touch()
+    return path
+
+
+async def _assert_killed(tracking_uri: str, run_id: str, pids: Path) -> None:
+    record = await read_run(tracking_uri, run_id)
+    assert record.info.status == "KILLED"
+    assert record.info.end_time is not None
+    for pid in pids_in(pids):
+        assert process_gone(pid), f"process {pid} survived"
+
+
+async def test_cancel_handle_stops_group_and_records_killed(
+    project: Path, pids: Path, tracking_uri: str
+) -> None:
+    async with Runner(echo="off", grace_period=2) as runner:
+        run = await runner.run(str(project), parameters={"pids": str(pids)}, synchronous=False,
+                               env_manager="local")
+        await wait_for_file(pids, lines=2)
+        assert await run.get_status() is RunStatus.RUNNING
+        await run.cancel()
+        assert await run.get_status() is RunStatus.KILLED
+        await run.cancel()  # idempotent
+        assert await run is RunStatus.KILLED
+        assert not await run.wait()
+    await _assert_killed(tracking_uri, run.run_id, pids)
+
+
+async def test_cancelling_the_awaiting_task_cancels_a_synchronous_run(
+    project: Path, pids: Path, tracking_uri: str
+) -> None:
+    async with Runner(echo="off", grace_period=2) as runner:
+        with anyio.move_on_after(60) as scope:
+            async with anyio.create_task_group() as tg:
+                async def caller() -> None:
+                    await runner.run(str(project), parameters={"pids": str(pids)},
+                                     env_manager="local")
+
+                tg.start_soon(caller)
+                await wait_for_file(pids, lines=2)
+                tg.cancel_scope.cancel()
+        assert not scope.cancelled_caught
+        assert runner.active_runs == frozenset()
+    [record] = await all_runs(tracking_uri)
+    await _assert_killed(tracking_uri, record.info.run_id, pids)
+
+
+async def test_timeout_around_run_cancels_it(project: Path, pids: Path, tracking_uri: str) -> None:
+    async with Runner(echo="off", grace_period=2) as runner:
+        with anyio.move_on_after(1.5) as scope:
+            await runner.run(str(project), parameters={"pids": str(pids)}, env_manager="local")
+        assert scope.cancelled_caught
+    [record] = await all_runs(tracking_uri)
+    await _assert_killed(tracking_uri, record.info.run_id, pids)
+
+
+async def test_sigterm_ignored_means_sigkill_after_grace(
+    project: Path, pids: Path, tracking_uri: str
+) -> None:
+    async with Runner(echo="off", grace_period=0.3) as runner:
+        run = await runner.run(str(project), entry_point="stubborn",
+                               parameters={"pids": str(pids)}, synchronous=False,
+                               env_manager="local")
+        await wait_for_file(pids)
+        with anyio.fail_after(5):
+            await run.cancel()
+    await _assert_killed(tracking_uri, run.run_id, pids)
+
+
+async def test_cancel_after_finish_is_a_no_op(tmp_path: Path, tracking_uri: str) -> None:
+    project = make_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'true'\n")
+    async with Runner(echo="off") as runner:
+        run = await runner.run(str(project), env_manager="local")
+        await run.cancel()
+        assert await run.get_status() is RunStatus.FINISHED
+    assert (await read_run(tracking_uri, run.run_id)).info.status == "FINISHED"
+
+
+async def test_leftover_background_processes_are_stopped_when_the_run_ends(
+    project: Path, pids: Path, tracking_uri: str
+) -> None:
+    async with Runner(echo="off", grace_period=1) as runner:
+        run = await runner.run(str(project), entry_point="leaves_child",
+                               parameters={"pids": str(pids)}, env_manager="local")
+    assert await run.get_status() is RunStatus.FINISHED
+    for pid in pids_in(pids):
+        assert process_gone(pid)
+
+
+async def test_runner_exit_by_exception_cancels_live_runs(
+    project: Path, pids: Path, tracking_uri: str
+) -> None:
+    with pytest.raises(RuntimeError, match="boom"):  # noqa: PT012
+        async with Runner(echo="off", grace_period=2) as runner:
+            run = await runner.run(str(project), parameters={"pids": str(pids)},
+                                   synchronous=False, env_manager="local")
+            await wait_for_file(pids, lines=2)
+            raise RuntimeError("boom")
+    assert await run.get_status() is RunStatus.KILLED
+    await _assert_killed(tracking_uri, run.run_id, pids)
+
+
+async def test_runner_normal_exit_waits_for_runs(tmp_path: Path, tracking_uri: str) -> None:
+    project = make_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'sleep 0.3'\n")
+    async with Runner(echo="off") as runner:
+        run = await runner.run(str(project), synchronous=False, env_manager="local")
+    assert await run.get_status() is RunStatus.FINISHED
+
+
+async def test_cancel_many_runs_concurrently(project: Path, tmp_path: Path, tracking_uri: str) -> None:
+    pid_files = [tmp_path / f"pids{i}" for i in range(20)]
+    async with Runner(echo="off", grace_period=2) as runner:
+        runs = [
+            await runner.run(str(project), parameters={"pids": str(p)}, synchronous=False,
+                             env_manager="local")
+            for p in pid_files
+        ]
+        for p in pid_files:
+            await wait_for_file(p, lines=2)
+        with anyio.fail_after(10):
+            await runner.cancel_all()
+    assert {await run.get_status() for run in runs} == {RunStatus.KILLED}
+    assert {r.info.status for r in await all_runs(tracking_uri)} == {"KILLED"}
+    for p in pid_files:
+        for pid in pids_in(p):
+            assert process_gone(pid)
+
+
+async def test_cancel_during_fetch_creates_nothing(tmp_path: Path, tracking_uri: str) -> None:
+    """A zip download that never completes: cancelling leaves no run and no temp files."""
+    hanging = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = hanging.extra(anyio.abc.SocketAttribute.local_port)
+    cache = tmp_path / "cache"
+
+    async def accept_and_stall(stream: anyio.abc.SocketStream) -> None:
+        await stream.receive()
+        await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nPK")
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as server:
+        server.start_soon(hanging.serve, accept_and_stall)
+        async with Runner(echo="off", cache_dir=cache) as runner:
+            with anyio.move_on_after(1):
+                await runner.run(f"http://127.0.0.1:{port}/project.zip", env_manager="local")
+        server.cancel_scope.cancel()
+    assert await all_runs(tracking_uri) == []
+    leftovers = [p for p in cache.rglob("*") if p.is_file()]
+    assert leftovers == []
