@@ -11,6 +11,7 @@ line of that key, found by composing the YAML node tree only when an error is re
 from __future__ import annotations
 
 import enum
+import io
 import os
 import shlex
 import string
@@ -268,7 +269,7 @@ class _Document:
             MLprojectError: YAML syntax error (with its line), empty text, non-mapping top.
         """
         try:
-            data = yaml.safe_load(self.text)
+            data = yaml.safe_load(_NamedText(self.text, self.path))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
@@ -309,6 +310,14 @@ class _Document:
             line = found[0].start_mark.line + 1
             node = found[1]
         return line
+
+
+class _NamedText(io.StringIO):
+    """YAML input whose problem marks name the MLproject file instead of ``<unicode string>``."""
+
+    def __init__(self, text: str, name: str) -> None:
+        super().__init__(text)
+        self.name = name
 
 
 def _kind(value: object) -> str:
