@@ -1,0 +1,189 @@
+"""The tracking store interface of aioproj and the rules every store shares.
+
+A store records runs the way MLflow does: an experiment, a run with tags and params, a
+final status with an end time, and artifacts. The runner talks to stores only through
+:class:`TrackingStore`, so the file store, the REST store and the mlflow adapter are
+interchangeable.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import random
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from aioproj.errors import InvalidArgumentError
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "MAX_PARAM_VALUE_LENGTH",
+    "MAX_TAG_VALUE_LENGTH",
+    "RUN_NAME_TAG",
+    "TERMINAL_STATUSES",
+    "USER_TAG",
+    "RunRecord",
+    "TrackingStore",
+    "check_params",
+    "check_tags",
+    "generate_run_name",
+    "validate_key",
+]
+
+_log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "mlflow.runName"
+USER_TAG = "mlflow.user"
+TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
+
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+
+# Keys become file names in the file store, so every store accepts the same small alphabet.
+_KEY_CHARS = re.compile(r"^[/\w.\- ]*$" if sys.platform == "win32" else r"^[/\w.\- :]*$")
+
+_ADJECTIVES = (
+    "amber", "bold", "brisk", "calm", "clever", "crisp", "dapper", "eager", "fleet", "gentle",
+    "glad", "keen", "lucid", "merry", "nimble", "proud", "quiet", "rapid", "sly", "sunny",
+    "swift", "tidy", "vivid", "witty",
+)  # fmt: skip
+_ANIMALS = (
+    "auk", "bat", "bee", "cat", "crab", "crow", "deer", "doe", "eel", "elk", "finch", "fox",
+    "gnu", "hare", "ibis", "jay", "koi", "lark", "lynx", "mole", "moth", "newt", "owl", "ram",
+    "seal", "swan", "toad", "wasp", "wren", "yak",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as a store holds it. ``status`` is a name: RUNNING, FINISHED, FAILED, KILLED."""
+
+    run_id: str
+    experiment_id: str
+    run_name: str
+    status: str
+    start_time_ms: int
+    end_time_ms: int | None
+    artifact_uri: str
+    tags: Mapping[str, str]
+    params: Mapping[str, str]
+
+
+@runtime_checkable
+class TrackingStore(Protocol):
+    """The async interface the runner uses to record runs.
+
+    Every method raises :class:`aioproj.errors.TrackingError` when the store cannot record
+    or read, and :class:`aioproj.errors.InvalidArgumentError` for bad arguments.
+    """
+
+    uri: str
+
+    async def resolve_experiment(
+        self, *, experiment_name: str | None, experiment_id: str | None
+    ) -> str:
+        """Return the experiment id to run in, as MLflow resolves it.
+
+        Both given: InvalidArgumentError. An id must exist. A name is looked up and created
+        if missing. Neither: MLFLOW_EXPERIMENT_NAME, then MLFLOW_EXPERIMENT_ID, else "0".
+        """
+        ...
+
+    async def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str | None,
+        tags: Mapping[str, str],
+        params: Mapping[str, str],
+        start_time_ms: int | None = None,
+    ) -> RunRecord:
+        """Create a RUNNING run with all its tags and params in one batch."""
+        ...
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """Read a run back; TrackingError if it does not exist."""
+        ...
+
+    async def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags of a run."""
+        ...
+
+    async def set_terminated(
+        self, run_id: str, status: str, *, end_time_ms: int | None = None
+    ) -> None:
+        """Write the final status (FINISHED, FAILED or KILLED) and the end time."""
+        ...
+
+    async def log_artifact_bytes(
+        self, run_id: str, artifact_path: str, data: bytes, *, append: bool = False
+    ) -> None:
+        """Write (or append to) the artifact ``artifact_path`` of a run."""
+        ...
+
+    def child_env(self) -> dict[str, str]:
+        """Environment variables a child process needs to log into this store."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and other resources."""
+        ...
+
+
+def validate_key(kind: str, key: str) -> None:
+    """Check a param or tag key as MLflow does.
+
+    Raises:
+        InvalidArgumentError: the key is empty, too long, has characters outside
+            alphanumerics, ``_ - . : /`` and space, or is not a normalised relative path
+            (``..``, a leading ``/``, ``a//b``, a trailing ``/``).
+    """
+    if not key:
+        raise InvalidArgumentError(f"Invalid {kind} key {key!r}: a key name must be provided.")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidArgumentError(
+            f"Invalid {kind} key {key[:50]!r}...: longer than {MAX_KEY_LENGTH} characters."
+        )
+    if not _KEY_CHARS.match(key):
+        raise InvalidArgumentError(
+            f"Invalid {kind} key {key!r}: names may only contain alphanumerics, underscores (_),"
+            " dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)."
+        )
+    norm = posixpath.normpath(key)
+    if norm != key or norm == "." or norm.startswith(("..", "/")):
+        raise InvalidArgumentError(
+            f"Invalid {kind} key {key!r}: keys are stored as file paths and must not resolve"
+            f" to another name (this one resolves to {norm!r})."
+        )
+
+
+def _checked(kind: str, values: Mapping[str, str], limit: int) -> dict[str, str]:
+    """Validate keys and cap values at ``limit`` characters (MLflow truncates too)."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        validate_key(kind, key)
+        if len(value) > limit:
+            _log.warning("%s %r: value truncated to %d characters", kind, key, limit)
+            value = value[:limit]
+        out[key] = value
+    return out
+
+
+def check_params(params: Mapping[str, str]) -> dict[str, str]:
+    """Return ``params`` validated; raises InvalidArgumentError for a bad key."""
+    return _checked("param", params, MAX_PARAM_VALUE_LENGTH)
+
+
+def check_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """Return ``tags`` validated; raises InvalidArgumentError for a bad key."""
+    return _checked("tag", tags, MAX_TAG_VALUE_LENGTH)
+
+
+def generate_run_name() -> str:
+    """A short random run name such as ``brisk-owl-407``."""
+    return f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}-{random.randint(0, 999)}"
