@@ -1,0 +1,627 @@
+"""The MLflow file store layout (``mlruns/``), written natively by aioproj.
+
+The layout is the one MLflow's own file store reads and writes, so ``mlflow ui`` and
+``MlflowClient`` see aioproj's runs, and ``mlflow.start_run()`` in a child process logs
+into them::
+
+    <root>/.trash/                              deleted experiments
+    <root>/<experiment_id>/meta.yaml            experiment record
+    <root>/<experiment_id>/<run_id>/meta.yaml   run record (status as an int)
+    <root>/<experiment_id>/<run_id>/{tags,params}/<key>   one file per key, '/' = subdir
+    <root>/<experiment_id>/<run_id>/{metrics,artifacts}/
+
+All file work happens in a worker thread, one hop per public call. ``meta.yaml`` files are
+written to a temporary file and renamed into place, so readers never see half a record; a
+new run's tags and params are written before its ``meta.yaml``.
+
+Experiment creation by name is serialised by an :class:`anyio.Lock` inside a process and
+by an advisory lock file (``<root>/.aioproj-experiments.lock``, where ``fcntl`` exists)
+across aioproj processes. MLflow itself takes no lock, so an MLflow process creating the
+same name at the same moment can still race with aioproj.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import yaml
+
+from aioproj.errors import InvalidArgumentError, TrackingError
+from aioproj.tracking.base import (
+    RUN_NAME_TAG,
+    TERMINAL_STATUSES,
+    USER_TAG,
+    RunRecord,
+    check_params,
+    check_tags,
+    generate_run_name,
+)
+
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = ["FileStore"]
+
+_T = TypeVar("_T")
+
+DEFAULT_EXPERIMENT_ID = "0"
+DEFAULT_EXPERIMENT_NAME = "Default"
+_META = "meta.yaml"
+_TRASH = ".trash"
+_LOCK_FILE = ".aioproj-experiments.lock"
+# Folders under the root that are not experiments ("models" belongs to MLflow's registry).
+_NOT_EXPERIMENTS = frozenset({_TRASH, "models"})
+_RUN_SUBDIRS = ("metrics", "params", "artifacts", "tags")
+_MAX_EXPERIMENT_NAME_LENGTH = 500
+
+_STATUS_CODES = {"RUNNING": 1, "SCHEDULED": 2, "FINISHED": 3, "FAILED": 4, "KILLED": 5}
+_STATUS_NAMES = {code: name for name, code in _STATUS_CODES.items()}
+_SOURCE_TYPE_LOCAL = 4
+
+_RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
+_EXPERIMENT_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,63}$")
+
+_Dumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# --- small file helpers (run in worker threads) -------------------------------------------
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _dump_yaml(data: Mapping[str, Any]) -> str:
+    return yaml.dump(
+        dict(data), Dumper=_Dumper, default_flow_style=False, allow_unicode=True, sort_keys=True
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    """The mapping in ``path``, or None if the file is missing or not a mapping."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    data = yaml.load(text, Loader=_Loader)
+    return data if isinstance(data, dict) else None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _write_yaml(path: Path, data: Mapping[str, Any]) -> None:
+    _write_atomic(path, _dump_yaml(data).encode("utf-8"))
+
+
+def _write_values(folder: Path, values: Mapping[str, str]) -> None:
+    """One file per key, no trailing newline; a '/' in a key makes subdirectories."""
+    for key, value in values.items():
+        path = folder / key
+        if "/" in key:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value, encoding="utf-8")
+
+
+def _read_values(folder: Path) -> dict[str, str]:
+    """The key files under ``folder``, keyed by their relative POSIX paths."""
+    out: dict[str, str] = {}
+    if not folder.is_dir():
+        return out
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(dirpath, name)
+            key = path.relative_to(folder).as_posix()
+            out[key] = path.read_text(encoding="utf-8")
+    return out
+
+
+def _new_experiment_id() -> str:
+    """A random 18-digit id, the shape MLflow's file store gives new experiments."""
+    return str(10**17 + secrets.randbelow(9 * 10**17))
+
+
+def _local_path(uri_or_path: str) -> Path | None:
+    """The local path of a ``file:`` URI or a plain path; None for other schemes."""
+    parsed = urllib.parse.urlparse(uri_or_path)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            return None
+        return Path(urllib.request.url2pathname(parsed.path))
+    if len(parsed.scheme) <= 1:  # no scheme, or a Windows drive letter
+        return Path(uri_or_path)
+    return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock across processes (a no-op on Windows)."""
+    if sys.platform == "win32":  # pragma: no cover
+        yield
+        return
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _check_run_id(run_id: str) -> None:
+    if not _RUN_ID.match(run_id):
+        raise InvalidArgumentError(f"Invalid run id {run_id!r}.")
+
+
+def _check_experiment_id(experiment_id: str) -> None:
+    if not _EXPERIMENT_ID.match(experiment_id):
+        raise InvalidArgumentError(f"Invalid experiment id {experiment_id!r}.")
+
+
+def _check_experiment_name(name: str) -> None:
+    if not name:
+        raise InvalidArgumentError("Invalid experiment name: ''.")
+    if len(name) > _MAX_EXPERIMENT_NAME_LENGTH:
+        raise InvalidArgumentError(
+            f"Invalid experiment name {name[:50]!r}...: longer than"
+            f" {_MAX_EXPERIMENT_NAME_LENGTH} characters."
+        )
+
+
+def _check_artifact_path(artifact_path: str) -> str:
+    """A normalised relative POSIX path; raises InvalidArgumentError otherwise."""
+    norm = artifact_path.replace("\\", "/")
+    if not norm or norm.startswith("/") or ".." in norm.split("/") or norm.endswith("/"):
+        raise InvalidArgumentError(
+            f"Invalid artifact path {artifact_path!r}: it must be a relative file path"
+            " without '..'."
+        )
+    return "/".join(part for part in norm.split("/") if part not in ("", "."))
+
+
+def _status_name(value: object) -> str:
+    if isinstance(value, int):
+        return _STATUS_NAMES.get(value, "RUNNING")
+    return str(value) if value else "RUNNING"
+
+
+# --- the synchronous layout ---------------------------------------------------------------
+
+
+class _Layout:
+    """Every file operation of the store; each method runs whole in one worker thread."""
+
+    def __init__(self, root: Path, root_uri: str) -> None:
+        self.root = root
+        self.root_uri = root_uri
+        self.trash = root / _TRASH
+        self._ready = False
+        self._ready_lock = threading.Lock()
+        self._run_dirs: dict[str, Path] = {}
+        self._names: dict[str, str] = {}
+
+    # root and experiments
+
+    def ensure_root(self) -> None:
+        """Create the root, ``.trash`` and the Default experiment once, as MLflow does."""
+        if not self._ready:
+            with self._ready_lock:
+                self._prepare_root()
+
+    def _prepare_root(self) -> None:
+        if self._ready:  # another thread got here first
+            return
+        self.trash.mkdir(parents=True, exist_ok=True)
+        default = self.root / DEFAULT_EXPERIMENT_ID
+        if not default.is_dir() and not (self.trash / DEFAULT_EXPERIMENT_ID).is_dir():
+            self._write_experiment(DEFAULT_EXPERIMENT_ID, DEFAULT_EXPERIMENT_NAME)
+        self._ready = True
+
+    def _write_experiment(self, experiment_id: str, name: str) -> None:
+        folder = self.root / experiment_id
+        folder.mkdir(exist_ok=True)
+        now = _now_ms()
+        meta: dict[str, Any] = {
+            "artifact_location": f"{self.root_uri}/{experiment_id}",
+            "creation_time": now,
+            "effective_trace_archival_retention": None,
+            "experiment_id": experiment_id,
+            "last_update_time": now,
+            "lifecycle_stage": "active",
+            "name": name,
+            "trace_location": None,
+            "workspace": "default",
+        }
+        _write_yaml(folder / _META, meta)
+
+    def _experiment_meta(self, folder: Path) -> dict[str, Any] | None:
+        """The meta.yaml of an experiment folder if it names that folder's id."""
+        meta = _read_yaml(folder / _META)
+        if meta is None or str(meta.get("experiment_id")) != folder.name:
+            return None
+        return meta
+
+    def _experiment_folders(self, parent: Path) -> Iterator[Path]:
+        with os.scandir(parent) as entries:
+            for entry in entries:
+                if entry.name not in _NOT_EXPERIMENTS and entry.is_dir():
+                    yield Path(entry.path)
+
+    def active_experiment(self, experiment_id: str) -> dict[str, Any]:
+        """The meta of an active experiment.
+
+        Raises:
+            TrackingError: no such experiment, or it is deleted.
+        """
+        self.ensure_root()
+        meta = self._experiment_meta(self.root / experiment_id)
+        if meta is not None and meta.get("lifecycle_stage", "active") == "active":
+            return meta
+        if meta is not None or self._experiment_meta(self.trash / experiment_id) is not None:
+            raise TrackingError(f"Experiment with id {experiment_id} is deleted.")
+        raise TrackingError(f"No experiment with id {experiment_id} in {self.root_uri}.")
+
+    def _find_by_name(self, name: str) -> str | None:
+        """Id of the experiment called ``name``; TrackingError if it is deleted."""
+        cached = self._names.get(name)
+        if cached is not None:
+            meta = self._experiment_meta(self.root / cached)
+            if meta is not None and meta.get("name") == name:
+                return cached
+            del self._names[name]
+        for parent in (self.root, self.trash):
+            for folder in self._experiment_folders(parent):
+                meta = self._experiment_meta(folder)
+                if meta is None or meta.get("name") != name:
+                    continue
+                if parent is self.trash or meta.get("lifecycle_stage") == "deleted":
+                    raise TrackingError(
+                        f"Experiment {name!r} exists in deleted state; restore it or remove"
+                        f" it from {self.trash} to use the name again."
+                    )
+                self._names[name] = folder.name
+                return folder.name
+        return None
+
+    def experiment_named(self, name: str) -> str:
+        """Id of the experiment called ``name``, created if missing."""
+        self.ensure_root()
+        found = self._find_by_name(name)
+        if found is not None:
+            return found
+        with _file_lock(self.root / _LOCK_FILE):
+            found = self._find_by_name(name)
+            if found is not None:
+                return found
+            experiment_id = _new_experiment_id()
+            self._write_experiment(experiment_id, name)
+        self._names[name] = experiment_id
+        return experiment_id
+
+    # runs
+
+    def create_run(
+        self,
+        experiment_id: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, str],
+        start_time_ms: int,
+    ) -> RunRecord:
+        """Write a whole run: folders, tags, params, then meta.yaml."""
+        meta_exp = self.active_experiment(experiment_id)
+        run_id = uuid.uuid4().hex
+        folder = self.root / experiment_id / run_id
+        folder.mkdir()
+        for sub in _RUN_SUBDIRS:
+            (folder / sub).mkdir()
+        _write_values(folder / "tags", tags)
+        _write_values(folder / "params", params)
+        location = str(meta_exp["artifact_location"]).rstrip("/")
+        meta: dict[str, Any] = {
+            "artifact_uri": f"{location}/{run_id}/artifacts",
+            "end_time": None,
+            "entry_point_name": "",
+            "experiment_id": experiment_id,
+            "lifecycle_stage": "active",
+            "run_id": run_id,
+            "run_name": run_name,
+            "source_name": "",
+            "source_type": _SOURCE_TYPE_LOCAL,
+            "source_version": "",
+            "start_time": start_time_ms,
+            "status": _STATUS_CODES["RUNNING"],
+            "tags": [],
+            "user_id": tags.get(USER_TAG, "unknown"),
+        }
+        _write_yaml(folder / _META, meta)
+        self._run_dirs[run_id] = folder
+        return _record(meta, dict(tags), dict(params))
+
+    def _run_dir(self, run_id: str) -> Path:
+        """The folder of a run in an active or deleted experiment; TrackingError if none."""
+        self.ensure_root()
+        cached = self._run_dirs.get(run_id)
+        if cached is not None and (cached / _META).is_file():
+            return cached
+        for parent in (self.root, self.trash):
+            for experiment in self._experiment_folders(parent):
+                folder = experiment / run_id
+                if (folder / _META).is_file():
+                    self._run_dirs[run_id] = folder
+                    return folder
+        raise TrackingError(f"Run '{run_id}' not found in {self.root_uri}.")
+
+    def _run_meta(self, run_id: str) -> tuple[Path, dict[str, Any]]:
+        folder = self._run_dir(run_id)
+        meta = _read_yaml(folder / _META)
+        if meta is None or meta.get("run_id") != run_id:
+            raise TrackingError(f"Run '{run_id}' has an invalid {folder / _META}.")
+        return folder, meta
+
+    def _active_run_meta(self, run_id: str) -> tuple[Path, dict[str, Any]]:
+        folder, meta = self._run_meta(run_id)
+        if meta.get("lifecycle_stage", "active") != "active":
+            raise TrackingError(f"Run '{run_id}' is deleted; it cannot be changed.")
+        return folder, meta
+
+    def get_run(self, run_id: str) -> RunRecord:
+        folder, meta = self._run_meta(run_id)
+        return _record(meta, _read_values(folder / "tags"), _read_values(folder / "params"))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        folder, meta = self._active_run_meta(run_id)
+        _write_values(folder / "tags", tags)
+        if RUN_NAME_TAG in tags:
+            meta["run_name"] = tags[RUN_NAME_TAG]
+            _write_yaml(folder / _META, meta)
+
+    def set_terminated(self, run_id: str, status: str, end_time_ms: int) -> None:
+        folder, meta = self._active_run_meta(run_id)
+        meta["status"] = _STATUS_CODES[status]
+        meta["end_time"] = end_time_ms
+        _write_yaml(folder / _META, meta)
+
+    def write_artifact(self, run_id: str, artifact_path: str, data: bytes, append: bool) -> None:
+        _folder, meta = self._active_run_meta(run_id)
+        uri = str(meta.get("artifact_uri", ""))
+        base = _local_path(uri)
+        if base is None:
+            raise TrackingError(
+                f"Run '{run_id}' stores artifacts at {uri!r}; the file store writes only"
+                " local (file:) artifact locations so far."
+            )
+        target = base / artifact_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if append:
+            with target.open("ab") as handle:
+                handle.write(data)
+        else:
+            _write_atomic(target, data)
+
+
+def _record(meta: Mapping[str, Any], tags: dict[str, str], params: dict[str, str]) -> RunRecord:
+    end = meta.get("end_time")
+    return RunRecord(
+        run_id=str(meta["run_id"]),
+        experiment_id=str(meta["experiment_id"]),
+        run_name=str(meta.get("run_name") or tags.get(RUN_NAME_TAG, "")),
+        status=_status_name(meta.get("status")),
+        start_time_ms=int(meta.get("start_time") or 0),
+        end_time_ms=None if end is None else int(end),
+        artifact_uri=str(meta.get("artifact_uri", "")),
+        tags=tags,
+        params=params,
+    )
+
+
+def _root_path(root: str | Path) -> Path:
+    """The absolute local path of a file store root given as a path or ``file:`` URI.
+
+    Only a relative root asks for the current directory (``os.getcwd``); absolute ones
+    are normalised without any system call.
+
+    Raises:
+        InvalidArgumentError: a URI with another scheme or a remote host.
+    """
+    path = _local_path(root) if isinstance(root, str) else root
+    if path is None or str(path) == "":
+        raise InvalidArgumentError(
+            f"The file store needs a local path or a file: URI, not {str(root)!r}."
+        )
+    if path.is_absolute():
+        return Path(os.path.normpath(path))
+    return Path(os.path.abspath(path))
+
+
+# --- the async store ----------------------------------------------------------------------
+
+
+class FileStore:
+    """A :class:`~aioproj.tracking.base.TrackingStore` over MLflow's ``mlruns`` layout.
+
+    ``root`` is a local path or a ``file:`` URI (a relative one is resolved against the
+    current directory now). Nothing is touched until the first call, which creates the
+    root, ``.trash`` and the Default experiment ("0") if missing.
+
+    Raises:
+        InvalidArgumentError: ``root`` is a URI with another scheme or a remote host.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        path = _root_path(root)
+        self.uri: str = path.as_uri()
+        self.root = path
+        self._layout = _Layout(path, self.uri)
+        self._name_lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"FileStore({self.uri!r})"
+
+    async def _call(self, func: Callable[..., _T], *args: Any) -> _T:
+        """Run ``func`` in a worker thread; OSError and YAML errors become TrackingError."""
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(func, *args))
+        except (OSError, yaml.YAMLError) as exc:
+            raise TrackingError(f"File store {self.uri}: {exc}") from exc
+
+    async def resolve_experiment(
+        self, *, experiment_name: str | None, experiment_id: str | None
+    ) -> str:
+        """Return the id of the experiment to run in.
+
+        Raises:
+            InvalidArgumentError: both arguments given, a malformed id or name, or
+                MLFLOW_EXPERIMENT_ID disagreeing with MLFLOW_EXPERIMENT_NAME.
+            TrackingError: the id does not exist, the named experiment is deleted, or the
+                store cannot be read or written.
+        """
+        if experiment_name is not None and experiment_id is not None:
+            raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
+        if experiment_id is not None:
+            return await self._experiment_by_id(str(experiment_id))
+        if experiment_name is not None:
+            return await self._experiment_named(experiment_name)
+        return await self._experiment_from_env()
+
+    async def _experiment_from_env(self) -> str:
+        env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
+        env_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+        if env_name is not None:
+            found = await self._experiment_named(env_name)
+            if env_id is not None and env_id != found:
+                raise InvalidArgumentError(
+                    f"MLFLOW_EXPERIMENT_ID={env_id!r} does not match the id {found!r} of"
+                    f" MLFLOW_EXPERIMENT_NAME={env_name!r}."
+                )
+            return found
+        return await self._experiment_by_id(env_id or DEFAULT_EXPERIMENT_ID)
+
+    async def _experiment_by_id(self, experiment_id: str) -> str:
+        _check_experiment_id(experiment_id)
+        await self._call(self._layout.active_experiment, experiment_id)
+        return experiment_id
+
+    async def _experiment_named(self, name: str) -> str:
+        _check_experiment_name(name)
+        async with self._name_lock:
+            return await self._call(self._layout.experiment_named, name)
+
+    async def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str | None,
+        tags: Mapping[str, str],
+        params: Mapping[str, str],
+        start_time_ms: int | None = None,
+    ) -> RunRecord:
+        """Create a RUNNING run with all its tags and params, in one thread hop.
+
+        ``mlflow.runName`` is set to ``run_name`` (or a generated name).
+
+        Raises:
+            InvalidArgumentError: a bad key, a bad experiment id, or ``run_name``
+                disagreeing with an ``mlflow.runName`` tag.
+            TrackingError: the experiment does not exist or is deleted, or writing failed.
+        """
+        _check_experiment_id(experiment_id)
+        all_tags = check_tags(tags)
+        tag_name = all_tags.get(RUN_NAME_TAG)
+        if run_name and tag_name and run_name != tag_name:
+            raise InvalidArgumentError(
+                f"run_name={run_name!r} and the tag {RUN_NAME_TAG}={tag_name!r} disagree."
+            )
+        name = run_name or tag_name or generate_run_name()
+        all_tags[RUN_NAME_TAG] = name
+        start = _now_ms() if start_time_ms is None else start_time_ms
+        return await self._call(
+            self._layout.create_run, experiment_id, name, all_tags, check_params(params), start
+        )
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """Read a run back.
+
+        Raises:
+            InvalidArgumentError: a malformed run id.
+            TrackingError: no such run, or its record cannot be read.
+        """
+        _check_run_id(run_id)
+        return await self._call(self._layout.get_run, run_id)
+
+    async def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set tags of a run; ``mlflow.runName`` also renames it.
+
+        Raises:
+            InvalidArgumentError: a malformed run id or tag key.
+            TrackingError: no such run, the run is deleted, or writing failed.
+        """
+        _check_run_id(run_id)
+        checked = check_tags(tags)
+        if checked:
+            await self._call(self._layout.set_tags, run_id, checked)
+
+    async def set_terminated(
+        self, run_id: str, status: str, *, end_time_ms: int | None = None
+    ) -> None:
+        """Write the final status and end time (now if not given); the last call wins.
+
+        Raises:
+            InvalidArgumentError: a malformed run id, or a status other than FINISHED,
+                FAILED or KILLED.
+            TrackingError: no such run, the run is deleted, or writing failed.
+        """
+        _check_run_id(run_id)
+        if status not in TERMINAL_STATUSES:
+            raise InvalidArgumentError(
+                f"Invalid final status {status!r}; expected one of {sorted(TERMINAL_STATUSES)}."
+            )
+        end = _now_ms() if end_time_ms is None else end_time_ms
+        await self._call(self._layout.set_terminated, run_id, status, end)
+
+    async def log_artifact_bytes(
+        self, run_id: str, artifact_path: str, data: bytes, *, append: bool = False
+    ) -> None:
+        """Write ``data`` as the artifact ``artifact_path`` (e.g. ``aioproj/output.log``).
+
+        With ``append`` the bytes are added to the end of the file; otherwise the file is
+        replaced atomically.
+
+        Raises:
+            InvalidArgumentError: a malformed run id or artifact path.
+            TrackingError: no such run, a non-local artifact location, or writing failed.
+        """
+        _check_run_id(run_id)
+        path = _check_artifact_path(artifact_path)
+        await self._call(self._layout.write_artifact, run_id, path, data, append)
+
+    def child_env(self) -> dict[str, str]:
+        """MLFLOW_TRACKING_URI, and MLFLOW_ALLOW_FILE_STORE which mlflow>=3 needs."""
+        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_ALLOW_FILE_STORE": "true"}
+
+    async def aclose(self) -> None:
+        """Nothing to release: the file store holds no open files between calls."""
