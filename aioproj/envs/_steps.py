@@ -1,0 +1,107 @@
+"""One build step of an environment: a child process whose output is kept for errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process
+
+from aioproj.errors import EnvironmentBuildError
+
+__all__ = ["OutputTail", "run_step"]
+
+#: Bytes of a step's output kept for the error message.
+_TAIL_BYTES = 16_384
+#: Lines of that output shown in the error message.
+_TAIL_LINES = 40
+
+
+class OutputTail:
+    """The last bytes of a process's output, for error messages."""
+
+    def __init__(self, limit: int = _TAIL_BYTES) -> None:
+        self._limit = limit
+        self._data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self._data += chunk
+        if len(self._data) > self._limit:
+            del self._data[: len(self._data) - self._limit]
+
+    def text(self, lines: int = _TAIL_LINES) -> str:
+        """The last ``lines`` lines, decoded."""
+        decoded = self._data.decode("utf-8", errors="replace").rstrip()
+        return "\n".join(decoded.splitlines()[-lines:])
+
+
+async def run_step(
+    argv: Sequence[str | Path],
+    *,
+    what: str,
+    hint: str,
+    cwd: Path,
+    env: Mapping[str, str],
+    on_output: Callable[[bytes], None] | None = None,
+) -> None:
+    """Run ``argv`` in its own process group, stdout and stderr merged.
+
+    ``what`` says what the step does and ``hint`` what the user can do, both for the
+    error. Raises :class:`EnvironmentBuildError` with the command and the tail of its
+    output if it cannot start or exits non-zero. On cancellation the whole process group
+    is killed and reaped before the cancellation propagates.
+    """
+    args = [str(a) for a in argv]
+    try:
+        process = await anyio.open_process(
+            args,
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise EnvironmentBuildError(
+            f"{what} failed: cannot run {shlex.join(args)}: {exc.strerror or exc}. {hint}"
+        ) from exc
+    tail = OutputTail()
+    code = await _supervise(process, tail, on_output)
+    if code != 0:
+        raise EnvironmentBuildError(
+            f"{what} failed (exit code {code}) running: {shlex.join(args)}\n"
+            f"--- last output ---\n{tail.text()}\n---\n{hint}"
+        )
+
+
+async def _supervise(
+    process: Process, tail: OutputTail, on_output: Callable[[bytes], None] | None
+) -> int:
+    """Collect output until exit; kill the group and reap it on any error or cancel."""
+    try:
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            tail.add(chunk)
+            if on_output is not None:
+                on_output(chunk)
+        return await process.wait()
+    except BaseException:
+        _kill_group(process.pid)
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(pgid, signal.SIGKILL)
