@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import EnvironmentBuildError
-from ..project import Project
+from aioproj.errors import EnvironmentBuildError
+from aioproj.project import Project
+
 from .base import ENV_MANAGERS, PreparedEnv
 from .select import select_env_manager, validate_env_manager
+from .venv import PYTHON_MANAGERS, prepare_python_env
 
 __all__ = [
     "ENV_MANAGERS",
@@ -30,16 +33,30 @@ def local_env() -> PreparedEnv:
     return PreparedEnv(manager="local", env_vars={"PATH": f"{bindir}{os.pathsep}{path}"})
 
 
-async def prepare_env(project: Project, manager: str, *, cache_dir: Path) -> PreparedEnv:
+async def prepare_env(
+    project: Project,
+    manager: str,
+    *,
+    cache_dir: Path,
+    on_output: Callable[[bytes], None] | None = None,
+) -> PreparedEnv:
     """Prepare the environment ``manager`` builds for ``project`` (cached by spec).
 
+    ``local`` creates nothing. ``virtualenv`` and ``uv`` build (once, shared by
+    concurrent callers and other processes) an environment under ``cache_dir`` keyed by
+    the hash of the spec, and reuse it afterwards; build output is passed to
+    ``on_output`` as it comes.
+
     Raises :class:`EnvironmentBuildError` if it cannot be built; a failed build leaves
-    nothing behind. Cancellation removes a half-built environment.
+    nothing behind. Cancellation stops the build's processes and removes a half-built
+    environment before it propagates.
     """
     if manager == "local":
         return local_env()
+    if manager in PYTHON_MANAGERS:
+        return await prepare_python_env(project, manager, cache_dir=cache_dir, on_output=on_output)
     raise EnvironmentBuildError(
         f"The {manager!r} environment manager is not available in this version of aioproj. "
-        f"Run the project in the current environment with env_manager='local' "
-        f"(CLI: --env-manager local)."
+        f"Run the project with env_manager='local' (the current environment) or "
+        f"'virtualenv' (CLI: --env-manager local|virtualenv)."
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = ["ENV_MANAGERS", "PreparedEnv"]
 
@@ -21,6 +22,8 @@ class PreparedEnv:
     #: A shell command that enters the environment, run before the entry point with ``&&``.
     activate: str | None = None
     env_vars: Mapping[str, str] = field(default_factory=dict)
+    #: The environment's directory (virtualenv, uv), or None.
+    directory: Path | None = None
 
     def wrap(self, command: str) -> str:
         """The entry-point command as it runs inside this environment."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import EnvironmentBuildError, InvalidArgumentError
-from ..project import EnvType, Project
+from aioproj.errors import EnvironmentBuildError, InvalidArgumentError
+from aioproj.project import EnvType, Project
+
 from .base import ENV_MANAGERS
 
 __all__ = ["select_env_manager", "validate_env_manager"]
