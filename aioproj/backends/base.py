@@ -81,8 +81,10 @@ class Execution(Protocol):
 class Launch(Protocol):
     """A run prepared by a backend, ready to start once it is tracked."""
 
-    #: Tags the run is created with (``mlflow.project.env``, ``mlflow.docker.image.uri``...).
-    tags: Mapping[str, str]
+    @property
+    def tags(self) -> Mapping[str, str]:
+        """Tags the run is created with (``mlflow.project.env``, ``mlflow.docker.image.uri``)."""
+        ...
 
     async def start(self, request: StartRequest) -> Execution:
         """Start the run. Raises :class:`~aioproj.BackendError` if the backend refuses it."""
