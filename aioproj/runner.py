@@ -109,7 +109,12 @@ class Runner:
         left = len(self._live)
         self._state = "closing"
         try:
-            return await self._tg.__aexit__(exc_type, exc, tb)
+            if exc is not None:
+                # Leaving by an exception (or cancellation): stop the runs; each records
+                # itself KILLED. The exception is the caller's, never wrapped in a group.
+                self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            return None
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release()
@@ -194,7 +199,7 @@ class Runner:
                 f"parameters must be a mapping of names to values, got {type(parameters).__name__}"
             )
         validate_env_manager(env_manager)
-        the_backend = self._backend(backend)
+        the_backend = await self._backend(backend)
         config = await _load_backend_config(backend_config)
         store = self._store()
 
@@ -309,7 +314,7 @@ class Runner:
         if self._slots is not None:
             self._slots.release()
 
-    def _backend(self, backend: str | Backend) -> Backend:
+    async def _backend(self, backend: str | Backend) -> Backend:
         if not isinstance(backend, str):
             if not isinstance(backend, Backend):
                 raise InvalidArgumentError(
@@ -317,7 +322,8 @@ class Runner:
                 )
             return backend
         if backend not in self._backends:
-            self._backends[backend] = load_backend(backend)
+            # Plugins are found by reading installed packages' metadata: off the loop.
+            self._backends[backend] = await anyio.to_thread.run_sync(load_backend, backend)
         return self._backends[backend]
 
     def _store(self) -> TrackingStore:

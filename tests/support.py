@@ -79,3 +79,17 @@ async def wait_for_file(path: Path, *, lines: int = 1, timeout: float = 10.0) ->
                 if len(text.split()) >= lines:
                     return
             await anyio.sleep(0.02)
+
+
+async def amake_project(root: Path, mlproject: str | None, files: dict[str, str] | None = None) -> Path:
+    """:func:`make_project` from an async test (off the event loop)."""
+    return await anyio.to_thread.run_sync(make_project, root, mlproject, files)
+
+
+def _survivors(path: Path) -> list[int]:
+    return [pid for pid in pids_in(path) if not process_gone(pid)]
+
+
+async def survivors(path: Path) -> list[int]:
+    """The pids listed in ``path`` that still run (read off the event loop)."""
+    return await anyio.to_thread.run_sync(_survivors, path)

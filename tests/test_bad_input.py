@@ -6,12 +6,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import aioproj
 from aioproj import Runner
 
-from .support import all_runs, make_project
+from .support import amake_project, all_runs, make_project
 
 pytestmark = pytest.mark.anyio
 
@@ -56,12 +57,12 @@ async def test_unknown_entry_point(good: Path, tracking_uri: str) -> None:
 
 
 async def test_empty_mlproject(tmp_path: Path, tracking_uri: str) -> None:
-    project = make_project(tmp_path / "empty", "")
+    project = await amake_project(tmp_path / "empty", "")
     await _fails(aioproj.MLprojectError, "MLproject", tracking_uri, str(project))
 
 
 async def test_malformed_yaml_names_file_and_line(tmp_path: Path, tracking_uri: str) -> None:
-    project = make_project(tmp_path / "bad", "entry_points:\n  main:\n    command: [unclosed\n")
+    project = await amake_project(tmp_path / "bad", "entry_points:\n  main:\n    command: [unclosed\n")
     await _fails(aioproj.MLprojectError, r"MLproject:\d+", tracking_uri, str(project))
 
 
@@ -83,13 +84,18 @@ async def test_unreachable_git_host(tracking_uri: str) -> None:
                  "http://127.0.0.1:9/org/repo.git")
 
 
-async def test_zip_slip_is_rejected(tmp_path: Path, tracking_uri: str) -> None:
+@pytest.fixture
+def evil_zip(tmp_path: Path) -> Path:
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("MLproject", GOOD)
         zf.writestr("../escaped.txt", "gotcha")
-    await _fails(aioproj.SourceError, r"\.\./escaped\.txt", tracking_uri, str(archive))
-    assert not (tmp_path / "escaped.txt").exists()
+    return archive
+
+
+async def test_zip_slip_is_rejected(evil_zip: Path, tmp_path: Path, tracking_uri: str) -> None:
+    await _fails(aioproj.SourceError, r"\.\./escaped\.txt", tracking_uri, str(evil_zip))
+    assert not await anyio.Path(tmp_path / "escaped.txt").exists()
 
 
 async def test_unknown_backend(good: Path, tracking_uri: str) -> None:
@@ -118,7 +124,7 @@ async def test_unknown_experiment_id(good: Path, tracking_uri: str) -> None:
 
 async def test_bad_backend_config_json(good: Path, tmp_path: Path, tracking_uri: str) -> None:
     config = tmp_path / "cluster.json"
-    config.write_text("{not json")
+    await anyio.Path(config).write_text("{not json")
     await _fails(aioproj.InvalidArgumentError, "Invalid backend config JSON in file", tracking_uri,
                  str(good), backend_config=str(config), parameters={"alpha": 1})
 

@@ -10,7 +10,7 @@ import pytest
 
 from aioproj import RunStatus, Runner
 
-from .support import all_runs, make_project, pids_in, process_gone, read_run, wait_for_file
+from .support import amake_project, all_runs, make_project, read_run, survivors, wait_for_file
 
 pytestmark = pytest.mark.anyio
 
@@ -48,8 +48,7 @@ async def _assert_killed(tracking_uri: str, run_id: str, pids: Path) -> None:
     record = await read_run(tracking_uri, run_id)
     assert record.info.status == "KILLED"
     assert record.info.end_time is not None
-    for pid in pids_in(pids):
-        assert process_gone(pid), f"process {pid} survived"
+    assert await survivors(pids) == []
 
 
 async def test_cancel_handle_stops_group_and_records_killed(
@@ -110,7 +109,7 @@ async def test_sigterm_ignored_means_sigkill_after_grace(
 
 
 async def test_cancel_after_finish_is_a_no_op(tmp_path: Path, tracking_uri: str) -> None:
-    project = make_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'true'\n")
+    project = await amake_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'true'\n")
     async with Runner(echo="off") as runner:
         run = await runner.run(str(project), env_manager="local")
         await run.cancel()
@@ -125,8 +124,7 @@ async def test_leftover_background_processes_are_stopped_when_the_run_ends(
         run = await runner.run(str(project), entry_point="leaves_child",
                                parameters={"pids": str(pids)}, env_manager="local")
     assert await run.get_status() is RunStatus.FINISHED
-    for pid in pids_in(pids):
-        assert process_gone(pid)
+    assert await survivors(pids) == []
 
 
 async def test_runner_exit_by_exception_cancels_live_runs(
@@ -143,7 +141,7 @@ async def test_runner_exit_by_exception_cancels_live_runs(
 
 
 async def test_runner_normal_exit_waits_for_runs(tmp_path: Path, tracking_uri: str) -> None:
-    project = make_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'sleep 0.3'\n")
+    project = await amake_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'sleep 0.3'\n")
     async with Runner(echo="off") as runner:
         run = await runner.run(str(project), synchronous=False, env_manager="local")
     assert await run.get_status() is RunStatus.FINISHED
@@ -151,6 +149,8 @@ async def test_runner_normal_exit_waits_for_runs(tmp_path: Path, tracking_uri: s
 
 async def test_cancel_many_runs_concurrently(project: Path, tmp_path: Path, tracking_uri: str) -> None:
     pid_files = [tmp_path / f"pids{i}" for i in range(20)]
+    for p in pid_files:
+        await anyio.Path(p).touch()
     async with Runner(echo="off", grace_period=2) as runner:
         runs = [
             await runner.run(str(project), parameters={"pids": str(p)}, synchronous=False,
@@ -164,8 +164,7 @@ async def test_cancel_many_runs_concurrently(project: Path, tmp_path: Path, trac
     assert {await run.get_status() for run in runs} == {RunStatus.KILLED}
     assert {r.info.status for r in await all_runs(tracking_uri)} == {"KILLED"}
     for p in pid_files:
-        for pid in pids_in(p):
-            assert process_gone(pid)
+        assert await survivors(p) == []
 
 
 async def test_cancel_during_fetch_creates_nothing(tmp_path: Path, tracking_uri: str) -> None:
@@ -175,16 +174,17 @@ async def test_cancel_during_fetch_creates_nothing(tmp_path: Path, tracking_uri:
     cache = tmp_path / "cache"
 
     async def accept_and_stall(stream: anyio.abc.SocketStream) -> None:
-        await stream.receive()
-        await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nPK")
-        await anyio.sleep_forever()
+        async with stream:
+            await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nPK")
+            await anyio.sleep_forever()
 
-    async with anyio.create_task_group() as server:
+    async with hanging, anyio.create_task_group() as server:
         server.start_soon(hanging.serve, accept_and_stall)
         async with Runner(echo="off", cache_dir=cache) as runner:
             with anyio.move_on_after(1):
                 await runner.run(f"http://127.0.0.1:{port}/project.zip", env_manager="local")
         server.cancel_scope.cancel()
     assert await all_runs(tracking_uri) == []
-    leftovers = [p for p in cache.rglob("*") if p.is_file()]
+    leftovers = await anyio.to_thread.run_sync(lambda: [p for p in cache.rglob("*") if p.is_file()])
     assert leftovers == []

@@ -11,7 +11,7 @@ import pytest
 import aioproj
 from aioproj import RunStatus, Runner
 
-from .support import PYTHON, all_runs, make_project, read_run
+from .support import amake_project, PYTHON, all_runs, make_project, read_run
 
 pytestmark = pytest.mark.anyio
 
@@ -76,7 +76,8 @@ async def test_output_reaches_logs_and_artifact(project: Path, tracking_uri: str
     lines = [line async for line in run.logs()]
     assert lines == ["alpha=0.1 words=a b; echo injected\n"]  # quoted: no injection
     artifacts = Path(tracking_uri.removeprefix("file://")) / run.experiment_id / run.run_id
-    assert (artifacts / "artifacts/aioproj/output.log").read_text() == lines[0]
+    saved = await anyio.Path(artifacts / "artifacts/aioproj/output.log").read_text()
+    assert saved == lines[0]
 
 
 async def test_failed_run_raises_mlflow_message_and_records_failed(
@@ -107,7 +108,7 @@ async def test_asynchronous_runs_gathered_and_awaited(project: Path, tracking_ur
 
 
 async def test_parameters_none_in_both_modes(tmp_path: Path, tracking_uri: str) -> None:
-    project = make_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'true'\n")
+    project = await amake_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'true'\n")
     async with Runner(echo="off") as runner:
         sync = await runner.run(str(project), parameters=None, env_manager="local")
         later = await runner.run(str(project), parameters=None, synchronous=False,
@@ -141,6 +142,7 @@ async def test_experiment_by_name_is_created_once(project: Path, tracking_uri: s
     assert runs[0].experiment_id != "0"
 
 
+@pytest.mark.allow_blocking  # capfd reads its capture file
 async def test_echo_labels_each_line_with_the_run(
     project: Path, tracking_uri: str, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shlex
 import signal
-import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -21,6 +21,12 @@ import anyio
 __all__ = ["ProcessGroup"]
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
+
+#: Signals Python ignores that a child should get with their default action, as
+#: subprocess.Popen(restore_signals=True) does.
+_RESET_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name)
+)
 
 #: Groups still alive, killed at interpreter exit if their owner never got to do it.
 _LIVE_GROUPS: set[int] = set()
@@ -36,33 +42,48 @@ atexit.register(_kill_live_groups)
 
 
 class ProcessGroup:
-    """``bash -c command`` as the leader of a new session, with merged stdout/stderr."""
+    """A shell command as the leader of a new session, with merged stdout/stderr.
+
+    Started with ``posix_spawn``: unlike ``subprocess.Popen`` it needs no blocking read of
+    an exec-error pipe on the event loop, and glibc spawns with vfork, which stays cheap
+    however large the parent process is.
+    """
 
     def __init__(
         self,
-        argv: list[str],
+        shell: str,
+        command: str,
         *,
         cwd: Path,
         env: Mapping[str, str],
         on_output: Callable[[bytes], None],
     ) -> None:
-        # Popen forks and execs at once; that is what asyncio's own subprocess support
-        # does on the loop thread too. The exec error pipe makes a bad cwd raise here.
-        self._proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
-        self.pid = self._proc.pid
+        # posix_spawn has no working-directory action before Python 3.13: the shell
+        # changes directory itself, then runs the command exactly as given.
+        script = f"cd -- {shlex.quote(str(cwd))} || exit 127\n{command}"
+        read_fd, write_fd = os.pipe()
+        try:
+            self.pid = os.posix_spawn(
+                shell,
+                [shell, "-c", script],
+                dict(env),
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, write_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, write_fd, 2),
+                ],
+                setsid=True,
+                setsigmask=(),
+                setsigdef=_RESET_SIGNALS,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
         _LIVE_GROUPS.add(self.pid)
-        assert self._proc.stdout is not None
-        self._out_fd = self._proc.stdout.fileno()
-        os.set_blocking(self._out_fd, False)
+        os.set_blocking(read_fd, False)
+        self._out_fd: int | None = read_fd
         self._on_output = on_output
         self._pidfd: int | None = os.pidfd_open(self.pid) if _HAS_PIDFD else None
         self._exit_lock = anyio.Lock()
@@ -71,6 +92,7 @@ class ProcessGroup:
     async def pump_output(self) -> None:
         """Read output until every writer has closed the pipe (EOF)."""
         fd = self._out_fd
+        assert fd is not None, "output already closed"
         while True:
             try:
                 data = os.read(fd, 65536)
@@ -97,12 +119,11 @@ class ProcessGroup:
     def _try_reap(self) -> None:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:  # reaped elsewhere; keep what Popen may have seen
-            self.returncode = self._proc.returncode if self._proc.returncode is not None else -1
+        except ChildProcessError:  # reaped by someone else: the status is lost
+            self.returncode = -1
             return
         if pid == self.pid:
             self.returncode = os.waitstatus_to_exitcode(status)
-            self._proc.returncode = self.returncode
 
     def signal_group(self, sig: int) -> bool:
         """Send ``sig`` to every process of the group; False if none is left."""
@@ -132,8 +153,9 @@ class ProcessGroup:
     def close(self) -> None:
         """Release the pipe and the pidfd. Call once the group is gone."""
         _LIVE_GROUPS.discard(self.pid)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        if self._out_fd is not None:
+            os.close(self._out_fd)
+            self._out_fd = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None

@@ -73,7 +73,8 @@ class LocalLaunch:
         child_env = {**os.environ, **self.env.env_vars, **request.tracking_env}
         try:
             group = ProcessGroup(
-                [self.shell, "-c", self.command],
+                self.shell,
+                self.command,
                 cwd=self.work_dir,
                 env=child_env,
                 on_output=request.output.feed,
