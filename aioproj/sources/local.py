@@ -1,0 +1,242 @@
+"""Local project directories: used in place, never modified.
+
+Without a version, the directory itself is the work dir, and when it lies inside a git
+repository the tags describe that repository's HEAD. With a version, the directory must be
+inside a git repository; the commit the version names is exported (its tree written out,
+as ``git archive`` would) into the cache, and that copy is the work dir. The user's working
+tree, index and HEAD are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import anyio.from_thread
+from dulwich.errors import NotGitRepository
+from dulwich.object_store import BaseObjectStore
+from dulwich.objects import S_ISGITLINK, Blob, ObjectID
+from dulwich.objectspec import parse_commit
+from dulwich.refs import Ref
+from dulwich.repo import Repo
+
+from aioproj.errors import SourceError
+from aioproj.sources._store import CacheDir, FetchedProject, find_subdirectory, in_thread
+from aioproj.sources.uri import ProjectURI, redact_url
+
+__all__ = ["fetch_local", "safe_tree_path", "write_tree"]
+
+VERSION_NEEDS_GIT = "Setting a version is only supported for Git project URIs"
+
+
+@dataclass(frozen=True)
+class _RepoInfo:
+    """What the tags need to know about the git repository around a directory."""
+
+    root: Path
+    commit: str | None
+    remote_url: str | None
+
+
+@dataclass(frozen=True)
+class _Export:
+    """A version of a local repository, resolved to a commit."""
+
+    info: _RepoInfo
+    commit: str
+    branch: str | None
+    relative: PurePosixPath
+
+
+def _first_remote_url(repo: Repo) -> str | None:
+    config = repo.get_config()
+    for section in config.sections():
+        if len(section) == 2 and section[0] == b"remote":
+            try:
+                url = config.get(section, b"url")
+            except KeyError:
+                continue
+            return redact_url(url.decode("utf-8", "replace"))
+    return None
+
+
+def _head_commit(repo: Repo) -> str | None:
+    try:
+        return repo.head().decode("ascii")
+    except KeyError:
+        return None  # a repository without commits
+
+
+def _discover(path: Path) -> Repo | None:
+    try:
+        return Repo.discover(str(path))
+    except NotGitRepository:
+        return None
+
+
+def _repo_info(repo: Repo) -> _RepoInfo:
+    return _RepoInfo(Path(repo.path).resolve(), _head_commit(repo), _first_remote_url(repo))
+
+
+def _inspect(path: Path) -> _RepoInfo | None:
+    """The git repository containing ``path``, if any (blocking)."""
+    repo = _discover(path)
+    if repo is None:
+        return None
+    with repo:
+        return _repo_info(repo)
+
+
+def _source_name(work_dir: Path, info: _RepoInfo | None) -> str:
+    """``file://<repo root>#<subdir>`` inside a repository, else the absolute path."""
+    if info is None:
+        return str(work_dir)
+    relative = work_dir.relative_to(info.root) if work_dir.is_relative_to(info.root) else None
+    if relative is None:
+        return str(work_dir)
+    name = f"file://{info.root}"
+    return name if relative == Path() else f"{name}#{relative.as_posix()}"
+
+
+def _use_in_place(path: Path, project: ProjectURI) -> FetchedProject:
+    """The blocking part of a fetch without version."""
+    if not path.is_dir():
+        raise SourceError(
+            f"The project path {path} is not a directory. Give a project directory, "
+            "a .zip or .tar.gz archive, or a git URL."
+        )
+    work_dir = find_subdirectory(path, project.subdir, str(path))
+    info = _inspect(work_dir)
+    return FetchedProject(
+        directory=work_dir,
+        uri=project.uri,
+        source_name=_source_name(work_dir, info),
+        git_commit=info.commit if info else None,
+        git_repo_url=info.remote_url if info else None,
+    )
+
+
+def _is_branch(repo: Repo, version: str) -> bool:
+    return Ref(b"refs/heads/" + version.encode()) in repo.refs
+
+
+def _resolve_version(path: Path, version: str) -> _Export:
+    """Find the repository around ``path`` and the commit ``version`` names (blocking).
+
+    Raises:
+        SourceError: not a git repository, or the version names no commit in it.
+    """
+    repo = _discover(path)
+    if repo is None:
+        raise SourceError(f"{VERSION_NEEDS_GIT}: {path} is not inside a git repository.")
+    with repo:
+        info = _repo_info(repo)
+        try:
+            commit = parse_commit(repo, version).id.decode("ascii")
+        except Exception as exc:
+            raise SourceError(
+                f"Unable to checkout version '{version}' of git repo {info.root} - "
+                "please ensure that the version exists in the repo."
+            ) from exc
+        relative = PurePosixPath(path.relative_to(info.root).as_posix())
+        return _Export(info, commit, version if _is_branch(repo, version) else None, relative)
+
+
+def safe_tree_path(raw: bytes) -> PurePosixPath:
+    """A git tree path as a relative path.
+
+    Raises:
+        SourceError: the path is absolute or has a ``..``, ``.git`` or empty part.
+    """
+    path = PurePosixPath(os.fsdecode(raw))
+    if path.is_absolute() or any(part in {"..", ".git", ""} for part in path.parts):
+        raise SourceError(f"Refusing to write the unsafe path {path} found in a git tree.")
+    return path
+
+
+def _write_entry(store: BaseObjectStore, sha: ObjectID, mode: int, target: Path) -> None:
+    blob = store[sha]
+    assert isinstance(blob, Blob)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if stat.S_ISLNK(mode):
+        os.symlink(os.fsdecode(blob.as_raw_string()), target)
+        return
+    target.write_bytes(blob.as_raw_string())
+    target.chmod(0o755 if mode & 0o111 else 0o644)
+
+
+def write_tree(store: BaseObjectStore, tree: ObjectID, dest: Path) -> None:
+    """Write the files of a git tree under ``dest`` (blocking; stops when cancelled).
+
+    Submodule entries become empty directories. Raises SourceError on an unsafe path and
+    ``CancelledError`` when the awaiting task was cancelled.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in store.iter_tree_contents(tree):
+        anyio.from_thread.check_cancelled()
+        assert entry.path is not None
+        assert entry.mode is not None
+        assert entry.sha is not None
+        target = dest / safe_tree_path(entry.path)
+        if S_ISGITLINK(entry.mode):
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            _write_entry(store, entry.sha, entry.mode, target)
+
+
+def _export(repo_root: Path, commit: str, dest: Path) -> None:
+    with Repo(str(repo_root)) as repo:
+        tree = parse_commit(repo, commit).tree
+        write_tree(repo.object_store, tree, dest)
+
+
+async def _export_cached(cache: CacheDir, export: _Export) -> Path:
+    """The cache entry holding the exported commit, built once (single-flight)."""
+    repo_key = hashlib.sha256(str(export.info.root).encode()).hexdigest()[:32]
+    entry = cache.entry("local", repo_key, export.commit)
+    if await cache.exists(entry):
+        return entry
+    async with cache.locks.hold(str(entry)):
+        if await cache.exists(entry):
+            return entry
+        async with cache.temp_dir("export-") as tmp:
+            built = tmp / "tree"
+            await in_thread(lambda: _export(export.info.root, export.commit, built))
+            await cache.publish(built, entry)
+    return entry
+
+
+async def fetch_local(
+    cache: CacheDir, project: ProjectURI, path: Path, version: str | None
+) -> FetchedProject:
+    """Fetch a local directory: in place, or an export of ``version`` into the cache.
+
+    ``path`` must be absolute and exist. Raises SourceError (not a directory, missing
+    subdirectory, version without git repository, unknown version). When cancelled, a
+    half-written export is removed before ``CancelledError`` propagates.
+    """
+    if version is None:
+        return await in_thread(lambda: _use_in_place(path, project))
+    export = await in_thread(lambda: _resolve_version(path, version))
+    entry = await _export_cached(cache, export)
+    base = entry / export.relative
+
+    def locate() -> Path:
+        return find_subdirectory(base, project.subdir, str(path))
+
+    work_dir = await in_thread(locate)
+    where = export.relative / project.subdir if project.subdir else export.relative
+    source_name = f"file://{export.info.root}"
+    if str(where) != ".":
+        source_name += f"#{where.as_posix()}"
+    return FetchedProject(
+        directory=work_dir,
+        uri=project.uri,
+        source_name=source_name,
+        git_commit=export.commit,
+        git_repo_url=export.info.remote_url,
+        git_branch=export.branch,
+    )
