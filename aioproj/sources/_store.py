@@ -12,18 +12,25 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
 from aioproj.errors import SourceError
 
-__all__ = ["CacheDir", "FetchedProject", "KeyedLocks", "find_subdirectory", "in_thread"]
+__all__ = [
+    "CacheDir",
+    "FetchedProject",
+    "KeyedLocks",
+    "SharedCalls",
+    "find_subdirectory",
+    "in_thread",
+]
 
 T = TypeVar("T")
 
@@ -95,6 +102,39 @@ class KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
+@dataclass
+class _Flight:
+    done: anyio.Event = field(default_factory=anyio.Event)
+    ok: bool = False
+    value: Any = None
+
+
+class SharedCalls:
+    """Concurrent callers with the same key share the result of one in-flight call.
+
+    Only a result is shared: when the leading call fails or is cancelled, each waiting
+    caller makes its own call, so one exception is never raised in several tasks.
+    """
+
+    def __init__(self) -> None:
+        self._flights: dict[str, _Flight] = {}
+
+    async def run(self, key: str, call: Callable[[], Awaitable[T]]) -> T:
+        """The result of ``call()``, or of the identical call already in flight."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            return cast(T, flight.value) if flight.ok else await call()
+        flight = self._flights[key] = _Flight()
+        try:
+            flight.value = await call()
+            flight.ok = True
+            return cast(T, flight.value)
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -118,6 +158,7 @@ class CacheDir:
         self.root = root
         self.tmp = root / "tmp"
         self.locks = KeyedLocks()
+        self.shared = SharedCalls()
 
     def entry(self, *parts: str) -> Path:
         """The path of a finished entry, e.g. ``entry("git", url_key, commit)``."""

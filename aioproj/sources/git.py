@@ -57,6 +57,9 @@ _SHORT_SHA = re.compile(r"^[0-9a-fA-F]{4,39}$")
 _HEAD = Ref(b"HEAD")
 _PEELED = b"^{}"
 _MAX_SUBMODULE_DEPTH = 8
+# Per socket operation, not per fetch. It bounds how long a hung server can hold a worker
+# thread (and so delay a cancellation, which waits for the thread's current step).
+_HTTP_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ def _connect(url: str) -> tuple[GitClient, str]:
             pool_manager_cls=_TrackingPoolManager,
             proxy_manager_cls=_TrackingProxyManager,
             base_url=redact_url(url),
+            timeout=_HTTP_TIMEOUT,
         )
     return get_transport_and_path(
         url,
@@ -248,17 +252,24 @@ def _resolve(remote: _RemoteRefs, version: str | None, url: str) -> _Wanted:
         found = remote.lookup(name)
         if found is not None:
             return _Wanted(version, found[0], found[1], branch)
-    if _FULL_SHA.match(version) and remote.advertises(version.lower()):
-        return _Wanted(version, version.lower(), version.lower(), None)
-    if _SHORT_SHA.match(version):
-        prefix = version.lower().encode("ascii")
-        matches = {sha for sha in remote.refs.values() if sha.startswith(prefix)}
-        if len(matches) == 1:
-            commit = matches.pop().decode("ascii")
-            return _Wanted(version, commit, commit, None)
-    if _FULL_SHA.match(version) or _SHORT_SHA.match(version):
-        return _Wanted(version.lower(), None, None, None)
-    raise _version_error(version, url)
+    wanted = _resolve_sha(remote, version)
+    if wanted is None:
+        raise _version_error(version, url)
+    return wanted
+
+
+def _resolve_sha(remote: _RemoteRefs, version: str) -> _Wanted | None:
+    """A full or abbreviated commit sha: fetch just it when advertised, else everything."""
+    sha = version.lower()
+    if _FULL_SHA.match(sha) and remote.advertises(sha):
+        return _Wanted(sha, sha, sha, None)
+    if not (_FULL_SHA.match(sha) or _SHORT_SHA.match(sha)):
+        return None
+    matches = {ref_sha for ref_sha in remote.refs.values() if ref_sha.startswith(sha.encode())}
+    if len(matches) == 1 and not _FULL_SHA.match(sha):
+        commit = matches.pop().decode("ascii")
+        return _Wanted(sha, commit, commit, None)
+    return _Wanted(sha, None, None, None)
 
 
 def resolve_submodule_url(parent: str, url: str) -> str:
@@ -409,7 +420,9 @@ async def fetch_git(cache: CacheDir, project: ProjectURI, version: str | None) -
     url = project.base
     entry, branch = await _cached_full_sha(cache, url, version), None
     if entry is None:
-        remote = await in_thread(lambda: _ls_remote(url))
+        remote = await cache.shared.run(
+            f"ls-remote {url}", lambda: in_thread(lambda: _ls_remote(url))
+        )
         wanted = _resolve(remote, version, url)
         entry, branch = await _cached_or_clone(cache, url, wanted), wanted.branch
     base, shown = entry, redact_url(url)
