@@ -420,6 +420,7 @@ async def test_git_concurrent_fetches_clone_once(server: GitServer, cache_root: 
             tg.start_soon(one)
     assert len({r.directory for r in results}) == 1
     assert server.fetches() == 1
+    assert server.count("GET") == 2  # one shared ref listing, one by the clone
     assert len(await inspect(lambda: entries(cache_root, "git"))) == 1
     assert await inspect(lambda: temp_leftovers(cache_root)) == []
 
@@ -576,6 +577,15 @@ async def test_zip_over_http(files: FileServer, cache_root: Path) -> None:
         await SourceCache().fetch(files.url("missing.zip"))
     assert str(caught.value).startswith("Unable to retrieve ZIP file. Reason: HTTP 404")
     assert await inspect(lambda: temp_leftovers(cache_root)) == []
+
+
+async def test_cancelled_download_leaves_nothing(files: FileServer, cache_root: Path) -> None:
+    files.delay = 0.6
+    with anyio.move_on_after(0.2) as scope:
+        await SourceCache().fetch(files.url("project.zip"))
+    assert scope.cancelled_caught
+    assert await inspect(lambda: temp_leftovers(cache_root)) == []
+    assert await inspect(lambda: entries(cache_root, "archives")) == []
 
 
 async def test_zip_download_unreachable() -> None:
