@@ -35,7 +35,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="aioproj", description="Run MLflow Projects from asyncio."
+        prog="aioproj", description="Run MLflow Projects from asyncio.", allow_abbrev=False
     )
     parser.add_argument("--version", action="version", version=f"aioproj {__version__}")
     parser.add_argument(
@@ -48,6 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
+        allow_abbrev=False,
         help="Run an MLflow project from a local path, a git URI or a zip archive.",
         description=(
             "Run an MLflow project from a URI (a local directory, a git repository, or a "
@@ -82,7 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--wait", dest="wait", action="store_true", default=None,
                       help="Wait for the run to end (default for local and kubernetes).")
     wait.add_argument("--no-wait", dest="wait", action="store_false",
-                      help="Return once the backend has accepted the run (default: databricks).")
+                      help="Return once the run has started (default: databricks). A local run is "
+                      "then supervised by a detached aioproj process.")
     return parser
 
 
@@ -132,7 +134,7 @@ def _load_env_file(path: str) -> None:
         os.environ.setdefault(key.strip(), value)
 
 
-def _run_command(args: argparse.Namespace) -> int:
+def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Environment defaults are read here, after --env-file has been loaded.
     for option, var in _ENV_DEFAULTS.items():
         if getattr(args, option) is None and os.environ.get(var):
@@ -145,19 +147,18 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.backend == "kubernetes" and backend_config is None:
         raise UsageError("Specify 'backend_config' when using kubernetes mode.")
     synchronous = args.wait if args.wait is not None else args.backend in _SYNC_BY_DEFAULT
-    if not synchronous and args.backend == "local":
-        raise UsageError(
-            "--no-wait is not available for the local backend yet: a local run ends with the "
-            "aioproj process that supervises it. Run it with --wait (the default), or start "
-            "many runs from one Python program with aioproj.run(..., synchronous=False)."
-        )
+    report_fd = os.environ.pop(_REPORT_FD_VAR, None)
+    if not synchronous and args.backend == "local" and report_fd is None:
+        return _detach(argv)
 
     import anyio
 
     from . import ExecutionError, InvalidArgumentError, Runner
 
-    async def main() -> str:
-        async with Runner(echo="plain") as runner:
+    report = _Report(int(report_fd)) if report_fd is not None else None
+
+    async def main() -> tuple[str, bool]:
+        async with Runner(echo="off" if report else "plain") as runner:
             handle = await runner.run(
                 args.uri,
                 entry_point=args.entry_point,
@@ -169,38 +170,106 @@ def _run_command(args: argparse.Namespace) -> int:
                 backend=args.backend,
                 backend_config=backend_config,
                 storage_dir=args.storage_dir,
-                synchronous=synchronous,
+                synchronous=synchronous and report is None,
                 run_id=args.run_id,
                 run_name=args.run_name,
                 env_manager=args.env_manager,
                 build_image=args.build_image,
             )
-            return handle.run_id
+            if report is not None:  # detached: say the run started, then supervise it
+                report.send("ok", handle.run_id)
+                return handle.run_id, await handle.wait()
+            return handle.run_id, True
 
     try:
-        run_id = anyio.run(main)
+        run_id, ok = anyio.run(main)
     except InvalidArgumentError as exc:
+        if report is not None:
+            report.send("usage", str(exc))
         raise UsageError(str(exc)) from exc
     except ExecutionError as exc:
+        if report is not None:
+            report.send("error", str(exc))
         print(f"=== {exc} ===", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("=== Interrupted: the run was cancelled and recorded KILLED ===", file=sys.stderr)
         return 130
+    if not ok:
+        return 1
     print(f"=== Run (ID '{run_id}') {'succeeded' if synchronous else 'submitted'} ===",
           file=sys.stderr)
     return 0
 
 
+#: Set in a detached supervisor's environment: the pipe on which it reports its run id.
+_REPORT_FD_VAR = "_AIOPROJ_DETACHED_REPORT_FD"
+
+
+class _Report:
+    """The detached supervisor's one message to the command that started it."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_inheritable(fd, False)  # runs started here must not hold the pipe open
+        self._fd: int | None = fd
+
+    def send(self, kind: str, text: str) -> None:
+        if self._fd is None:
+            return
+        with os.fdopen(self._fd, "w") as pipe:
+            pipe.write(f"{kind} {text}")
+        self._fd = None
+
+
+def _detach(argv: Sequence[str]) -> int:
+    """``--no-wait`` on the local backend: a detached aioproj process supervises the run.
+
+    The run must outlive this command, so a new ``aioproj run --wait`` process in its own
+    session starts it, reports the run id (or the error) on a pipe, then waits for the run
+    and records its final status, as MLflow's asynchronous local runs do.
+    """
+    import subprocess
+
+    child_argv = ["--wait" if arg == "--no-wait" else arg for arg in argv]
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aioproj", *child_argv],
+            env={**os.environ, _REPORT_FD_VAR: str(write_fd)},
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        kind, _, text = pipe.read().partition(" ")
+    if kind == "ok":
+        print(f"=== Run (ID '{text}') submitted; aioproj process {proc.pid} supervises it ===",
+              file=sys.stderr)
+        print(text)
+        return 0
+    if kind == "usage":
+        raise UsageError(text)
+    if kind != "error":
+        proc.wait()
+        text = f"the detached aioproj process exited ({proc.returncode}) before starting the run"
+    print(f"=== {text} ===", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``aioproj`` command."""
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.env_file:
             _load_env_file(args.env_file)
-        code = _run_command(args)
+        code = _run_command(args, argv)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"aioproj: error: {exc}", file=sys.stderr)

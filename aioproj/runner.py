@@ -9,6 +9,7 @@ fails before a run is tracked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import json
 import logging
@@ -26,6 +27,7 @@ import anyio.abc
 from ._output import EchoMode, RunOutput
 from ._paths import cache_root
 from .backends import Backend, Launch, LaunchRequest, StartRequest, load_backend
+from .backends.registry import BUILTIN_BACKENDS
 from .envs import validate_env_manager
 from .errors import InvalidArgumentError, RunFailedError
 from .handle import RunStatus, SubmittedRun
@@ -322,8 +324,11 @@ class Runner:
                 )
             return backend
         if backend not in self._backends:
-            # Plugins are found by reading installed packages' metadata: off the loop.
-            self._backends[backend] = await anyio.to_thread.run_sync(load_backend, backend)
+            if backend in BUILTIN_BACKENDS:
+                loaded = load_backend(backend)
+            else:  # plugins are found by reading installed packages' metadata: off the loop
+                loaded = await anyio.to_thread.run_sync(load_backend, backend)
+            self._backends.setdefault(backend, loaded)
         return self._backends[backend]
 
     def _store(self) -> TrackingStore:
@@ -376,7 +381,9 @@ async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[s
     return loaded
 
 
+@functools.cache
 def _user() -> str:
+    """The ``mlflow.user`` tag: the login name, looked up once per process."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,30 @@ def test_help_lists_mlflow_run_options(tmp_path: Path) -> None:
                    "--env-manager", "--storage-dir", "--run-id", "--run-name", "--build-image",
                    "--wait", "--no-wait"):
         assert option in done.stdout
+
+
+def test_no_wait_on_local_detaches_a_supervisor(tmp_path: Path) -> None:
+    # The run waits for a file that only appears after the command has returned.
+    go = tmp_path / "go"
+    command = f"while [ ! -f {go} ]; do sleep 0.05; done; echo late"
+    project = make_project(tmp_path / "slow", f"entry_points:\n  main:\n    command: '{command}'\n")
+    done = aioproj_cli("run", str(project), "--no-wait", "--env-manager", "local", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.strip().splitlines()[-1]
+    client = mlflow_client((tmp_path / "mlruns").as_uri())
+    assert client.get_run(run_id).info.status == "RUNNING"
+    go.touch()
+    for _ in range(300):
+        if client.get_run(run_id).info.status != "RUNNING":
+            break
+        time.sleep(0.05)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    log = client.download_artifacts(run_id, "aioproj/output.log", str(tmp_path))
+    assert Path(log).read_text() == "late\n"
+
+
+def test_no_wait_reports_bad_input_at_once(project: Path, tmp_path: Path) -> None:
+    done = aioproj_cli("run", str(project), "--no-wait", "-e", "nope", "--env-manager", "local",
+                       cwd=tmp_path)
+    assert done.returncode == 1
+    assert "Could not find nope among entry points" in done.stderr

@@ -38,9 +38,9 @@ class LocalBackend:
         """Choose and prepare the environment. Raises EnvironmentBuildError."""
         manager = select_env_manager(request.project, request.env_manager)
         env = await prepare_env(request.project, manager, cache_dir=request.env_cache_dir)
-        if self._shell_path is None:  # PATH lookup stats files: once, off the event loop
-            self._shell_path = await anyio.to_thread.run_sync(shutil.which, self._shell)
         shell = self._shell_path
+        if shell is None:  # PATH lookup stats files: once, off the event loop
+            shell = self._shell_path = await anyio.to_thread.run_sync(shutil.which, self._shell)
         if shell is None:
             raise BackendError(
                 f"The local backend runs commands with {self._shell!r}, which is not on PATH. "
