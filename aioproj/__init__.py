@@ -6,6 +6,8 @@ an awaitable :class:`SubmittedRun`; many runs share one event loop.
 
 from __future__ import annotations
 
+import typing as _typing
+
 from .errors import (
     AioprojError,
     BackendError,
@@ -20,7 +22,9 @@ from .errors import (
     TrackingError,
 )
 from .handle import RunStatus, SubmittedRun
-from .runner import Runner, run
+
+if _typing.TYPE_CHECKING:
+    from .runner import Runner, run
 
 __version__ = "0.1.0"
 
@@ -42,8 +46,28 @@ __all__ = [
     "run",
 ]
 
+#: Names whose modules load on first use: the runner pulls in the project parser, the
+#: sources, the environments and the tracking store, which a program that only imports
+#: aioproj (or its CLI's --help) does not need.
+_LAZY = {"Runner": "runner", "run": "runner"}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'aioproj' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"aioproj.{_LAZY[name]}"), name)
+    value.__module__ = "aioproj"
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__"):
-        _obj.__module__ = "aioproj"
-del _name, _obj
+    if _name not in _LAZY:
+        globals()[_name].__module__ = "aioproj"
+del _name

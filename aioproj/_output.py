@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 import anyio
 
 if TYPE_CHECKING:
-    from .tracking.base import TrackingStore
+    from aioproj.tracking.base import TrackingStore
 
 __all__ = ["ARTIFACT_PATH", "EchoMode", "RunOutput"]
 

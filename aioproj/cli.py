@@ -57,34 +57,77 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("uri", metavar="URI")
     run.add_argument("-e", "--entry-point", default="main", metavar="NAME")
-    run.add_argument("-v", "--version", dest="project_version", metavar="VERSION",
-                     help="Git commit, branch or tag to run.")
-    run.add_argument("-P", "--param-list", action="append", default=[], metavar="NAME=VALUE",
-                     help="A parameter of the entry point; repeat for more.")
-    run.add_argument("-A", "--docker-args", action="append", default=[], metavar="NAME[=VALUE]",
-                     help="An argument for `docker run` (a bare NAME is a flag); repeat for more.")
-    run.add_argument("--experiment-name",
-                     help="Experiment to run in, created if missing [env MLFLOW_EXPERIMENT_NAME].")
-    run.add_argument("--experiment-id",
-                     help="Experiment id to run in [env MLFLOW_EXPERIMENT_ID].")
-    run.add_argument("-b", "--backend", default="local", metavar="BACKEND",
-                     help="local (default), databricks, kubernetes, or a plugin backend.")
-    run.add_argument("-c", "--backend-config", metavar="FILE_OR_JSON",
-                     help="A .json file or a JSON string of backend options.")
-    run.add_argument("--env-manager", choices=("local", "virtualenv", "uv", "conda"),
-                     help="How to build the project's environment (default: from the project).")
-    run.add_argument("--storage-dir",
-                     help="Where to download `path` parameters [env MLFLOW_TMP_DIR].")
+    run.add_argument(
+        "-v",
+        "--version",
+        dest="project_version",
+        metavar="VERSION",
+        help="Git commit, branch or tag to run.",
+    )
+    run.add_argument(
+        "-P",
+        "--param-list",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="A parameter of the entry point; repeat for more.",
+    )
+    run.add_argument(
+        "-A",
+        "--docker-args",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="An argument for `docker run` (a bare NAME is a flag); repeat for more.",
+    )
+    run.add_argument(
+        "--experiment-name",
+        help="Experiment to run in, created if missing [env MLFLOW_EXPERIMENT_NAME].",
+    )
+    run.add_argument("--experiment-id", help="Experiment id to run in [env MLFLOW_EXPERIMENT_ID].")
+    run.add_argument(
+        "-b",
+        "--backend",
+        default="local",
+        metavar="BACKEND",
+        help="local (default), databricks, kubernetes, or a plugin backend.",
+    )
+    run.add_argument(
+        "-c",
+        "--backend-config",
+        metavar="FILE_OR_JSON",
+        help="A .json file or a JSON string of backend options.",
+    )
+    run.add_argument(
+        "--env-manager",
+        choices=("local", "virtualenv", "uv", "conda"),
+        help="How to build the project's environment (default: from the project).",
+    )
+    run.add_argument(
+        "--storage-dir", help="Where to download `path` parameters [env MLFLOW_TMP_DIR]."
+    )
     run.add_argument("--run-id", help="Record into this existing run instead of a new one.")
     run.add_argument("--run-name", help="The name of the new run.")
-    run.add_argument("--build-image", action="store_true",
-                     help="Build a docker image with the project code inside (docker projects).")
+    run.add_argument(
+        "--build-image",
+        action="store_true",
+        help="Build a docker image with the project code inside (docker projects).",
+    )
     wait = run.add_mutually_exclusive_group()
-    wait.add_argument("--wait", dest="wait", action="store_true", default=None,
-                      help="Wait for the run to end (default for local and kubernetes).")
-    wait.add_argument("--no-wait", dest="wait", action="store_false",
-                      help="Return once the run has started (default: databricks). A local run is "
-                      "then supervised by a detached aioproj process.")
+    wait.add_argument(
+        "--wait",
+        dest="wait",
+        action="store_true",
+        default=None,
+        help="Wait for the run to end (default for local and kubernetes).",
+    )
+    wait.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="Return once the run has started (default: databricks). A local run is "
+        "then supervised by a detached aioproj process.",
+    )
     return parser
 
 
@@ -94,7 +137,9 @@ def _pairs(values: Sequence[str], *, option: str, flags: bool) -> dict[str, Any]
     for item in values:
         name, sep, value = item.partition("=")
         if not sep and not flags:
-            raise UsageError(f"Invalid format for {option} parameter: {item!r}. Use {option} name=value.")
+            raise UsageError(
+                f"Invalid format for {option} parameter: {item!r}. Use {option} name=value."
+            )
         if not name:
             raise UsageError(f"Invalid format for {option} parameter: {item!r}: the name is empty.")
         if name in result:
@@ -197,8 +242,10 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 130
     if not ok:
         return 1
-    print(f"=== Run (ID '{run_id}') {'succeeded' if synchronous else 'submitted'} ===",
-          file=sys.stderr)
+    print(
+        f"=== Run (ID '{run_id}') {'succeeded' if synchronous else 'submitted'} ===",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -247,8 +294,10 @@ def _detach(argv: Sequence[str]) -> int:
     with os.fdopen(read_fd) as pipe:
         kind, _, text = pipe.read().partition(" ")
     if kind == "ok":
-        print(f"=== Run (ID '{text}') submitted; aioproj process {proc.pid} supervises it ===",
-              file=sys.stderr)
+        print(
+            f"=== Run (ID '{text}') submitted; aioproj process {proc.pid} supervises it ===",
+            file=sys.stderr,
+        )
         print(text)
         return 0
     if kind == "usage":

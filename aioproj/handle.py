@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._output import RunOutput
+from aioproj._output import RunOutput
 
 if TYPE_CHECKING:
-    from .backends.base import Execution
-    from .tracking.base import TrackingStore
+    from aioproj.backends.base import Execution
+    from aioproj.tracking.base import TrackingStore
 
 __all__ = ["RunStatus", "SubmittedRun"]
 

@@ -24,16 +24,22 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ._output import EchoMode, RunOutput
-from ._paths import cache_root
-from .backends import Backend, Launch, LaunchRequest, StartRequest, load_backend
-from .backends.registry import BUILTIN_BACKENDS
-from .envs import validate_env_manager
-from .errors import InvalidArgumentError, RunFailedError
-from .handle import RunStatus, SubmittedRun
-from .project import EntryPoint, Project, ResolvedParameters, load_project, resolve_parameters
-from .sources import FetchedProject, SourceCache
-from .tracking import TrackingStore, open_store, resolve_tracking_uri
+from aioproj._output import EchoMode, RunOutput
+from aioproj._paths import cache_root
+from aioproj.backends import Backend, Launch, LaunchRequest, StartRequest, load_backend
+from aioproj.backends.registry import BUILTIN_BACKENDS
+from aioproj.envs import validate_env_manager
+from aioproj.errors import InvalidArgumentError, RunFailedError
+from aioproj.handle import RunStatus, SubmittedRun
+from aioproj.project import (
+    EntryPoint,
+    Project,
+    ResolvedParameters,
+    load_project,
+    resolve_parameters,
+)
+from aioproj.sources import FetchedProject, SourceCache
+from aioproj.tracking import TrackingStore, open_store, resolve_tracking_uri
 
 __all__ = ["Runner", "run"]
 
@@ -71,9 +77,7 @@ class Runner:
                 f"max_concurrency must be a positive integer or None, got {max_concurrency!r}"
             )
         if echo not in ("labelled", "plain", "off"):
-            raise InvalidArgumentError(
-                f"echo must be 'labelled', 'plain' or 'off', got {echo!r}"
-            )
+            raise InvalidArgumentError(f"echo must be 'labelled', 'plain' or 'off', got {echo!r}")
         self._tracking_uri = tracking_uri
         self._slots = anyio.Semaphore(max_concurrency) if max_concurrency else None
         self._echo: EchoMode = echo
@@ -107,7 +111,8 @@ class Runner:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        assert self._tg is not None and self._sources is not None
+        assert self._tg is not None
+        assert self._sources is not None
         left = len(self._live)
         self._state = "closing"
         try:
@@ -195,7 +200,9 @@ class Runner:
         if experiment_name is not None and experiment_id is not None:
             raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
         if not isinstance(entry_point, str) or not entry_point:
-            raise InvalidArgumentError(f"entry_point must be a non-empty string, got {entry_point!r}")
+            raise InvalidArgumentError(
+                f"entry_point must be a non-empty string, got {entry_point!r}"
+            )
         if parameters is not None and not isinstance(parameters, Mapping):
             raise InvalidArgumentError(
                 f"parameters must be a mapping of names to values, got {type(parameters).__name__}"
@@ -236,8 +243,15 @@ class Runner:
             # supervisor that will record its end, whatever happens.
             with anyio.CancelScope(shield=True):
                 handle = await self._track_and_start(
-                    store, launch, source, ep, resolved, exp_id, the_backend.name,
-                    run_id=run_id, run_name=run_name,
+                    store,
+                    launch,
+                    source,
+                    ep,
+                    resolved,
+                    exp_id,
+                    the_backend.name,
+                    run_id=run_id,
+                    run_name=run_name,
                 )
         except BaseException:
             if self._slots is not None:
@@ -496,4 +510,3 @@ async def run(
         build_image=build_image,
         docker_auth=docker_auth,
     )
-

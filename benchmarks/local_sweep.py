@@ -72,8 +72,9 @@ def with_mlflow(n: int, project: Path, store: str) -> None:
     import mlflow.projects
 
     runs = [
-        mlflow.projects.run(str(project), parameters={"sleep": "0"}, synchronous=False,
-                            env_manager="local")
+        mlflow.projects.run(
+            str(project), parameters={"sleep": "0"}, synchronous=False, env_manager="local"
+        )
         for _ in range(n)
     ]
     assert all(run.wait() for run in runs)
@@ -98,8 +99,10 @@ def main() -> None:
 
     import aioproj  # noqa: F401  (imported once, outside the timings)
 
-    print(f"{'N':>5} {'floor s':>9} {'aioproj s':>10} {'ratio':>7} {'engine CPU ms/run':>18}"
-          + (f" {'mlflow s':>9} {'mlflow/aioproj':>15}" if args.mlflow else ""))
+    print(
+        f"{'N':>5} {'floor s':>9} {'aioproj s':>10} {'ratio':>7} {'engine CPU ms/run':>18}"
+        + (f" {'mlflow s':>9} {'mlflow/aioproj':>15}" if args.mlflow else "")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         project = _make_project(root)
@@ -114,7 +117,8 @@ def main() -> None:
                 ours.append(a_wall)
                 extra_cpu.append(max(a_cpu - f_cpu, 0.0) / n)
             f, a = statistics.median(floors), statistics.median(ours)
-            line = f"{n:>5} {f:>9.3f} {a:>10.3f} {a / f:>7.2f} {statistics.median(extra_cpu) * 1000:>18.2f}"
+            cpu_ms = statistics.median(extra_cpu) * 1000
+            line = f"{n:>5} {f:>9.3f} {a:>10.3f} {a / f:>7.2f} {cpu_ms:>18.2f}"
             if args.mlflow:
                 m_wall, _ = measure(with_mlflow, n, project, (root / f"mlflow-{n}").as_uri())
                 line += f" {m_wall:>9.2f} {m_wall / a:>15.1f}"

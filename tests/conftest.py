@@ -30,7 +30,9 @@ def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Keep every test away from the user's ~/.cache, ./mlruns and MLflow settings."""
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("AIOPROJ_CACHE_DIR", str(cache))

@@ -70,9 +70,9 @@ def pids_in(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()]
 
 
-async def wait_for_file(path: Path, *, lines: int = 1, timeout: float = 10.0) -> None:
+async def wait_for_file(path: Path, *, lines: int = 1, limit: float = 10.0) -> None:
     """Wait until a test project has written ``lines`` lines into ``path``."""
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(limit):
         while True:
             if await anyio.Path(path).exists():
                 text = await anyio.Path(path).read_text()
@@ -81,7 +81,9 @@ async def wait_for_file(path: Path, *, lines: int = 1, timeout: float = 10.0) ->
             await anyio.sleep(0.02)
 
 
-async def amake_project(root: Path, mlproject: str | None, files: dict[str, str] | None = None) -> Path:
+async def amake_project(
+    root: Path, mlproject: str | None, files: dict[str, str] | None = None
+) -> Path:
     """:func:`make_project` from an async test (off the event loop)."""
     return await anyio.to_thread.run_sync(make_project, root, mlproject, files)
 

@@ -12,7 +12,7 @@ import pytest
 import aioproj
 from aioproj import Runner
 
-from .support import amake_project, all_runs, make_project
+from .support import all_runs, amake_project, make_project
 
 pytestmark = pytest.mark.anyio
 
@@ -31,8 +31,9 @@ def good(tmp_path: Path) -> Path:
     return make_project(tmp_path / "good", GOOD)
 
 
-async def _fails(error: type[Exception], match: str, tracking_uri: str, uri: str,
-                 **kwargs: Any) -> None:
+async def _fails(
+    error: type[Exception], match: str, tracking_uri: str, uri: str, **kwargs: Any
+) -> None:
     kwargs.setdefault("env_manager", "local")
     async with Runner(echo="off") as runner:
         with pytest.raises(error, match=match):
@@ -42,18 +43,33 @@ async def _fails(error: type[Exception], match: str, tracking_uri: str, uri: str
 
 
 async def test_missing_parameter(good: Path, tracking_uri: str) -> None:
-    await _fails(aioproj.ParameterError, "No value given for missing parameters: 'alpha'",
-                 tracking_uri, str(good))
+    await _fails(
+        aioproj.ParameterError,
+        "No value given for missing parameters: 'alpha'",
+        tracking_uri,
+        str(good),
+    )
 
 
 async def test_ill_typed_parameter_names_everything(good: Path, tracking_uri: str) -> None:
-    await _fails(aioproj.ParameterError, r"'n'.*'main'.*int.*'many'|'n'.*int.*'many'.*'main'",
-                 tracking_uri, str(good), parameters={"alpha": 1, "n": "many"})
+    await _fails(
+        aioproj.ParameterError,
+        r"'n'.*'main'.*int.*'many'|'n'.*int.*'many'.*'main'",
+        tracking_uri,
+        str(good),
+        parameters={"alpha": 1, "n": "many"},
+    )
 
 
 async def test_unknown_entry_point(good: Path, tracking_uri: str) -> None:
-    await _fails(aioproj.EntryPointError, "Could not find nope among entry points",
-                 tracking_uri, str(good), entry_point="nope", parameters={"alpha": 1})
+    await _fails(
+        aioproj.EntryPointError,
+        "Could not find nope among entry points",
+        tracking_uri,
+        str(good),
+        entry_point="nope",
+        parameters={"alpha": 1},
+    )
 
 
 async def test_empty_mlproject(tmp_path: Path, tracking_uri: str) -> None:
@@ -62,7 +78,9 @@ async def test_empty_mlproject(tmp_path: Path, tracking_uri: str) -> None:
 
 
 async def test_malformed_yaml_names_file_and_line(tmp_path: Path, tracking_uri: str) -> None:
-    project = await amake_project(tmp_path / "bad", "entry_points:\n  main:\n    command: [unclosed\n")
+    project = await amake_project(
+        tmp_path / "bad", "entry_points:\n  main:\n    command: [unclosed\n"
+    )
     await _fails(aioproj.MLprojectError, r"MLproject:\d+", tracking_uri, str(project))
 
 
@@ -75,13 +93,20 @@ async def test_dot_in_subdirectory(good: Path, tracking_uri: str) -> None:
 
 
 async def test_version_on_a_plain_directory(good: Path, tracking_uri: str) -> None:
-    await _fails(aioproj.SourceError, "only supported for Git project URIs", tracking_uri,
-                 str(good), version="v1", parameters={"alpha": 1})
+    await _fails(
+        aioproj.SourceError,
+        "only supported for Git project URIs",
+        tracking_uri,
+        str(good),
+        version="v1",
+        parameters={"alpha": 1},
+    )
 
 
 async def test_unreachable_git_host(tracking_uri: str) -> None:
-    await _fails(aioproj.SourceError, "127.0.0.1:9", tracking_uri,
-                 "http://127.0.0.1:9/org/repo.git")
+    await _fails(
+        aioproj.SourceError, "127.0.0.1:9", tracking_uri, "http://127.0.0.1:9/org/repo.git"
+    )
 
 
 @pytest.fixture
@@ -99,25 +124,45 @@ async def test_zip_slip_is_rejected(evil_zip: Path, tmp_path: Path, tracking_uri
 
 
 async def test_unknown_backend(good: Path, tracking_uri: str) -> None:
-    await _fails(aioproj.InvalidArgumentError, "Got unsupported execution mode 'nowhere'",
-                 tracking_uri, str(good), backend="nowhere", parameters={"alpha": 1})
+    await _fails(
+        aioproj.InvalidArgumentError,
+        "Got unsupported execution mode 'nowhere'",
+        tracking_uri,
+        str(good),
+        backend="nowhere",
+        parameters={"alpha": 1},
+    )
 
 
 async def test_unknown_env_manager(good: Path, tracking_uri: str) -> None:
-    await _fails(aioproj.InvalidArgumentError, "Invalid value for `env_manager`: 'pipenv'",
-                 tracking_uri, str(good), env_manager="pipenv", parameters={"alpha": 1})
+    await _fails(
+        aioproj.InvalidArgumentError,
+        "Invalid value for `env_manager`: 'pipenv'",
+        tracking_uri,
+        str(good),
+        env_manager="pipenv",
+        parameters={"alpha": 1},
+    )
 
 
 async def test_both_experiment_options(good: Path, tracking_uri: str) -> None:
-    await _fails(aioproj.InvalidArgumentError, "Specify only one of", tracking_uri, str(good),
-                 experiment_name="a", experiment_id="1", parameters={"alpha": 1})
+    await _fails(
+        aioproj.InvalidArgumentError,
+        "Specify only one of",
+        tracking_uri,
+        str(good),
+        experiment_name="a",
+        experiment_id="1",
+        parameters={"alpha": 1},
+    )
 
 
 async def test_unknown_experiment_id(good: Path, tracking_uri: str) -> None:
     async with Runner(echo="off") as runner:
         with pytest.raises(aioproj.TrackingError, match="12345"):
-            await runner.run(str(good), experiment_id="12345", parameters={"alpha": 1},
-                             env_manager="local")
+            await runner.run(
+                str(good), experiment_id="12345", parameters={"alpha": 1}, env_manager="local"
+            )
     runs = await all_runs(tracking_uri)
     assert runs == []
 
@@ -125,13 +170,25 @@ async def test_unknown_experiment_id(good: Path, tracking_uri: str) -> None:
 async def test_bad_backend_config_json(good: Path, tmp_path: Path, tracking_uri: str) -> None:
     config = tmp_path / "cluster.json"
     await anyio.Path(config).write_text("{not json")
-    await _fails(aioproj.InvalidArgumentError, "Invalid backend config JSON in file", tracking_uri,
-                 str(good), backend_config=str(config), parameters={"alpha": 1})
+    await _fails(
+        aioproj.InvalidArgumentError,
+        "Invalid backend config JSON in file",
+        tracking_uri,
+        str(good),
+        backend_config=str(config),
+        parameters={"alpha": 1},
+    )
 
 
 async def test_conda_for_a_python_env_project(good: Path, tracking_uri: str) -> None:
-    await _fails(aioproj.EnvironmentBuildError, "python_env project cannot be executed using conda",
-                 tracking_uri, str(good), env_manager="conda", parameters={"alpha": 1})
+    await _fails(
+        aioproj.EnvironmentBuildError,
+        "python_env project cannot be executed using conda",
+        tracking_uri,
+        str(good),
+        env_manager="conda",
+        parameters={"alpha": 1},
+    )
 
 
 async def test_bad_runner_arguments() -> None:

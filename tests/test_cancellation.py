@@ -8,9 +8,9 @@ import anyio
 import anyio.abc
 import pytest
 
-from aioproj import RunStatus, Runner
+from aioproj import Runner, RunStatus
 
-from .support import amake_project, all_runs, make_project, read_run, survivors, wait_for_file
+from .support import all_runs, amake_project, make_project, read_run, survivors, wait_for_file
 
 pytestmark = pytest.mark.anyio
 
@@ -28,7 +28,7 @@ entry_points:
   leaves_child:
     parameters:
       pids: path
-    command: "setsid sleep 300 > /dev/null 2>&1 < /dev/null & sleep 300 > /dev/null & echo $! >> {pids}; echo done"
+    command: "sleep 300 > /dev/null & echo $! >> {pids}; echo done"
 """
 
 
@@ -55,8 +55,9 @@ async def test_cancel_handle_stops_group_and_records_killed(
     project: Path, pids: Path, tracking_uri: str
 ) -> None:
     async with Runner(echo="off", grace_period=2) as runner:
-        run = await runner.run(str(project), parameters={"pids": str(pids)}, synchronous=False,
-                               env_manager="local")
+        run = await runner.run(
+            str(project), parameters={"pids": str(pids)}, synchronous=False, env_manager="local"
+        )
         await wait_for_file(pids, lines=2)
         assert await run.get_status() is RunStatus.RUNNING
         await run.cancel()
@@ -73,9 +74,11 @@ async def test_cancelling_the_awaiting_task_cancels_a_synchronous_run(
     async with Runner(echo="off", grace_period=2) as runner:
         with anyio.move_on_after(60) as scope:
             async with anyio.create_task_group() as tg:
+
                 async def caller() -> None:
-                    await runner.run(str(project), parameters={"pids": str(pids)},
-                                     env_manager="local")
+                    await runner.run(
+                        str(project), parameters={"pids": str(pids)}, env_manager="local"
+                    )
 
                 tg.start_soon(caller)
                 await wait_for_file(pids, lines=2)
@@ -99,9 +102,13 @@ async def test_sigterm_ignored_means_sigkill_after_grace(
     project: Path, pids: Path, tracking_uri: str
 ) -> None:
     async with Runner(echo="off", grace_period=0.3) as runner:
-        run = await runner.run(str(project), entry_point="stubborn",
-                               parameters={"pids": str(pids)}, synchronous=False,
-                               env_manager="local")
+        run = await runner.run(
+            str(project),
+            entry_point="stubborn",
+            parameters={"pids": str(pids)},
+            synchronous=False,
+            env_manager="local",
+        )
         await wait_for_file(pids)
         with anyio.fail_after(5):
             await run.cancel()
@@ -121,8 +128,12 @@ async def test_leftover_background_processes_are_stopped_when_the_run_ends(
     project: Path, pids: Path, tracking_uri: str
 ) -> None:
     async with Runner(echo="off", grace_period=1) as runner:
-        run = await runner.run(str(project), entry_point="leaves_child",
-                               parameters={"pids": str(pids)}, env_manager="local")
+        run = await runner.run(
+            str(project),
+            entry_point="leaves_child",
+            parameters={"pids": str(pids)},
+            env_manager="local",
+        )
     assert await run.get_status() is RunStatus.FINISHED
     assert await survivors(pids) == []
 
@@ -132,8 +143,9 @@ async def test_runner_exit_by_exception_cancels_live_runs(
 ) -> None:
     with pytest.raises(RuntimeError, match="boom"):  # noqa: PT012
         async with Runner(echo="off", grace_period=2) as runner:
-            run = await runner.run(str(project), parameters={"pids": str(pids)},
-                                   synchronous=False, env_manager="local")
+            run = await runner.run(
+                str(project), parameters={"pids": str(pids)}, synchronous=False, env_manager="local"
+            )
             await wait_for_file(pids, lines=2)
             raise RuntimeError("boom")
     assert await run.get_status() is RunStatus.KILLED
@@ -141,20 +153,25 @@ async def test_runner_exit_by_exception_cancels_live_runs(
 
 
 async def test_runner_normal_exit_waits_for_runs(tmp_path: Path, tracking_uri: str) -> None:
-    project = await amake_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'sleep 0.3'\n")
+    project = await amake_project(
+        tmp_path / "p", "entry_points:\n  main:\n    command: 'sleep 0.3'\n"
+    )
     async with Runner(echo="off") as runner:
         run = await runner.run(str(project), synchronous=False, env_manager="local")
     assert await run.get_status() is RunStatus.FINISHED
 
 
-async def test_cancel_many_runs_concurrently(project: Path, tmp_path: Path, tracking_uri: str) -> None:
+async def test_cancel_many_runs_concurrently(
+    project: Path, tmp_path: Path, tracking_uri: str
+) -> None:
     pid_files = [tmp_path / f"pids{i}" for i in range(20)]
     for p in pid_files:
         await anyio.Path(p).touch()
     async with Runner(echo="off", grace_period=2) as runner:
         runs = [
-            await runner.run(str(project), parameters={"pids": str(p)}, synchronous=False,
-                             env_manager="local")
+            await runner.run(
+                str(project), parameters={"pids": str(p)}, synchronous=False, env_manager="local"
+            )
             for p in pid_files
         ]
         for p in pid_files:

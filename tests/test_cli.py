@@ -29,15 +29,34 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "proj", MLPROJECT)
 
 
-def aioproj_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def aioproj_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "aioproj", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "aioproj", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_run_records_params_and_prints_output(project: Path, tmp_path: Path) -> None:
-    done = aioproj_cli("run", str(project), "-P", "x=a=b", "--env-manager", "local",
-                       "--experiment-name", "cli", "--run-name", "named", cwd=tmp_path)
+    done = aioproj_cli(
+        "run",
+        str(project),
+        "-P",
+        "x=a=b",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "cli",
+        "--run-name",
+        "named",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "x=a=b" in done.stdout
     client = mlflow_client((tmp_path / "mlruns").as_uri())
@@ -60,24 +79,36 @@ def test_failed_run_exits_one(project: Path, tmp_path: Path) -> None:
         (["-P", "x=1", "-P", "x=2"], "Repeated parameter: 'x'"),
         (["-P", "novalue"], "Invalid format for -P parameter: 'novalue'. Use -P name=value."),
         (["-A", "gpus=all", "-A", "gpus=none"], "Repeated parameter: 'gpus'"),
-        (["--experiment-name", "a", "--experiment-id", "1"],
-         "Specify only one of 'experiment-name' or 'experiment-id' options."),
+        (
+            ["--experiment-name", "a", "--experiment-id", "1"],
+            "Specify only one of 'experiment-name' or 'experiment-id' options.",
+        ),
         (["-b", "databricks", "-c", "{not json"], "Invalid backend config JSON. Parse error"),
         (["-b", "nowhere"], "Got unsupported execution mode 'nowhere'"),
         (["--env-manager", "pipenv"], "invalid choice: 'pipenv'"),
         (["-b", "kubernetes"], "Specify 'backend_config' when using kubernetes mode."),
     ],
 )
-def test_usage_errors_exit_two(project: Path, tmp_path: Path, args: list[str], message: str) -> None:
+def test_usage_errors_exit_two(
+    project: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
     done = aioproj_cli("run", str(project), *args, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
-    assert not (tmp_path / "mlruns").exists() or not any((tmp_path / "mlruns").glob("*/*/meta.yaml"))
+    assert not (tmp_path / "mlruns").exists() or not any(
+        (tmp_path / "mlruns").glob("*/*/meta.yaml")
+    )
 
 
 def test_experiment_name_from_environment(project: Path, tmp_path: Path) -> None:
-    done = aioproj_cli("run", str(project), "--env-manager", "local", cwd=tmp_path,
-                       env={"MLFLOW_EXPERIMENT_NAME": "from-env"})
+    done = aioproj_cli(
+        "run",
+        str(project),
+        "--env-manager",
+        "local",
+        cwd=tmp_path,
+        env={"MLFLOW_EXPERIMENT_NAME": "from-env"},
+    )
     assert done.returncode == 0, done.stderr
     client = mlflow_client((tmp_path / "mlruns").as_uri())
     assert client.get_experiment_by_name("from-env") is not None
@@ -86,8 +117,9 @@ def test_experiment_name_from_environment(project: Path, tmp_path: Path) -> None
 def test_env_file_is_loaded_without_overriding(project: Path, tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("# settings\nexport MLFLOW_EXPERIMENT_NAME='dotenv'\n")
-    done = aioproj_cli("--env-file", str(env_file), "run", str(project), "--env-manager", "local",
-                       cwd=tmp_path)
+    done = aioproj_cli(
+        "--env-file", str(env_file), "run", str(project), "--env-manager", "local", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     client = mlflow_client((tmp_path / "mlruns").as_uri())
     assert client.get_experiment_by_name("dotenv") is not None
@@ -96,17 +128,31 @@ def test_env_file_is_loaded_without_overriding(project: Path, tmp_path: Path) ->
 def test_backend_config_json_file_is_read(project: Path, tmp_path: Path) -> None:
     config = tmp_path / "local.json"
     config.write_text(json.dumps({"anything": 1}))
-    done = aioproj_cli("run", str(project), "-c", str(config), "--env-manager", "local",
-                       cwd=tmp_path)
+    done = aioproj_cli(
+        "run", str(project), "-c", str(config), "--env-manager", "local", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
 
 
 def test_help_lists_mlflow_run_options(tmp_path: Path) -> None:
     done = aioproj_cli("run", "--help", cwd=tmp_path)
-    for option in ("--entry-point", "--version", "--param-list", "--docker-args",
-                   "--experiment-name", "--experiment-id", "--backend", "--backend-config",
-                   "--env-manager", "--storage-dir", "--run-id", "--run-name", "--build-image",
-                   "--wait", "--no-wait"):
+    for option in (
+        "--entry-point",
+        "--version",
+        "--param-list",
+        "--docker-args",
+        "--experiment-name",
+        "--experiment-id",
+        "--backend",
+        "--backend-config",
+        "--env-manager",
+        "--storage-dir",
+        "--run-id",
+        "--run-name",
+        "--build-image",
+        "--wait",
+        "--no-wait",
+    ):
         assert option in done.stdout
 
 
@@ -131,7 +177,8 @@ def test_no_wait_on_local_detaches_a_supervisor(tmp_path: Path) -> None:
 
 
 def test_no_wait_reports_bad_input_at_once(project: Path, tmp_path: Path) -> None:
-    done = aioproj_cli("run", str(project), "--no-wait", "-e", "nope", "--env-manager", "local",
-                       cwd=tmp_path)
+    done = aioproj_cli(
+        "run", str(project), "--no-wait", "-e", "nope", "--env-manager", "local", cwd=tmp_path
+    )
     assert done.returncode == 1
     assert "Could not find nope among entry points" in done.stderr

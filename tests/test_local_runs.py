@@ -9,9 +9,9 @@ import anyio
 import pytest
 
 import aioproj
-from aioproj import RunStatus, Runner
+from aioproj import Runner, RunStatus
 
-from .support import amake_project, PYTHON, all_runs, make_project, read_run
+from .support import PYTHON, all_runs, amake_project, make_project, read_run
 
 pytestmark = pytest.mark.anyio
 
@@ -51,13 +51,16 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "demo", MLPROJECT, {"track.py": TRACK_PY})
 
 
-async def test_synchronous_run_is_recorded_like_mlflow_run(project: Path, tracking_uri: str) -> None:
+async def test_synchronous_run_is_recorded_like_mlflow_run(
+    project: Path, tracking_uri: str
+) -> None:
     async with Runner(echo="off") as runner:
         run = await runner.run(str(project), parameters={"alpha": 0.5}, env_manager="local")
         assert await run.get_status() is RunStatus.FINISHED
     record = await read_run(tracking_uri, run.run_id)
     assert record.info.status == "FINISHED"
-    assert record.info.end_time is not None and record.info.end_time >= record.info.start_time
+    assert record.info.end_time is not None
+    assert record.info.end_time >= record.info.start_time
     assert record.data.params == {"alpha": "0.5", "words": "two words"}
     tags = record.data.tags
     assert tags["mlflow.source.type"] == "PROJECT"
@@ -71,8 +74,9 @@ async def test_synchronous_run_is_recorded_like_mlflow_run(project: Path, tracki
 
 async def test_output_reaches_logs_and_artifact(project: Path, tracking_uri: str) -> None:
     async with Runner(echo="off") as runner:
-        run = await runner.run(str(project), parameters={"words": "a b; echo injected"},
-                               env_manager="local")
+        run = await runner.run(
+            str(project), parameters={"words": "a b; echo injected"}, env_manager="local"
+        )
     lines = [line async for line in run.logs()]
     assert lines == ["alpha=0.1 words=a b; echo injected\n"]  # quoted: no injection
     artifacts = Path(tracking_uri.removeprefix("file://")) / run.experiment_id / run.run_id
@@ -84,7 +88,9 @@ async def test_failed_run_raises_mlflow_message_and_records_failed(
     project: Path, tracking_uri: str
 ) -> None:
     async with Runner(echo="off") as runner:
-        with pytest.raises(aioproj.RunFailedError, match=r"Run \(ID '[0-9a-f]{32}'\) failed") as info:
+        with pytest.raises(
+            aioproj.RunFailedError, match=r"Run \(ID '[0-9a-f]{32}'\) failed"
+        ) as info:
             await runner.run(str(project), entry_point="fail", env_manager="local")
     record = await read_run(tracking_uri, info.value.run_id)
     assert record.info.status == "FAILED"
@@ -94,33 +100,44 @@ async def test_failed_run_raises_mlflow_message_and_records_failed(
 async def test_asynchronous_runs_gathered_and_awaited(project: Path, tracking_uri: str) -> None:
     async with Runner(echo="off") as runner:
         runs = [
-            await runner.run(str(project), parameters={"alpha": a}, synchronous=False,
-                             env_manager="local")
+            await runner.run(
+                str(project), parameters={"alpha": a}, synchronous=False, env_manager="local"
+            )
             for a in (0.1, 0.2, 0.3)
         ]
-        runs += [await runner.run(str(project), entry_point="fail", synchronous=False,
-                                  env_manager="local")]
+        runs += [
+            await runner.run(
+                str(project), entry_point="fail", synchronous=False, env_manager="local"
+            )
+        ]
         statuses = [await run for run in runs]
     assert statuses == [RunStatus.FINISHED] * 3 + [RunStatus.FAILED]
     assert [await run.wait() for run in runs] == [True, True, True, False]
     recorded = {r.info.run_id: r.info.status for r in await all_runs(tracking_uri)}
-    assert recorded == {run.run_id: status.value for run, status in zip(runs, statuses)}
+    assert recorded == {
+        run.run_id: status.value for run, status in zip(runs, statuses, strict=True)
+    }
 
 
 async def test_parameters_none_in_both_modes(tmp_path: Path, tracking_uri: str) -> None:
     project = await amake_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'true'\n")
     async with Runner(echo="off") as runner:
         sync = await runner.run(str(project), parameters=None, env_manager="local")
-        later = await runner.run(str(project), parameters=None, synchronous=False,
-                                 env_manager="local")
+        later = await runner.run(
+            str(project), parameters=None, synchronous=False, env_manager="local"
+        )
         assert await later is RunStatus.FINISHED
     assert await sync.get_status() is RunStatus.FINISHED
 
 
 async def test_project_code_logs_into_the_same_run(project: Path, tracking_uri: str) -> None:
     async with Runner(echo="off") as runner:
-        run = await runner.run(str(project), entry_point="track",
-                               parameters={"python": PYTHON, "value": 4.5}, env_manager="local")
+        run = await runner.run(
+            str(project),
+            entry_point="track",
+            parameters={"python": PYTHON, "value": 4.5},
+            env_manager="local",
+        )
     record = await read_run(tracking_uri, run.run_id)
     assert record.data.metrics == {"score": 4.5}
     assert record.data.params["from_child"] == "yes"
@@ -133,9 +150,12 @@ async def test_experiment_by_name_is_created_once(project: Path, tracking_uri: s
     async with Runner(echo="off") as runner:
         runs = []
         async with anyio.create_task_group() as tg:
+
             async def one() -> None:
-                runs.append(await runner.run(str(project), experiment_name="sweep",
-                                             env_manager="local"))
+                runs.append(
+                    await runner.run(str(project), experiment_name="sweep", env_manager="local")
+                )
+
             for _ in range(5):
                 tg.start_soon(one)
     assert len({run.experiment_id for run in runs}) == 1
@@ -156,13 +176,19 @@ async def test_echo_labels_each_line_with_the_run(
 async def test_max_concurrency_bounds_active_runs(project: Path, tracking_uri: str) -> None:
     peak = 0
     async with Runner(echo="off", max_concurrency=2) as runner:
+
         async def one() -> None:
             nonlocal peak
-            run = await runner.run(str(project), entry_point="sleep",
-                                   parameters={"seconds": 0.2}, synchronous=False,
-                                   env_manager="local")
+            run = await runner.run(
+                str(project),
+                entry_point="sleep",
+                parameters={"seconds": 0.2},
+                synchronous=False,
+                env_manager="local",
+            )
             peak = max(peak, len(runner.active_runs))
             await run
+
         async with anyio.create_task_group() as tg:
             for _ in range(6):
                 tg.start_soon(one)
@@ -171,9 +197,12 @@ async def test_max_concurrency_bounds_active_runs(project: Path, tracking_uri: s
 
 
 async def test_module_level_run_uses_one_default_runner(project: Path, tracking_uri: str) -> None:
-    first, second = await aioproj.run(str(project), env_manager="local", synchronous=False), \
-        await aioproj.run(str(project), env_manager="local", synchronous=False)
-    assert await first is RunStatus.FINISHED and await second is RunStatus.FINISHED
+    first, second = (
+        await aioproj.run(str(project), env_manager="local", synchronous=False),
+        await aioproj.run(str(project), env_manager="local", synchronous=False),
+    )
+    assert await first is RunStatus.FINISHED
+    assert await second is RunStatus.FINISHED
     from aioproj.runner import default_runner
 
     assert (await default_runner()) is (await default_runner())
@@ -194,8 +223,14 @@ asyncio.run(main())
     import subprocess
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
     run_ids = done.stdout.split()
     assert len(run_ids) == 3
     assert "3 aioproj run(s) were still going when their event loop ended" in done.stderr

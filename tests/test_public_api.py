@@ -12,8 +12,8 @@ import aioproj
 def test_all_is_sorted_and_complete() -> None:
     public = {
         name
-        for name, value in vars(aioproj).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        for name in dir(aioproj)
+        if not name.startswith("_") and not isinstance(getattr(aioproj, name), types.ModuleType)
     }
     public.discard("annotations")  # from __future__
     assert aioproj.__all__ == sorted(aioproj.__all__)
@@ -43,8 +43,15 @@ def test_run_failed_error_reads_like_mlflow() -> None:
 def test_import_does_not_load_optional_heavy_parts() -> None:
     code = (
         "import sys, aioproj; "
-        "heavy = [m for m in ('mlflow', 'kubernetes_asyncio', 'dulwich', 'httpx') if m in sys.modules]; "
+        "heavy = [m for m in ('mlflow', 'kubernetes_asyncio', 'dulwich', 'httpx', 'yaml', "
+        "'aioproj.runner') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_lazy_names_load_on_first_use() -> None:
+    code = "import aioproj; r = aioproj.Runner; print(r.__module__, aioproj.run.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["aioproj", "aioproj"]

@@ -140,7 +140,8 @@ class ProcessGroup:
         if self.signal_group(signal.SIGTERM):
             with anyio.move_on_after(grace_period):
                 await self.wait_exit()
-                while self.signal_group(0):  # stragglers still in the group
+                # Stragglers are not our children: no event tells when they are gone.
+                while self.signal_group(0):  # noqa: ASYNC110
                     await anyio.sleep(0.02)
         self.signal_group(signal.SIGKILL)
         await self.wait_exit()

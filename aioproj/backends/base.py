@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from .._output import RunOutput
-    from ..handle import RunStatus
-    from ..project import EntryPoint, Project, ResolvedParameters
-    from ..sources import FetchedProject
+    from aioproj._output import RunOutput
+    from aioproj.handle import RunStatus
+    from aioproj.project import EntryPoint, Project, ResolvedParameters
+    from aioproj.sources import FetchedProject
 
 __all__ = ["Backend", "Execution", "Launch", "LaunchRequest", "StartRequest"]
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import anyio
 
-from ..envs import PreparedEnv, prepare_env, select_env_manager
-from ..errors import BackendError
-from ..handle import RunStatus
+from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
+from aioproj.errors import BackendError
+from aioproj.handle import RunStatus
+
 from ._process import ProcessGroup
 from .base import Execution, LaunchRequest, StartRequest
 

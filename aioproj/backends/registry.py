@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from aioproj.errors import InvalidArgumentError
 
-from ..errors import InvalidArgumentError
 from .base import Backend
 
 __all__ = ["BUILTIN_BACKENDS", "load_backend"]
@@ -25,6 +24,8 @@ def load_backend(name: str) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend()
+    from importlib.metadata import entry_points  # slow to import; plugins are rare
+
     plugins = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if name in plugins:
         factory = plugins[name].load()

@@ -7,17 +7,17 @@ client used for archive downloads.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING
 
-import httpx
+import anyio
 
 from aioproj.errors import SourceError
 from aioproj.sources._store import CacheDir, FetchedProject, in_thread
-from aioproj.sources.archive import fetch_archive, new_http_client
-from aioproj.sources.git import fetch_git
-from aioproj.sources.local import fetch_local
 from aioproj.sources.uri import (
     ProjectURI,
     archive_kind,
@@ -30,7 +30,23 @@ from aioproj.sources.uri import (
     redact_url,
 )
 
+if TYPE_CHECKING:
+    import httpx
+
 __all__ = ["SourceCache", "default_cache_root"]
+
+
+async def _fetcher(name: str) -> ModuleType:
+    """Import a fetcher module on first use, in a worker thread.
+
+    They pull in dulwich and httpx: importing them lazily keeps ``import aioproj`` light,
+    and importing them off the loop keeps the event loop from stalling on it.
+    """
+    qualified = f"aioproj.sources.{name}"
+    module = sys.modules.get(qualified)
+    if module is None:
+        module = await in_thread(lambda: importlib.import_module(qualified))
+    return module
 
 
 def default_cache_root() -> Path:
@@ -43,10 +59,13 @@ def default_cache_root() -> Path:
     return base / "aioproj" / "sources"
 
 
-def _existing_path(base: str) -> Path | None:
-    """The absolute path ``base`` names when it exists on disk (blocking)."""
+def _existing_path(base: str) -> tuple[Path | None, bool]:
+    """The absolute path ``base`` names when it exists on disk, and whether it is a file
+    (blocking)."""
     path = Path(os.path.expanduser(local_path_of(base)))
-    return path.resolve() if path.exists() else None
+    if not path.exists():
+        return None, False
+    return path.resolve(), path.is_file()
 
 
 def _not_found(project: ProjectURI) -> SourceError:
@@ -76,6 +95,7 @@ class SourceCache:
         self._root = root if root is not None else default_cache_root()
         self._store: CacheDir | None = None
         self._http: httpx.AsyncClient | None = None
+        self._http_lock = anyio.Lock()
 
     @property
     def root(self) -> Path:
@@ -89,9 +109,17 @@ class SourceCache:
         return self._store
 
     async def __aenter__(self) -> SourceCache:
-        # Building the client loads CA certificates from disk: keep that off the loop.
-        self._http = await in_thread(new_http_client)
         return self
+
+    async def _http_client(self) -> httpx.AsyncClient:
+        """The shared HTTP client, made on the first download (it loads CA certificates
+        from disk, so in a worker thread)."""
+        async with self._http_lock:
+            if self._http is None:
+                archive_module = await _fetcher("archive")
+                client: httpx.AsyncClient = await in_thread(archive_module.new_http_client)
+                self._http = client
+        return self._http
 
     async def __aexit__(
         self,
@@ -120,13 +148,22 @@ class SourceCache:
         project = parse_project_uri(uri)
         store = await self._cache_dir()
         kind = archive_kind(project.base)
-        local = await in_thread(lambda: _existing_path(project.base))
-        if local is not None:
-            if kind is not None and await in_thread(local.is_file):
-                return await fetch_archive(store, project, kind, local)
-            return await fetch_local(store, project, local, version)
-        if kind is not None and is_http_uri(project.base):
-            return await fetch_archive(store, project, kind, None, self._http)
-        if is_git_uri(project.base) and not is_file_uri(project.base):
-            return await fetch_git(store, project, version)
-        raise _not_found(project)
+        local_path, is_file = await in_thread(lambda: _existing_path(project.base))
+        if local_path is not None:
+            if kind is not None and is_file:
+                archive_module = await _fetcher("archive")
+                fetched = await archive_module.fetch_archive(store, project, kind, local_path)
+            else:
+                local_module = await _fetcher("local")
+                fetched = await local_module.fetch_local(store, project, local_path, version)
+        elif kind is not None and is_http_uri(project.base):
+            archive_module = await _fetcher("archive")
+            client = await self._http_client()
+            fetched = await archive_module.fetch_archive(store, project, kind, None, client)
+        elif is_git_uri(project.base) and not is_file_uri(project.base):
+            git_module = await _fetcher("git")
+            fetched = await git_module.fetch_git(store, project, version)
+        else:
+            raise _not_found(project)
+        assert isinstance(fetched, FetchedProject)
+        return fetched

@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -152,7 +151,7 @@ def _local_path(uri_or_path: str) -> Path | None:
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             return None
-        return Path(urllib.request.url2pathname(parsed.path))
+        return Path(urllib.parse.unquote(parsed.path))
     if len(parsed.scheme) <= 1:  # no scheme, or a Windows drive letter
         return Path(uri_or_path)
     return None

@@ -22,9 +22,9 @@ except ImportError:
 print(f"run {os.environ.get('MLFLOW_RUN_ID')}: alpha={args.alpha} steps={args.steps}")
 w = 0.0
 for step in range(args.steps):
-    grad = sum(2 * (w * x - y) * x for x, y in zip(xs, ys)) / len(xs)
+    grad = sum(2 * (w * x - y) * x for x, y in zip(xs, ys, strict=True)) / len(xs)
     w -= args.alpha * grad
-    loss = sum((w * x - y) ** 2 for x, y in zip(xs, ys)) / len(xs)
+    loss = sum((w * x - y) ** 2 for x, y in zip(xs, ys, strict=True)) / len(xs)
     print(f"step {step:3d}  w={w:.4f}  loss={loss:.5f}")
     if mlflow is not None:
         mlflow.log_metric("loss", loss, step=step)
