@@ -26,9 +26,6 @@ __all__ = ["RunStatus", "SubmittedRun"]
 
 logger = logging.getLogger("aioproj")
 
-#: How long clean-up after a cancellation may take before it is abandoned (seconds).
-CLEANUP_TIMEOUT = 30.0
-
 
 class RunStatus(str, enum.Enum):
     """The status of a run, with MLflow's names."""
@@ -67,6 +64,7 @@ class SubmittedRun:
         store: TrackingStore,
         output: RunOutput,
         on_done: Callable[[SubmittedRun], None] | None = None,
+        cleanup_timeout: float = 30.0,
     ) -> None:
         self._run_id = run_id
         self._experiment_id = experiment_id
@@ -77,6 +75,9 @@ class SubmittedRun:
         self._final: RunStatus | None = None
         self._done = anyio.Event()
         self._cancel_requested = False
+        self._cleanup_timeout = cleanup_timeout
+        #: The error that stopped aioproj from following the run, if any (then FAILED).
+        self.error: Exception | None = None
 
     def __repr__(self) -> str:
         status = self._final or self._execution.status()
@@ -127,9 +128,9 @@ class SubmittedRun:
         if self._done.is_set():
             return
         self._cancel_requested = True
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
-            await self._execution.cancel()
-            if self._execution.waits_for_stop:
+        await self._stop_bounded()
+        if self._execution.waits_for_stop:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
                 await self._done.wait()
 
     def logs(self) -> AsyncIterator[str]:
@@ -149,36 +150,49 @@ class SubmittedRun:
     async def _supervise(self) -> None:
         """Follow the run to its end and record the final status exactly once.
 
-        Runs as a task of the runner. If it is cancelled (the runner or event loop is
-        shutting down), the run is stopped and recorded KILLED under a shielded,
-        bounded scope before the cancellation propagates.
+        Runs as a task of the runner and never raises into it, except a cancellation:
+        if it is cancelled (the runner or event loop is shutting down), the run is stopped
+        and recorded KILLED under a shielded, bounded scope before the cancellation
+        propagates. If the backend fails while following the run, the run is stopped,
+        recorded FAILED and the error kept in :attr:`error`.
         """
+        status = RunStatus.FAILED
         try:
             status = await self._execution.wait()
+            if self._cancel_requested and status is not RunStatus.FINISHED:
+                status = RunStatus.KILLED
         except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
-                await self._execution.cancel()
-                await self._record(RunStatus.KILLED)
-            raise
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
-                await self._execution.cancel()
-                await self._record(RunStatus.FAILED)
-            raise
-        if self._cancel_requested and status is not RunStatus.FINISHED:
             status = RunStatus.KILLED
-        with anyio.CancelScope(shield=True):
+            await self._stop_bounded()
+            raise
+        except Exception as exc:
+            self.error = exc
+            logger.error("Run %s: following it on its backend failed: %r", self._run_id, exc)
+            await self._stop_bounded()
+        finally:
             await self._record(status)
 
+    async def _stop_bounded(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout) as scope:
+            await self._execution.cancel()
+        if scope.cancelled_caught:
+            logger.error(
+                "Run %s did not stop within %.0f s; it may still be running.",
+                self._run_id,
+                self._cleanup_timeout,
+            )
+
     async def _record(self, status: RunStatus) -> None:
+        """Write the final status and output to tracking, once; never raises."""
         if self._done.is_set():
             return
         self._final = status
         try:
-            await self._output.aclose(self._store, self._run_id)
-            await self._store.set_terminated(
-                self._run_id, status.value, end_time_ms=int(time.time() * 1000)
-            )
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
+                await self._output.aclose(self._store, self._run_id)
+                await self._store.set_terminated(
+                    self._run_id, status.value, end_time_ms=int(time.time() * 1000)
+                )
         except Exception as exc:
             logger.error("Could not record the final status of run %s: %s", self._run_id, exc)
         finally:

@@ -319,6 +319,8 @@ class Runner:
             store=store,
             output=output,
             on_done=self._run_done,
+            # Stopping takes up to two grace periods (leader, then stragglers).
+            cleanup_timeout=2 * self._grace + 10,
         )
         self._live.add(handle)
         assert self._tg is not None

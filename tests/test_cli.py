@@ -161,12 +161,14 @@ def test_no_wait_on_local_detaches_a_supervisor(tmp_path: Path) -> None:
     go = tmp_path / "go"
     command = f"while [ ! -f {go} ]; do sleep 0.05; done; echo late"
     project = make_project(tmp_path / "slow", f"entry_points:\n  main:\n    command: '{command}'\n")
-    done = aioproj_cli("run", str(project), "--no-wait", "--env-manager", "local", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    run_id = done.stdout.strip().splitlines()[-1]
-    client = mlflow_client((tmp_path / "mlruns").as_uri())
-    assert client.get_run(run_id).info.status == "RUNNING"
-    go.touch()
+    try:
+        done = aioproj_cli("run", str(project), "--no-wait", "--env-manager", "local", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        run_id = done.stdout.strip().splitlines()[-1]
+        client = mlflow_client((tmp_path / "mlruns").as_uri())
+        assert client.get_run(run_id).info.status == "RUNNING"
+    finally:
+        go.touch()  # whatever happened, let the detached run end
     for _ in range(300):
         if client.get_run(run_id).info.status != "RUNNING":
             break

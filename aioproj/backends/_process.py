@@ -3,7 +3,8 @@
 Exit is awaited on a pidfd where the platform has one (Linux ≥ 5.3), so hundreds of live
 children cost no thread each (asyncio's default child watcher before Python 3.12 starts a
 thread per child). Output is read from a non-blocking pipe on the event loop. Stopping
-means SIGTERM to the whole group, a grace period, then SIGKILL; the child is always reaped.
+means SIGTERM to the whole group, a grace period, then SIGKILL; the leader is always
+reaped, and the group counts as gone only when no live member is left in it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import os
 import shlex
 import signal
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -20,16 +22,16 @@ import anyio
 
 __all__ = ["ProcessGroup"]
 
-_HAS_PIDFD = hasattr(os, "pidfd_open")
-
 #: Signals Python ignores that a child should get with their default action, as
 #: subprocess.Popen(restore_signals=True) does.
 _RESET_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name)
 )
 
-#: Groups still alive, killed at interpreter exit if their owner never got to do it.
+#: Groups that may still have members, killed at interpreter exit if their owner could not.
 _LIVE_GROUPS: set[int] = set()
+
+_POLL = 0.02
 
 
 def _kill_live_groups() -> None:
@@ -39,6 +41,43 @@ def _kill_live_groups() -> None:
 
 
 atexit.register(_kill_live_groups)
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid``, or None where the kernel or a sandbox refuses one (then the
+    exit is polled instead)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _live_members(pgid: int) -> bool:
+    """True if a process of group ``pgid`` is alive, not counting zombies (blocking).
+
+    Zombies count as members for ``kill(2)`` until whoever inherited them reaps them,
+    which may be never (aioproj as PID 1 or a subreaper reaps its own below).
+    """
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    with contextlib.suppress(ChildProcessError):  # members that are our own children
+        while os.waitpid(-pgid, os.WNOHANG)[0] > 0:
+            pass
+    if not sys.platform.startswith("linux"):
+        return True
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 class ProcessGroup:
@@ -85,22 +124,22 @@ class ProcessGroup:
         os.set_blocking(read_fd, False)
         self._out_fd: int | None = read_fd
         self._on_output = on_output
-        self._pidfd: int | None = os.pidfd_open(self.pid) if _HAS_PIDFD else None
+        self._pidfd = _open_pidfd(self.pid)
         self._exit_lock = anyio.Lock()
         self.returncode: int | None = None
+        self.empty = False
 
     async def pump_output(self) -> None:
-        """Read output until every writer has closed the pipe (EOF)."""
-        fd = self._out_fd
-        assert fd is not None, "output already closed"
-        while True:
+        """Read output until every writer has closed the pipe (EOF), or it is closed."""
+        while (fd := self._out_fd) is not None:
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
-                await anyio.wait_readable(fd)
+                try:
+                    await anyio.wait_readable(fd)
+                except anyio.ClosedResourceError:
+                    return
                 continue
-            except OSError:  # closed by aclose() during cancellation
-                return
             if not data:
                 return
             self._on_output(data)
@@ -112,7 +151,7 @@ class ProcessGroup:
                 if self._pidfd is not None:
                     await anyio.wait_readable(self._pidfd)
                 else:
-                    await anyio.sleep(0.02)
+                    await anyio.sleep(_POLL)
                 self._try_reap()
         return self.returncode
 
@@ -125,38 +164,56 @@ class ProcessGroup:
         if pid == self.pid:
             self.returncode = os.waitstatus_to_exitcode(status)
 
-    def signal_group(self, sig: int) -> bool:
-        """Send ``sig`` to every process of the group; False if none is left."""
-        try:
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to every process of the group (nothing if none is left)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # pid reused by a process not ours: our group is gone
-            return False
-        return True
+
+    async def _wait_empty(self) -> None:
+        # Members other than the leader are not our children: no event says they are gone.
+        while await anyio.to_thread.run_sync(_live_members, self.pid):  # noqa: ASYNC110
+            await anyio.sleep(_POLL)
+        self.empty = True
+        _LIVE_GROUPS.discard(self.pid)
 
     async def stop(self, grace_period: float) -> None:
-        """SIGTERM the group, wait up to ``grace_period``, then SIGKILL; reap the leader."""
-        if self.signal_group(signal.SIGTERM):
-            with anyio.move_on_after(grace_period):
-                await self.wait_exit()
-                # Stragglers are not our children: no event tells when they are gone.
-                while self.signal_group(0):  # noqa: ASYNC110
-                    await anyio.sleep(0.02)
-        self.signal_group(signal.SIGKILL)
-        await self.wait_exit()
+        """SIGTERM the group, wait up to ``grace_period`` for it to empty, then SIGKILL.
+
+        Returns once the leader is reaped and no live member is left.
+        """
+        if self.empty:
+            return
+        self.signal_group(signal.SIGTERM)
+        with anyio.move_on_after(grace_period):
+            await self.wait_exit()
+            await self._wait_empty()
+        if not self.empty:
+            self.signal_group(signal.SIGKILL)
+            await self.wait_exit()
+            await self._wait_empty()
 
     async def reap_stragglers(self, grace_period: float) -> None:
         """After the leader exited: stop whatever it left running in its group."""
-        if self.signal_group(0):
+        if await anyio.to_thread.run_sync(_live_members, self.pid):
             await self.stop(grace_period)
+        else:
+            self.empty = True
+            _LIVE_GROUPS.discard(self.pid)
 
     def close(self) -> None:
-        """Release the pipe and the pidfd. Call once the group is gone."""
-        _LIVE_GROUPS.discard(self.pid)
+        """Release the pipe and the pidfd (idempotent). Readers waiting on them return."""
         if self._out_fd is not None:
-            os.close(self._out_fd)
-            self._out_fd = None
+            fd, self._out_fd = self._out_fd, None
+            anyio.notify_closing(fd)
+            os.close(fd)
         if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+            fd, self._pidfd = self._pidfd, None
+            os.close(fd)
+
+    def discard(self) -> None:
+        """After a failed start: kill whatever started and release everything, at once."""
+        self.signal_group(signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        self.close()
+        _LIVE_GROUPS.discard(self.pid)

@@ -88,7 +88,12 @@ class LocalLaunch:
 
 
 class LocalExecution:
-    """A local run: its process group, its output and its stop."""
+    """A local run: its process group, its output and its stop.
+
+    Only :meth:`wait` (the runner's supervising task) reads the output pipe; whoever sees
+    the group empty last releases its file descriptors, so a descriptor is never closed
+    under a reader.
+    """
 
     waits_for_stop = True
 
@@ -99,6 +104,7 @@ class LocalExecution:
         self._close_output = close_output
         self._grace = grace_period
         self._cancelled = False
+        self._waiting = False
         self._status = RunStatus.RUNNING
         self._stopped = anyio.Event()
 
@@ -112,6 +118,7 @@ class LocalExecution:
 
     async def wait(self) -> RunStatus:
         group = self._group
+        self._waiting = True
         try:
             pumped = anyio.Event()
 
@@ -130,7 +137,9 @@ class LocalExecution:
                     await pumped.wait()
                 tg.cancel_scope.cancel()
         finally:
-            self._finish()
+            self._waiting = False
+            if group.empty:
+                self._finish()
         if self._cancelled:
             self._status = RunStatus.KILLED
         else:
@@ -142,12 +151,15 @@ class LocalExecution:
             return
         self._cancelled = True
         await self._group.stop(self._grace)
-        self._finish()
+        if self._waiting:
+            await self._stopped.wait()  # wait() drains the pipe and finishes up
+        else:
+            self._finish()
         self._status = RunStatus.KILLED
 
     def _finish(self) -> None:
-        """Once the group is gone: release its fds and end the output."""
-        if self._group.returncode is None or self._stopped.is_set():
+        """Once the group is empty: release its descriptors and end the output."""
+        if self._stopped.is_set():
             return
         self._group.close()
         self._close_output()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING
@@ -36,16 +35,20 @@ if TYPE_CHECKING:
 __all__ = ["SourceCache", "default_cache_root"]
 
 
+_fetchers: dict[str, ModuleType] = {}
+
+
 async def _fetcher(name: str) -> ModuleType:
     """Import a fetcher module on first use, in a worker thread.
 
     They pull in dulwich and httpx: importing them lazily keeps ``import aioproj`` light,
     and importing them off the loop keeps the event loop from stalling on it.
     """
-    qualified = f"aioproj.sources.{name}"
-    module = sys.modules.get(qualified)
+    module = _fetchers.get(name)
     if module is None:
-        module = await in_thread(lambda: importlib.import_module(qualified))
+        # Not sys.modules: while another thread imports it, it is there half initialised.
+        module = await in_thread(lambda: importlib.import_module(f"aioproj.sources.{name}"))
+        _fetchers[name] = module
     return module
 
 

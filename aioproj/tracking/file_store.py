@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import secrets
@@ -86,10 +87,105 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# meta.yaml files are flat mappings of scalars. PyYAML spends most of a run's tracking CPU
+# building and resolving nodes for them, so the common shapes are written and read here
+# directly; anything else (long folded strings, nested values, files edited by hand) goes
+# through PyYAML. Both paths produce YAML that MLflow reads the same way.
+
+#: Plain scalars PyYAML resolves to strings: a letter first, no YAML 1.1 bool/null word.
+_PLAIN = re.compile(r"[A-Za-z_]([A-Za-z0-9_.\-/:@+]*[A-Za-z0-9_.\-/@+])?\Z")
+_YAML_WORDS = frozenset({"null", "true", "false", "yes", "no", "on", "off", "y", "n"})
+_INT = re.compile(r"-?(0|[1-9][0-9]*)\Z")
+_FLAT_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*): (.*)\Z")
+
+
+#: Characters outside YAML's printable set, and the ones it reads as line breaks.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _is_plain(value: str) -> bool:
+    return _PLAIN.match(value) is not None and value.lower() not in _YAML_WORDS
+
+
+def _flat_scalar(value: Any) -> str | None:
+    """``value`` as a one-line YAML scalar, or None if it needs PyYAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        if _is_plain(value):
+            return value
+        # A JSON string is a YAML double-quoted scalar once the characters YAML takes for
+        # line breaks or does not print are escaped too (JSON leaves them raw).
+        return _YAML_UNSAFE.sub(_escape_char, json.dumps(value, ensure_ascii=False))
+    if isinstance(value, list) and not value:
+        return "[]"
+    return None
+
+
 def _dump_yaml(data: Mapping[str, Any]) -> str:
-    return yaml.dump(
-        dict(data), Dumper=_Dumper, default_flow_style=False, allow_unicode=True, sort_keys=True
-    )
+    lines = []
+    for key in sorted(data):
+        scalar = _flat_scalar(data[key])
+        if scalar is None or not _FLAT_LINE.match(f"{key}: x"):
+            return yaml.dump(
+                dict(data),
+                Dumper=_Dumper,
+                default_flow_style=False,
+                allow_unicode=True,
+                sort_keys=True,
+            )
+        lines.append(f"{key}: {scalar}\n")
+    return "".join(lines)
+
+
+class _NotFlat(Exception):
+    pass
+
+
+def _parse_flat_scalar(text: str) -> Any:
+    if text == "null" or text == "~" or text == "":
+        return None
+    if _INT.match(text):
+        return int(text)
+    if text == "[]":
+        return []
+    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
+        inner = text[1:-1]
+        if "'" in inner.replace("''", ""):
+            raise _NotFlat
+        return inner.replace("''", "'")
+    if text.startswith('"'):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise _NotFlat from None
+        if isinstance(value, str):
+            return value
+        raise _NotFlat
+    if _is_plain(text):
+        return text
+    raise _NotFlat
+
+
+def _load_yaml_text(text: str) -> Any:
+    try:
+        data: dict[str, Any] = {}
+        for line in text.splitlines():
+            match = _FLAT_LINE.match(line)
+            if match is None:
+                raise _NotFlat
+            data[match.group(1)] = _parse_flat_scalar(match.group(2))
+        return data
+    except _NotFlat:
+        return yaml.load(text, Loader=_Loader)
 
 
 def _read_yaml(path: Path) -> dict[str, Any] | None:
@@ -98,7 +194,7 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    data = yaml.load(text, Loader=_Loader)
+    data = _load_yaml_text(text)
     return data if isinstance(data, dict) else None
 
 
