@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -198,11 +198,11 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     import anyio
 
-    from . import ExecutionError, InvalidArgumentError, Runner
+    from aioproj import AioprojError, Runner
 
     report = _Report(int(report_fd)) if report_fd is not None else None
 
-    async def main() -> tuple[str, bool]:
+    async def run_it() -> tuple[str, bool]:
         async with Runner(echo="off" if report else "plain") as runner:
             handle = await runner.run(
                 args.uri,
@@ -227,12 +227,8 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return handle.run_id, True
 
     try:
-        run_id, ok = anyio.run(main)
-    except InvalidArgumentError as exc:
-        if report is not None:
-            report.send("usage", str(exc))
-        raise UsageError(str(exc)) from exc
-    except ExecutionError as exc:
+        outcome = anyio.run(_until_terminated, run_it)
+    except AioprojError as exc:
         if report is not None:
             report.send("error", str(exc))
         print(f"=== {exc} ===", file=sys.stderr)
@@ -240,6 +236,10 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print("=== Interrupted: the run was cancelled and recorded KILLED ===", file=sys.stderr)
         return 130
+    if outcome is None:
+        print("=== Terminated: the run was cancelled and recorded KILLED ===", file=sys.stderr)
+        return 143
+    run_id, ok = outcome
     if not ok:
         return 1
     print(
@@ -247,6 +247,41 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+async def _until_terminated(
+    body: Callable[[], Awaitable[tuple[str, bool]]],
+) -> tuple[str, bool] | None:
+    """Run ``body``; SIGTERM or SIGHUP cancel it (so runs are stopped and recorded KILLED,
+    as Ctrl-C does) and then None is returned."""
+    import signal
+
+    import anyio
+
+    result: tuple[str, bool] | None = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+        async def main() -> None:
+            nonlocal result, error
+            try:
+                result = await body()
+            except Exception as exc:  # raised below as itself, not in a group
+                error = exc
+            finally:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(on_signal)
+        tg.start_soon(main)
+    if error is not None:
+        raise error
+    return result
 
 
 #: Set in a detached supervisor's environment: the pipe on which it reports its run id.

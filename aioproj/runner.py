@@ -89,6 +89,8 @@ class Runner:
         self._stores: dict[str, TrackingStore] = {}
         self._live: set[SubmittedRun] = set()
         self._state = "unopened"
+        self._inflight = 0  # run() calls between their first check and their handle
+        self._idle = anyio.Event()
         self._is_default = False
         self._ready = anyio.Event()
 
@@ -113,8 +115,12 @@ class Runner:
     ) -> bool | None:
         assert self._tg is not None
         assert self._sources is not None
-        left = len(self._live)
         self._state = "closing"
+        if self._inflight:
+            # run() calls still preparing see the runner closing and create nothing.
+            with anyio.move_on_after(2 * self._grace + 10):
+                await self._idle.wait()
+        left = len(self._live)
         try:
             if exc is not None:
                 # Leaving by an exception (or cancellation): stop the runs; each records
@@ -197,6 +203,51 @@ class Runner:
                 "This Runner is not open: use `async with Runner() as runner:` "
                 "or the module-level aioproj.run()."
             )
+        self._inflight += 1
+        try:
+            return await self._run(
+                uri,
+                entry_point,
+                version,
+                parameters,
+                docker_args,
+                experiment_name,
+                experiment_id,
+                backend,
+                backend_config,
+                storage_dir,
+                synchronous,
+                run_id,
+                run_name,
+                env_manager,
+                build_image,
+                docker_auth,
+            )
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+                self._idle = anyio.Event()
+
+    async def _run(
+        self,
+        uri: str,
+        entry_point: str,
+        version: str | None,
+        parameters: Mapping[str, Any] | None,
+        docker_args: Mapping[str, str | bool] | None,
+        experiment_name: str | None,
+        experiment_id: str | int | None,
+        backend: str | Backend,
+        backend_config: Mapping[str, Any] | str | None,
+        storage_dir: str | Path | None,
+        synchronous: bool,
+        run_id: str | None,
+        run_name: str | None,
+        env_manager: str | None,
+        build_image: bool,
+        docker_auth: Mapping[str, str] | None,
+    ) -> SubmittedRun:
         if experiment_name is not None and experiment_id is not None:
             raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
         if not isinstance(entry_point, str) or not entry_point:
@@ -239,6 +290,10 @@ class Runner:
         if self._slots is not None:
             await self._slots.acquire()
         try:
+            if self._state != "open":
+                raise RuntimeError(
+                    "The Runner was closed while this run was being prepared; no run was created."
+                )
             # From here the run exists in tracking: no cancellation until it has a
             # supervisor that will record its end, whatever happens.
             with anyio.CancelScope(shield=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import make_project, mlflow_client
+from .support import make_project, mlflow_client, process_gone
 
 MLPROJECT = """
 entry_points:
@@ -84,7 +85,6 @@ def test_failed_run_exits_one(project: Path, tmp_path: Path) -> None:
             "Specify only one of 'experiment-name' or 'experiment-id' options.",
         ),
         (["-b", "databricks", "-c", "{not json"], "Invalid backend config JSON. Parse error"),
-        (["-b", "nowhere"], "Got unsupported execution mode 'nowhere'"),
         (["--env-manager", "pipenv"], "invalid choice: 'pipenv'"),
         (["-b", "kubernetes"], "Specify 'backend_config' when using kubernetes mode."),
     ],
@@ -184,3 +184,53 @@ def test_no_wait_reports_bad_input_at_once(project: Path, tmp_path: Path) -> Non
     )
     assert done.returncode == 1
     assert "Could not find nope among entry points" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-b", "nowhere"], "=== Got unsupported execution mode 'nowhere'"),
+        (["--experiment-id", "12345"], "No experiment with id"),
+        (["-e", "nope"], "=== Could not find nope among entry points"),
+    ],
+)
+def test_errors_from_the_run_exit_one_like_mlflow(
+    project: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = aioproj_cli("run", str(project), "--env-manager", "local", *args, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_termination_signal_cancels_the_run_and_records_killed(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    pids = tmp_path / "pids"
+    project = make_project(
+        tmp_path / "p",
+        f"entry_points:\n  main:\n    command: 'echo $$ >> {pids}; sleep 300'\n",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aioproj", "run", str(project), "--env-manager", "local"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(400):
+            if pids.exists() and pids.read_text().strip():
+                break
+            time.sleep(0.025)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "recorded KILLED" in err
+    client = mlflow_client((tmp_path / "mlruns").as_uri())
+    [run] = client.search_runs(["0"])
+    assert run.info.status == "KILLED"
+    assert process_gone(int(pids.read_text()))

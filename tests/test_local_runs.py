@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import aioproj
 from aioproj import Runner, RunStatus
 
-from .support import PYTHON, all_runs, amake_project, make_project, read_run
+from .support import (
+    PYTHON,
+    all_runs,
+    amake_project,
+    make_project,
+    mlflow_client,
+    pids_in,
+    process_gone,
+    read_run,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -208,20 +220,23 @@ async def test_module_level_run_uses_one_default_runner(project: Path, tracking_
     assert (await default_runner()) is (await default_runner())
 
 
-def test_unawaited_runs_are_killed_when_the_loop_ends(project: Path, tmp_path: Path) -> None:
+def test_unawaited_runs_are_killed_when_the_loop_ends(tmp_path: Path) -> None:
     """A script that starts runs and returns: they are cancelled, recorded KILLED, warned of."""
+    pids = tmp_path / "pids"
+    project = make_project(
+        tmp_path / "p", f"entry_points:\n  main:\n    command: 'echo $$ >> {pids}; sleep 60'\n"
+    )
     uri = (tmp_path / "mlruns").as_uri()
     script = f"""
-import asyncio, aioproj
+import asyncio, os, aioproj
 async def main():
-    runs = [await aioproj.run({str(project)!r}, entry_point="sleep", parameters={{"seconds": 60}},
-                              synchronous=False, env_manager="local") for _ in range(3)]
+    runs = [await aioproj.run({str(project)!r}, synchronous=False, env_manager="local")
+            for _ in range(3)]
+    while not os.path.exists({str(pids)!r}) or len(open({str(pids)!r}).read().split()) < 3:
+        await asyncio.sleep(0.02)
     print(" ".join(r.run_id for r in runs), flush=True)
 asyncio.run(main())
 """
-    import os
-    import subprocess
-
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     done = subprocess.run(
         [sys.executable, "-c", script],
@@ -234,9 +249,79 @@ asyncio.run(main())
     run_ids = done.stdout.split()
     assert len(run_ids) == 3
     assert "3 aioproj run(s) were still going when their event loop ended" in done.stderr
-    from .support import mlflow_client
-
     client = mlflow_client(uri)
     assert {client.get_run(r).info.status for r in run_ids} == {"KILLED"}
-    leftover = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
-    assert leftover.stdout.strip() == ""
+    assert [pid for pid in pids_in(pids) if not process_gone(pid)] == []
+
+
+async def test_python_output_streams_line_by_line(
+    tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python child writing to our pipe still flushes each line (not at exit)."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    gate = tmp_path / "gate"
+    script = (
+        "import os, time\n"
+        "print('first')\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
+        "print('second')\n"
+    )
+    project = await amake_project(
+        tmp_path / "p", "entry_points:\n  main:\n    command: 'python w.py'\n", {"w.py": script}
+    )
+    async with Runner(echo="off") as runner:
+        run = await runner.run(str(project), synchronous=False, env_manager="local")
+        lines = run.logs()
+        with anyio.fail_after(20):
+            assert await lines.__anext__() == "first\n"  # arrives while the run waits
+        await anyio.Path(gate).touch()
+        assert [line async for line in lines] == ["second\n"]
+
+
+async def test_slots_are_released_after_failure_and_cancel(
+    project: Path, tracking_uri: str
+) -> None:
+    async with Runner(echo="off", max_concurrency=1) as runner:
+        with pytest.raises(aioproj.RunFailedError):
+            await runner.run(str(project), entry_point="fail", env_manager="local")
+        slow = await runner.run(
+            str(project),
+            entry_point="sleep",
+            parameters={"seconds": 60},
+            synchronous=False,
+            env_manager="local",
+        )
+        await slow.cancel()
+        with anyio.fail_after(20):
+            done = await runner.run(str(project), env_manager="local")
+        assert await done.get_status() is RunStatus.FINISHED
+
+
+async def test_run_started_while_the_runner_closes_creates_nothing(
+    project: Path, tracking_uri: str
+) -> None:
+    outcome: list[BaseException] = []
+    runners: list[Runner] = []
+    opened, close = anyio.Event(), anyio.Event()
+
+    async def host() -> None:
+        async with Runner(echo="off") as runner:
+            runners.append(runner)
+            opened.set()
+            await close.wait()
+
+    async def late() -> None:
+        try:
+            await runners[0].run(str(project), env_manager="local")
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(host)
+        await opened.wait()
+        tg.start_soon(late)
+        await anyio.lowlevel.checkpoint()  # late() has entered run() and is preparing
+        close.set()
+    assert outcome, "run() should have seen the runner close"
+    assert "no run was created" in str(outcome[0])
+    assert await all_runs(tracking_uri) == []

@@ -71,7 +71,14 @@ class LocalLaunch:
 
     async def start(self, request: StartRequest) -> Execution:
         """Start the process group. Raises BackendError if it cannot start."""
-        child_env = {**os.environ, **self.env.env_vars, **request.tracking_env}
+        # Python in a pipe buffers its output in blocks; runs should stream it line by line
+        # as they do on a terminal, unless the user decided otherwise.
+        child_env = {
+            "PYTHONUNBUFFERED": "1",
+            **os.environ,
+            **self.env.env_vars,
+            **request.tracking_env,
+        }
         try:
             group = ProcessGroup(
                 self.shell,
