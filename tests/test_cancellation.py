@@ -205,3 +205,37 @@ async def test_cancel_during_fetch_creates_nothing(tmp_path: Path, tracking_uri:
     assert await all_runs(tracking_uri) == []
     leftovers = await anyio.to_thread.run_sync(lambda: [p for p in cache.rglob("*") if p.is_file()])
     assert leftovers == []
+
+
+@pytest.mark.slow
+async def test_cancel_during_environment_build_creates_nothing(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """A virtualenv being built (venv + pip bootstrap takes seconds): cancel it midway."""
+    project = await amake_project(tmp_path / "p", "entry_points:\n  main:\n    command: 'true'\n")
+    cache = tmp_path / "cache"
+    async with Runner(echo="off", cache_dir=cache) as runner:
+        with anyio.move_on_after(1.0) as scope:
+            await runner.run(str(project), env_manager="virtualenv")
+        assert scope.cancelled_caught
+    assert await all_runs(tracking_uri) == []
+    envs = anyio.Path(cache / "envs")
+    if await envs.exists():
+        left = [p.name async for p in envs.iterdir() if not p.name.endswith(".lock")]
+        assert left == []
+
+
+async def test_cancelling_the_canceller_still_stops_and_records(
+    project: Path, pids: Path, tracking_uri: str
+) -> None:
+    """Clean-up is shielded: cancelling the task that awaits run.cancel() does not cut it."""
+    async with Runner(echo="off", grace_period=2) as runner:
+        run = await runner.run(
+            str(project), parameters={"pids": str(pids)}, synchronous=False, env_manager="local"
+        )
+        await wait_for_file(pids, lines=2)
+        with anyio.move_on_after(0.01):
+            await run.cancel()
+        with anyio.fail_after(10):
+            assert await run is RunStatus.KILLED
+    await _assert_killed(tracking_uri, run.run_id, pids)
