@@ -205,125 +205,91 @@ class Runner:
             )
         self._inflight += 1
         try:
-            return await self._run(
-                uri,
-                entry_point,
-                version,
-                parameters,
-                docker_args,
-                experiment_name,
-                experiment_id,
-                backend,
-                backend_config,
-                storage_dir,
-                synchronous,
-                run_id,
-                run_name,
-                env_manager,
-                build_image,
-                docker_auth,
+            if experiment_name is not None and experiment_id is not None:
+                raise InvalidArgumentError(
+                    "Specify only one of 'experiment_name' or 'experiment_id'."
+                )
+            if not isinstance(entry_point, str) or not entry_point:
+                raise InvalidArgumentError(
+                    f"entry_point must be a non-empty string, got {entry_point!r}"
+                )
+            if parameters is not None and not isinstance(parameters, Mapping):
+                raise InvalidArgumentError(
+                    "parameters must be a mapping of names to values, got "
+                    f"{type(parameters).__name__}"
+                )
+            validate_env_manager(env_manager)
+            the_backend = await self._backend(backend)
+            config = await _load_backend_config(backend_config)
+            store = self._store()
+
+            assert self._sources is not None
+            source = await self._sources.fetch(uri, version)
+            project, ep, resolved = await anyio.to_thread.run_sync(
+                _load_and_resolve, source.directory, entry_point, parameters
             )
+            launch = await the_backend.prepare(
+                LaunchRequest(
+                    source=source,
+                    project=project,
+                    entry_point=ep,
+                    parameters=resolved,
+                    backend_config=config,
+                    env_manager=env_manager,
+                    docker_args=dict(docker_args or {}),
+                    storage_dir=Path(storage_dir) if storage_dir is not None else None,
+                    build_image=build_image,
+                    docker_auth=docker_auth,
+                    env_cache_dir=(self._cache_dir or cache_root()) / "envs",
+                )
+            )
+            exp_id = await store.resolve_experiment(
+                experiment_name=experiment_name,
+                experiment_id=None if experiment_id is None else str(experiment_id),
+            )
+            if self._slots is not None:
+                await self._slots.acquire()
+            try:
+                if self._state != "open":
+                    raise RuntimeError(
+                        "The Runner was closed while this run was being prepared; "
+                        "no run was created."
+                    )
+                # From here the run exists in tracking: no cancellation until it has a
+                # supervisor that will record its end, whatever happens.
+                with anyio.CancelScope(shield=True):
+                    handle = await self._track_and_start(
+                        store,
+                        launch,
+                        source,
+                        ep,
+                        resolved,
+                        exp_id,
+                        the_backend.name,
+                        run_id=run_id,
+                        run_name=run_name,
+                    )
+            except BaseException:
+                if self._slots is not None:
+                    self._slots.release()
+                raise
+            try:
+                if synchronous:
+                    if not await handle.wait():
+                        raise RunFailedError(handle.run_id, (await handle.get_status()).value)
+                    logger.info("=== Run (ID '%s') succeeded ===", handle.run_id)
+                else:
+                    await anyio.lowlevel.checkpoint()
+            except anyio.get_cancelled_exc_class():
+                logger.info("Run (ID '%s') interrupted, cancelling it", handle.run_id)
+                await handle.cancel()
+                raise
+            return handle
         finally:
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
                 self._idle = anyio.Event()
-
-    async def _run(
-        self,
-        uri: str,
-        entry_point: str,
-        version: str | None,
-        parameters: Mapping[str, Any] | None,
-        docker_args: Mapping[str, str | bool] | None,
-        experiment_name: str | None,
-        experiment_id: str | int | None,
-        backend: str | Backend,
-        backend_config: Mapping[str, Any] | str | None,
-        storage_dir: str | Path | None,
-        synchronous: bool,
-        run_id: str | None,
-        run_name: str | None,
-        env_manager: str | None,
-        build_image: bool,
-        docker_auth: Mapping[str, str] | None,
-    ) -> SubmittedRun:
-        if experiment_name is not None and experiment_id is not None:
-            raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
-        if not isinstance(entry_point, str) or not entry_point:
-            raise InvalidArgumentError(
-                f"entry_point must be a non-empty string, got {entry_point!r}"
-            )
-        if parameters is not None and not isinstance(parameters, Mapping):
-            raise InvalidArgumentError(
-                f"parameters must be a mapping of names to values, got {type(parameters).__name__}"
-            )
-        validate_env_manager(env_manager)
-        the_backend = await self._backend(backend)
-        config = await _load_backend_config(backend_config)
-        store = self._store()
-
-        assert self._sources is not None
-        source = await self._sources.fetch(uri, version)
-        project, ep, resolved = await anyio.to_thread.run_sync(
-            _load_and_resolve, source.directory, entry_point, parameters
-        )
-        launch = await the_backend.prepare(
-            LaunchRequest(
-                source=source,
-                project=project,
-                entry_point=ep,
-                parameters=resolved,
-                backend_config=config,
-                env_manager=env_manager,
-                docker_args=dict(docker_args or {}),
-                storage_dir=Path(storage_dir) if storage_dir is not None else None,
-                build_image=build_image,
-                docker_auth=docker_auth,
-                env_cache_dir=(self._cache_dir or cache_root()) / "envs",
-            )
-        )
-        exp_id = await store.resolve_experiment(
-            experiment_name=experiment_name,
-            experiment_id=None if experiment_id is None else str(experiment_id),
-        )
-        if self._slots is not None:
-            await self._slots.acquire()
-        try:
-            if self._state != "open":
-                raise RuntimeError(
-                    "The Runner was closed while this run was being prepared; no run was created."
-                )
-            # From here the run exists in tracking: no cancellation until it has a
-            # supervisor that will record its end, whatever happens.
-            with anyio.CancelScope(shield=True):
-                handle = await self._track_and_start(
-                    store,
-                    launch,
-                    source,
-                    ep,
-                    resolved,
-                    exp_id,
-                    the_backend.name,
-                    run_id=run_id,
-                    run_name=run_name,
-                )
-        except BaseException:
-            if self._slots is not None:
-                self._slots.release()
-            raise
-        try:
-            if synchronous:
-                if not await handle.wait():
-                    raise RunFailedError(handle.run_id, (await handle.get_status()).value)
-                logger.info("=== Run (ID '%s') succeeded ===", handle.run_id)
-            else:
-                await anyio.lowlevel.checkpoint()
-        except anyio.get_cancelled_exc_class():
-            logger.info("Run (ID '%s') interrupted, cancelling it", handle.run_id)
-            await handle.cancel()
-            raise
-        return handle
 
     async def _track_and_start(
         self,
