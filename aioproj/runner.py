@@ -26,6 +26,7 @@ import anyio.abc
 
 from aioproj._output import EchoMode, RunOutput
 from aioproj._paths import cache_root
+from aioproj._shared import SharedCalls
 from aioproj.backends import Backend, Launch, LaunchRequest, StartRequest, load_backend
 from aioproj.backends.registry import BUILTIN_BACKENDS
 from aioproj.envs import validate_env_manager
@@ -33,7 +34,6 @@ from aioproj.errors import InvalidArgumentError, RunFailedError
 from aioproj.handle import RunStatus, SubmittedRun
 from aioproj.project import (
     EntryPoint,
-    Project,
     ResolvedParameters,
     load_project,
     resolve_parameters,
@@ -89,6 +89,7 @@ class Runner:
         self._stores: dict[str, TrackingStore] = {}
         self._live: set[SubmittedRun] = set()
         self._state = "unopened"
+        self._shared = SharedCalls()
         self._inflight = 0  # run() calls between their first check and their handle
         self._idle = anyio.Event()
         self._is_default = False
@@ -224,10 +225,22 @@ class Runner:
             store = self._store()
 
             assert self._sources is not None
-            source = await self._sources.fetch(uri, version)
-            project, ep, resolved = await anyio.to_thread.run_sync(
-                _load_and_resolve, source.directory, entry_point, parameters
+            # Runs started together (a sweep) share one fetch, one parse, one lookup.
+            sources = self._sources
+            source = await self._shared.run(
+                f"fetch\0{uri}\0{version}", lambda: sources.fetch(uri, version)
             )
+            project = await self._shared.run(
+                f"project\0{source.directory}",
+                lambda: anyio.to_thread.run_sync(load_project, source.directory),
+            )
+            ep = project.get_entry_point(entry_point)
+            if any(p.type == "path" for p in ep.parameters.values()):  # checks files exist
+                resolved = await anyio.to_thread.run_sync(
+                    resolve_parameters, project, ep, parameters
+                )
+            else:
+                resolved = resolve_parameters(project, ep, parameters)
             launch = await the_backend.prepare(
                 LaunchRequest(
                     source=source,
@@ -243,9 +256,12 @@ class Runner:
                     env_cache_dir=(self._cache_dir or cache_root()) / "envs",
                 )
             )
-            exp_id = await store.resolve_experiment(
-                experiment_name=experiment_name,
-                experiment_id=None if experiment_id is None else str(experiment_id),
+            exp_key = None if experiment_id is None else str(experiment_id)
+            exp_id = await self._shared.run(
+                f"experiment\0{store.uri}\0{experiment_name}\0{exp_key}",
+                lambda: store.resolve_experiment(
+                    experiment_name=experiment_name, experiment_id=exp_key
+                ),
             )
             if self._slots is not None:
                 await self._slots.acquire()
@@ -373,15 +389,6 @@ class Runner:
         if uri not in self._stores:
             self._stores[uri] = open_store(uri)
         return self._stores[uri]
-
-
-def _load_and_resolve(
-    directory: Path, entry_point: str, parameters: Mapping[str, Any] | None
-) -> tuple[Project, EntryPoint, ResolvedParameters]:
-    """Read the MLproject and check the parameters (file I/O: runs in a worker thread)."""
-    project = load_project(directory)
-    ep = project.get_entry_point(entry_point)
-    return project, ep, resolve_parameters(project, ep, parameters)
 
 
 async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[str, Any]:

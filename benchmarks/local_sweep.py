@@ -43,7 +43,9 @@ def _make_project(root: Path) -> Path:
     return project
 
 
-async def floor(n: int) -> None:
+async def floor(n: int, lags: list[float] | None = None) -> None:
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_watch_lag(stop, lags)) if lags is not None else None
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     command = COMMAND.format(sleep=0)
 
@@ -52,23 +54,42 @@ async def floor(n: int) -> None:
         return await proc.wait()
 
     codes = await asyncio.gather(*(one() for _ in range(n)))
+    stop.set()
+    if watcher is not None:
+        await watcher
     assert codes == [0] * n, codes
 
 
-async def with_aioproj(n: int, project: Path, store: str) -> None:
+async def _watch_lag(stop: asyncio.Event, lags: list[float]) -> None:
+    """Record how late a 10 ms timer fires: the event loop's lag."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        start = loop.time()
+        await asyncio.sleep(0.01)
+        lags.append(loop.time() - start - 0.01)
+
+
+async def with_aioproj(n: int, project: Path, store: str, lags: list[float] | None = None) -> None:
     import aioproj
 
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_watch_lag(stop, lags)) if lags is not None else None
     async with aioproj.Runner(tracking_uri=store, echo="off") as runner:
         runs = await asyncio.gather(
             *(runner.run(str(project), synchronous=False, env_manager="local") for _ in range(n))
         )
         statuses = await asyncio.gather(*runs)
+    stop.set()
+    if watcher is not None:
+        await watcher
     assert all(s is aioproj.RunStatus.FINISHED for s in statuses), statuses
 
 
 def with_mlflow(n: int, project: Path, store: str) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = store
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    # MLflow re-executes its `mlflow` command per asynchronous run: it must be on PATH.
+    os.environ["PATH"] = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
     import mlflow.projects
 
     runs = [
@@ -78,6 +99,10 @@ def with_mlflow(n: int, project: Path, store: str) -> None:
         for _ in range(n)
     ]
     assert all(run.wait() for run in runs)
+
+
+def _p99(lags: list[float]) -> float:
+    return sorted(lags)[int(len(lags) * 0.99)] * 1000 if lags else 0.0
 
 
 def measure(fn, *args) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -101,6 +126,7 @@ def main() -> None:
 
     print(
         f"{'N':>5} {'floor s':>9} {'aioproj s':>10} {'ratio':>7} {'engine CPU ms/run':>18}"
+        f" {'lag p99 ms (floor)':>18}"
         + (f" {'mlflow s':>9} {'mlflow/aioproj':>15}" if args.mlflow else "")
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +144,13 @@ def main() -> None:
                 extra_cpu.append(max(a_cpu - f_cpu, 0.0) / n)
             f, a = statistics.median(floors), statistics.median(ours)
             cpu_ms = statistics.median(extra_cpu) * 1000
-            line = f"{n:>5} {f:>9.3f} {a:>10.3f} {a / f:>7.2f} {cpu_ms:>18.2f}"
+            # One more round of each, untimed, with a lag watcher on the loop.
+            floor_lags: list[float] = []
+            asyncio.run(floor(n, floor_lags))
+            lags: list[float] = []
+            asyncio.run(with_aioproj(n, project, (root / f"lag-{n}").as_uri(), lags))
+            lag = f"{_p99(lags):.1f} ({_p99(floor_lags):.1f})"
+            line = f"{n:>5} {f:>9.3f} {a:>10.3f} {a / f:>7.2f} {cpu_ms:>18.2f} {lag:>18}"
             if args.mlflow:
                 m_wall, _ = measure(with_mlflow, n, project, (root / f"mlflow-{n}").as_uri())
                 line += f" {m_wall:>9.2f} {m_wall / a:>15.1f}"

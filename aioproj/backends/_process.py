@@ -80,54 +80,72 @@ def _live_members(pgid: int) -> bool:
     return False
 
 
+def _spawn(shell: str, command: str, cwd: Path, env: Mapping[str, str]) -> tuple[int, int]:
+    """Start ``shell -c command`` in ``cwd`` as a session leader; return (pid, read fd).
+
+    Blocking for as long as the child takes to exec (vfork semantics), which under load is
+    milliseconds: callers run it in a worker thread, so a burst of hundreds of starts never
+    stalls the event loop.
+    """
+    # posix_spawn has no working-directory action before Python 3.13: the shell changes
+    # directory itself, then runs the command exactly as given.
+    script = f"cd -- {shlex.quote(str(cwd))} || exit 127\n{command}"
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.posix_spawn(
+            shell,
+            [shell, "-c", script],
+            dict(env),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, write_fd, 1),
+                (os.POSIX_SPAWN_DUP2, write_fd, 2),
+            ],
+            setsid=True,
+            setsigmask=(),
+            setsigdef=_RESET_SIGNALS,
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    _LIVE_GROUPS.add(pid)
+    os.set_blocking(read_fd, False)
+    return pid, read_fd
+
+
 class ProcessGroup:
     """A shell command as the leader of a new session, with merged stdout/stderr.
 
-    Started with ``posix_spawn``: unlike ``subprocess.Popen`` it needs no blocking read of
-    an exec-error pipe on the event loop, and glibc spawns with vfork, which stays cheap
-    however large the parent process is.
+    Started with ``posix_spawn``: unlike ``subprocess.Popen`` it needs no read of an
+    exec-error pipe, and glibc spawns with vfork, which stays cheap however large the
+    parent process is. Create one with :meth:`start`.
     """
 
-    def __init__(
-        self,
+    def __init__(self, pid: int, read_fd: int, on_output: Callable[[bytes], None]) -> None:
+        self.pid = pid
+        self._out_fd: int | None = read_fd
+        self._on_output = on_output
+        self._pidfd = _open_pidfd(pid)
+        self._exit_lock = anyio.Lock()
+        self.returncode: int | None = None
+        self.empty = False
+
+    @classmethod
+    async def start(
+        cls,
         shell: str,
         command: str,
         *,
         cwd: Path,
         env: Mapping[str, str],
         on_output: Callable[[bytes], None],
-    ) -> None:
-        # posix_spawn has no working-directory action before Python 3.13: the shell
-        # changes directory itself, then runs the command exactly as given.
-        script = f"cd -- {shlex.quote(str(cwd))} || exit 127\n{command}"
-        read_fd, write_fd = os.pipe()
-        try:
-            self.pid = os.posix_spawn(
-                shell,
-                [shell, "-c", script],
-                dict(env),
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, write_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, write_fd, 2),
-                ],
-                setsid=True,
-                setsigmask=(),
-                setsigdef=_RESET_SIGNALS,
-            )
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        _LIVE_GROUPS.add(self.pid)
-        os.set_blocking(read_fd, False)
-        self._out_fd: int | None = read_fd
-        self._on_output = on_output
-        self._pidfd = _open_pidfd(self.pid)
-        self._exit_lock = anyio.Lock()
-        self.returncode: int | None = None
-        self.empty = False
+    ) -> ProcessGroup:
+        """Start the group (in a worker thread; not interrupted by cancellation, so a
+        started process is never lost). Raises OSError if the shell cannot be started."""
+        pid, read_fd = _spawn(shell, command, cwd, env)
+        return cls(pid, read_fd, on_output)
 
     async def pump_output(self) -> None:
         """Read output until every writer has closed the pipe (EOF), or it is closed."""
@@ -192,9 +210,17 @@ class ProcessGroup:
             await self.wait_exit()
             await self._wait_empty()
 
+    def _has_members(self) -> bool:
+        """Whether ``kill(2)`` still finds the group (a syscall, no I/O: fine on the loop)."""
+        try:
+            os.killpg(self.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
     async def reap_stragglers(self, grace_period: float) -> None:
         """After the leader exited: stop whatever it left running in its group."""
-        if await anyio.to_thread.run_sync(_live_members, self.pid):
+        if self._has_members() and await anyio.to_thread.run_sync(_live_members, self.pid):
             await self.stop(grace_period)
         else:
             self.empty = True

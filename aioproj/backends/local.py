@@ -80,7 +80,7 @@ class LocalLaunch:
             **request.tracking_env,
         }
         try:
-            group = ProcessGroup(
+            group = await ProcessGroup.start(
                 self.shell,
                 self.command,
                 cwd=self.work_dir,

@@ -90,7 +90,6 @@ def resolve_parameters(
         MLprojectError: the command template is malformed.
     """
     exists = path_exists if path_exists is not None else os.path.exists
-    base = cwd if cwd is not None else Path.cwd()
     given = {str(key): value for key, value in (user_parameters or {}).items() if value is not None}
     _check_missing(entry_point, given)
 
@@ -102,7 +101,7 @@ def resolve_parameters(
         raw = parameter.default if is_default else given[name]
         context = _Context(name, entry_point.name, is_default)
         values[name], rendered[name] = _coerce_value(
-            parameter, raw, context=context, path_exists=exists, cwd=base
+            parameter, raw, context=context, path_exists=exists, cwd=cwd
         )
         logged[name] = str(raw)
 
@@ -157,7 +156,7 @@ def _coerce_value(
     *,
     context: _Context,
     path_exists: Callable[[Path], bool],
-    cwd: Path,
+    cwd: Path | None,
 ) -> tuple[object, str]:
     """The typed value of ``raw`` and the text the command gets for it (before quoting).
 
@@ -225,7 +224,7 @@ def _coerce_bool(raw: object, context: _Context) -> bool:
 
 
 def _coerce_path(
-    raw: object, context: _Context, path_exists: Callable[[Path], bool], cwd: Path
+    raw: object, context: _Context, path_exists: Callable[[Path], bool], cwd: Path | None
 ) -> str:
     if isinstance(raw, os.PathLike):
         raw = os.fspath(raw)
@@ -234,7 +233,9 @@ def _coerce_path(
     local = local_path_of(raw)
     if local is None:
         return raw
-    absolute = os.path.normpath(os.path.join(cwd, local))
+    # The current directory is looked up only here: a syscall callers off the event loop
+    # can afford, and entry points without path parameters never make.
+    absolute = os.path.normpath(os.path.join(cwd if cwd is not None else os.getcwd(), local))
     if not path_exists(Path(absolute)):
         raise ParameterError(
             f"Got value {raw} for parameter {context.parameter}, but no such file or directory "

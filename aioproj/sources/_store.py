@@ -12,15 +12,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 
+from aioproj._shared import SharedCalls
 from aioproj.errors import SourceError
 
 __all__ = [
@@ -100,39 +101,6 @@ class KeyedLocks:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
-
-
-@dataclass
-class _Flight:
-    done: anyio.Event = field(default_factory=anyio.Event)
-    ok: bool = False
-    value: Any = None
-
-
-class SharedCalls:
-    """Concurrent callers with the same key share the result of one in-flight call.
-
-    Only a result is shared: when the leading call fails or is cancelled, each waiting
-    caller makes its own call, so one exception is never raised in several tasks.
-    """
-
-    def __init__(self) -> None:
-        self._flights: dict[str, _Flight] = {}
-
-    async def run(self, key: str, call: Callable[[], Awaitable[T]]) -> T:
-        """The result of ``call()``, or of the identical call already in flight."""
-        flight = self._flights.get(key)
-        if flight is not None:
-            await flight.done.wait()
-            return cast(T, flight.value) if flight.ok else await call()
-        flight = self._flights[key] = _Flight()
-        try:
-            flight.value = await call()
-            flight.ok = True
-            return cast(T, flight.value)
-        finally:
-            del self._flights[key]
-            flight.done.set()
 
 
 def _remove_tree(path: Path) -> None:
