@@ -144,7 +144,7 @@ class ProcessGroup:
     ) -> ProcessGroup:
         """Start the group (in a worker thread; not interrupted by cancellation, so a
         started process is never lost). Raises OSError if the shell cannot be started."""
-        pid, read_fd = _spawn(shell, command, cwd, env)
+        pid, read_fd = await anyio.to_thread.run_sync(_spawn, shell, command, cwd, env)
         return cls(pid, read_fd, on_output)
 
     async def pump_output(self) -> None:
