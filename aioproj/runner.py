@@ -254,6 +254,7 @@ class Runner:
                     build_image=build_image,
                     docker_auth=docker_auth,
                     env_cache_dir=(self._cache_dir or cache_root()) / "envs",
+                    tracking_uri=store.uri,
                 )
             )
             exp_key = None if experiment_id is None else str(experiment_id)

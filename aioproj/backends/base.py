@@ -37,6 +37,8 @@ class LaunchRequest:
     build_image: bool
     docker_auth: Mapping[str, str] | None
     env_cache_dir: Path
+    #: Where the run will be tracked (the resolved URI): docker runs mount a local store.
+    tracking_uri: str = ""
 
 
 @dataclass(frozen=True)
