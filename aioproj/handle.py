@@ -122,8 +122,9 @@ class SubmittedRun:
 
         For local runs this returns once the process group is gone (SIGTERM, a grace
         period, then SIGKILL) and the status is recorded. Remote backends return once the
-        service has accepted the cancellation. If the calling task is cancelled meanwhile,
-        the stop still completes in the background.
+        service has accepted the cancellation. Cancelling the calling task does not cut
+        the stop short: it is shielded, bounded by the clean-up timeout (twice the grace
+        period plus 10 s), and the cancellation is delivered once it is done.
         """
         if self._done.is_set():
             return

@@ -38,7 +38,17 @@ class LocalBackend:
     async def prepare(self, request: LaunchRequest) -> LocalLaunch:
         """Choose and prepare the environment. Raises EnvironmentBuildError."""
         manager = select_env_manager(request.project, request.env_manager)
-        env = await prepare_env(request.project, manager, cache_dir=request.env_cache_dir)
+        env = await prepare_env(
+            request.project,
+            manager,
+            cache_dir=request.env_cache_dir,
+            project_dir=request.source.directory,
+            docker_args=request.docker_args,
+            build_image=request.build_image,
+            docker_auth=request.docker_auth,
+            tracking_uri=request.tracking_uri,
+            git_commit=request.source.git_commit,
+        )
         shell = self._shell_path
         if shell is None:  # PATH lookup stats files: once, off the event loop
             shell = self._shell_path = await anyio.to_thread.run_sync(shutil.which, self._shell)
@@ -67,7 +77,10 @@ class LocalLaunch:
 
     @property
     def tags(self) -> Mapping[str, str]:
-        return {"mlflow.project.env": self.env.tag} if self.env.tag else {}
+        tags = dict(self.env.tags)
+        if self.env.tag:
+            tags["mlflow.project.env"] = self.env.tag
+        return tags
 
     async def start(self, request: StartRequest) -> Execution:
         """Start the process group. Raises BackendError if it cannot start."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aioproj.errors import EnvironmentBuildError
@@ -39,13 +39,23 @@ async def prepare_env(
     *,
     cache_dir: Path,
     on_output: Callable[[bytes], None] | None = None,
+    project_dir: Path | None = None,
+    docker_args: Mapping[str, str | bool] | None = None,
+    build_image: bool = False,
+    docker_auth: Mapping[str, str] | None = None,
+    tracking_uri: str = "",
+    git_commit: str | None = None,
 ) -> PreparedEnv:
     """Prepare the environment ``manager`` builds for ``project`` (cached by spec).
 
     ``local`` creates nothing. ``virtualenv`` and ``uv`` build (once, shared by
     concurrent callers and other processes) an environment under ``cache_dir`` keyed by
     the hash of the spec, and reuse it afterwards; build output is passed to
-    ``on_output`` as it comes.
+    ``on_output`` as it comes. ``docker`` (docker_env projects) checks docker, pulls or
+    (``build_image``) builds the image in ``project_dir`` (default: the project's
+    directory; ``git_commit`` tags a built image) and returns the ``docker run`` wrapper;
+    ``docker_args``, ``docker_auth`` and ``tracking_uri`` are used only by it (see
+    :mod:`aioproj.envs.docker`).
 
     Raises :class:`EnvironmentBuildError` if it cannot be built; a failed build leaves
     nothing behind. Cancellation stops the build's processes and removes a half-built
@@ -55,6 +65,19 @@ async def prepare_env(
         return local_env()
     if manager in PYTHON_MANAGERS:
         return await prepare_python_env(project, manager, cache_dir=cache_dir, on_output=on_output)
+    if manager == "docker":
+        from .docker import prepare_docker_env
+
+        return await prepare_docker_env(
+            project,
+            project_dir=project_dir,
+            docker_args=docker_args,
+            build_image=build_image,
+            docker_auth=docker_auth,
+            tracking_uri=tracking_uri,
+            git_commit=git_commit,
+            on_output=on_output,
+        )
     raise EnvironmentBuildError(
         f"The {manager!r} environment manager is not available in this version of aioproj. "
         f"Run the project with env_manager='local' (the current environment) or "

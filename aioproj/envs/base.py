@@ -24,6 +24,8 @@ class PreparedEnv:
     env_vars: Mapping[str, str] = field(default_factory=dict)
     #: The environment's directory (virtualenv, uv), or None.
     directory: Path | None = None
+    #: Tags the run gets besides ``mlflow.project.env`` (docker: the image uri and id).
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     def wrap(self, command: str) -> str:
         """The entry-point command as it runs inside this environment."""
