@@ -65,6 +65,10 @@ async def prepare_env(
         return local_env()
     if manager in PYTHON_MANAGERS:
         return await prepare_python_env(project, manager, cache_dir=cache_dir, on_output=on_output)
+    if manager == "conda":
+        from .conda import prepare_conda_env
+
+        return await prepare_conda_env(project, cache_dir=cache_dir, on_output=on_output)
     if manager == "docker":
         from .docker import prepare_docker_env
 
