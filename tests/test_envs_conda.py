@@ -92,6 +92,7 @@ elif argv[:2] == ["env", "create"]:
         print("ERROR: No matching distribution found for nosuchpkg==9.9", file=sys.stderr)
         print("CondaEnvException: Pip failed", file=sys.stderr)
         sys.exit(1)
+    (prefix / "conda-meta" / "history").write_text("complete")
     print("done")
 elif argv[:1] == ["remove"] and "--all" in argv:
     name = argv[argv.index("--name") + 1]
@@ -202,6 +203,14 @@ async def calls(fake: FakeConda, exe: str | None = None) -> list[list[str]]:
 
 async def creates(fake: FakeConda) -> list[list[str]]:
     return await anyio.to_thread.run_sync(fake.creates)
+
+
+async def wait_for_create(fake: FakeConda) -> None:
+    """Until a stand-in has been asked to create an environment."""
+    while True:
+        if await creates(fake):
+            return
+        await anyio.sleep(0.02)
 
 
 def sha1_name(text: str) -> str:
@@ -370,7 +379,50 @@ async def test_ten_concurrent_preparations_create_once(
     assert len(results) == 10
     assert len({r.directory for r in results}) == 1
     assert len(await creates(fake_conda)) == 1
-    assert conda_module._LOCKS == {}
+    # The waiters took the first caller's result: conda listed its environments twice
+    # (before and after creating), not once per caller.
+    argvs = await calls(fake_conda)
+    assert argvs.count(["env", "list", "--json"]) == 2
+    assert conda_module._FLIGHTS == {}
+
+
+CHILD = """
+import sys
+from pathlib import Path
+
+import anyio
+
+from aioproj.envs import prepare_env
+from aioproj.project import load_project
+
+
+async def main() -> None:
+    project = load_project(Path(sys.argv[1]))
+    env = await prepare_env(project, "conda", cache_dir=Path(sys.argv[2]))
+    print(env.directory)
+
+
+anyio.run(main)
+"""
+
+
+async def test_another_process_creating_is_waited_for(
+    fake_conda: FakeConda, project: Project, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another aioproj process creates the environment (conda already lists it,
+    half-made), this one waits on the lock file and then uses it without creating."""
+    monkeypatch.setenv("FAKE_CONDA_SLEEP", "1")
+    argv = [sys.executable, "-c", CHILD, str(project.directory), str(cache_dir)]
+    with anyio.fail_after(15):
+        async with await anyio.open_process(argv) as child:
+            await wait_for_create(fake_conda)
+            env = await prepare_env(project, "conda", cache_dir=cache_dir)
+            assert await anyio.Path(env.directory or "", "conda-meta", "history").exists()
+            assert child.stdout is not None
+            out = b"".join([chunk async for chunk in child.stdout])
+            assert await child.wait() == 0
+    assert out.decode().strip() == str(env.directory)
+    assert len(await creates(fake_conda)) == 1
 
 
 async def test_failed_create_surfaces_pip_error_and_removes_env(

@@ -23,7 +23,6 @@ instead of being used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -31,8 +30,8 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -66,8 +65,8 @@ _BUILDING_FLAG = "building"
 _CLEANUP_TIMEOUT = 120.0
 #: Executables whose ``--help`` probe has succeeded in this process.
 _PROBED: set[str] = set()
-#: In-process single flight: record directory → the lock its creators queue on.
-_LOCKS: dict[str, tuple[anyio.Lock, list[int]]] = {}
+#: In-process single flight: record directory and conda → its callers (see _Flight).
+_FLIGHTS: dict[str, _Flight] = {}
 
 
 @dataclass(frozen=True)
@@ -134,8 +133,7 @@ async def prepare_conda_env(
     tools = await find_conda_tools()
     record = env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
     creator = _Creator(tools, name, spec_path, project.directory, record, on_output)
-    async with _exclusive(record):
-        prefix = await creator.ensure()
+    prefix = await _ensure_once(creator)
     return PreparedEnv(
         manager="conda",
         tag="conda",
@@ -249,28 +247,45 @@ async def _read_spec(project: Project) -> tuple[Path | None, str]:
     return path, text
 
 
-# --- locking -------------------------------------------------------------------------
+# --- single flight -----------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _exclusive(record: Path) -> AsyncIterator[None]:
-    """Hold the in-process lock for ``record`` and then ``flock`` on ``<record>.lock``.
+@dataclass
+class _Flight:
+    """Callers in this process preparing one environment: they queue on ``lock``; the
+    first to succeed leaves the prefix for the others, so N callers list conda's
+    environments once rather than N times. Nothing is kept once all have left."""
 
-    Waiting is cancellable and holds no thread (see :func:`aioproj.envs.cache._file_lock`).
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    users: int = 0
+    done: bool = False
+    prefix: Path | None = None
+
+
+async def _ensure_once(creator: _Creator) -> Path | None:
+    """``creator.ensure()`` single-flight in the process and under ``flock`` on
+    ``<record>.lock`` across processes (see :func:`aioproj.envs.cache._file_lock`).
+
+    Waiting is cancellable and holds no thread; a failed attempt leaves the next waiter
+    to try again.
     """
-    key = str(record)
-    entry = _LOCKS.get(key)
-    if entry is None:
-        entry = _LOCKS[key] = (anyio.Lock(), [0])
-    lock, users = entry
-    users[0] += 1
+    key = f"{creator.record}\0{creator.tools.conda}"
+    flight = _FLIGHTS.get(key)
+    if flight is None:
+        flight = _FLIGHTS[key] = _Flight()
+    flight.users += 1
     try:
-        async with lock, _file_lock(record.with_name(record.name + ".lock")):
-            yield
+        async with flight.lock:
+            if not flight.done:
+                lock_file = creator.record.with_name(creator.record.name + ".lock")
+                async with _file_lock(lock_file):
+                    flight.prefix = await creator.ensure()
+                flight.done = True
+            return flight.prefix
     finally:
-        users[0] -= 1
-        if users[0] == 0:
-            del _LOCKS[key]
+        flight.users -= 1
+        if flight.users == 0:
+            del _FLIGHTS[key]
 
 
 # --- creating ------------------------------------------------------------------------
