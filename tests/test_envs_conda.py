@@ -24,6 +24,7 @@ import pytest
 import aioproj.envs.conda as conda_module
 from aioproj import Runner, RunStatus
 from aioproj.envs import prepare_env
+from aioproj.envs.cache import env_dir_for
 from aioproj.envs.conda import conda_env_name
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project, load_project
@@ -245,7 +246,7 @@ async def test_creates_with_mlflows_exact_commands(
         f"source {fake_conda.bin}/../etc/profile.d/conda.sh && conda activate {name} 1>&2"
     )
     # The record: complete marker, no building flag, lock file beside it.
-    record = conda_module.env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
+    record = env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
     marker = json.loads(await anyio.Path(record / ".aioproj-env.json").read_text())
     assert marker["name"] == name
     assert not await anyio.Path(record / "building").exists()
@@ -393,6 +394,7 @@ from pathlib import Path
 import anyio
 
 from aioproj.envs import prepare_env
+from aioproj.envs.cache import env_dir_for
 from aioproj.project import load_project
 
 
@@ -440,7 +442,7 @@ async def test_failed_create_surfaces_pip_error_and_removes_env(
     assert ["remove", "--yes", "--name", name, "--all"] in await calls(fake_conda)
     assert await anyio.to_thread.run_sync(fake_conda.envs) == []
     assert not await anyio.Path(fake_conda.root / "envs" / name).exists()
-    record = conda_module.env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
+    record = env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
     assert not await anyio.Path(record / "building").exists()
 
     # Fixed: the next preparation creates it afresh.
@@ -475,7 +477,7 @@ async def test_cancel_during_create_kills_it_and_removes_env(
     assert process_gone(create_pid)
     assert ["remove", "--yes", "--name", name, "--all"] in [r["argv"] for r in records]
     assert not await anyio.Path(fake_conda.root / "envs" / name).exists()
-    record = conda_module.env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
+    record = env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
     assert not await anyio.Path(record / "building").exists()
 
 
@@ -487,7 +489,7 @@ async def test_env_left_half_made_by_a_crash_is_rebuilt(
     prefix = fake_conda.root / "envs" / name
     await anyio.Path(prefix / "bin").mkdir(parents=True)
     await anyio.Path(fake_conda.root / "state.json").write_text(json.dumps([str(prefix)]))
-    record = conda_module.env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
+    record = env_dir_for(cache_dir, "conda", name.removeprefix("mlflow-"))
     await anyio.Path(record).mkdir(parents=True)
     await anyio.Path(record / "building").write_text("12345")
     env = await prepare_env(project, "conda", cache_dir=cache_dir)
