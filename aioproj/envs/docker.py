@@ -1,0 +1,501 @@
+"""The ``docker`` environment: ``docker_env`` projects run with ``docker run`` (docker CLI).
+
+Preparation (before any run is tracked) checks what MLflow checks: the project has a name
+(it tags built images), ``docker`` is on PATH and ``docker info`` succeeds. Then either
+
+* ``build_image=False`` (the default): the base image is used as it is, pulled if it is
+  not present (after ``docker login`` when ``docker_auth`` is given). Unlike MLflow
+  (#8077), the project directory is mounted at ``/mlflow/projects/code`` and made the
+  working directory, so the entry point finds its files;
+* ``build_image=True``: an image ``<project name>:<git sha[:7] or "latest">`` is built from
+  a generated Dockerfile (``FROM <image>``, ``COPY . /mlflow/projects/code/``,
+  ``WORKDIR /mlflow/projects/code/``) in a temporary copy of the project without
+  ``mlruns``, removed afterwards.
+
+The run is ``docker run --rm [docker_args] [-v ...] [-w ...] [-e NAME ...] <image> <command>``
+through bash, the entry-point command appended as MLflow appends it. Every variable goes
+into the container as ``-e NAME``, never ``-e NAME=value``: docker copies the value from
+its own environment, so values (tokens, keys, passwords) never appear on a command line,
+in a log line, in a tag or in an error. A local tracking store is mounted at
+``/mlflow/tmp/mlruns`` (and at its own path, so artifact URIs recorded in it resolve) and
+``MLFLOW_TRACKING_URI`` is rewritten for the container.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from aioproj.errors import EnvironmentBuildError
+from aioproj.project import Project
+
+from ._steps import OutputTail, _kill_group, run_step
+from .base import PreparedEnv
+
+__all__ = [
+    "CODE_DIR",
+    "CONTAINER_TRACKING_DIR",
+    "DockerPreparedEnv",
+    "container_env_names",
+    "docker_args_argv",
+    "docker_run_argv",
+    "dockerfile_text",
+    "image_tag",
+    "prepare_docker_env",
+    "tracking_mount",
+]
+
+logger = logging.getLogger("aioproj.envs")
+
+#: Where the project's code is inside the container (MLflow's path).
+CODE_DIR = "/mlflow/projects/code"
+#: Where a local tracking store is mounted inside the container (MLflow's path).
+CONTAINER_TRACKING_DIR = "/mlflow/tmp/mlruns"
+#: The variables every run passes into its container (by name: values stay on the host).
+TRACKING_ENV_NAMES = (
+    "MLFLOW_RUN_ID",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_ALLOW_FILE_STORE",
+)
+#: Databricks credentials forwarded (by name) when runs are tracked in Databricks.
+DATABRICKS_ENV_NAMES = (
+    "DATABRICKS_HOST",
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_USERNAME",
+    "DATABRICKS_PASSWORD",
+    "DATABRICKS_INSECURE",
+    "DATABRICKS_CLIENT_ID",
+    "DATABRICKS_CLIENT_SECRET",
+)
+#: Credentials of an MLflow tracking server, forwarded (by name) for http(s) URIs.
+HTTP_TRACKING_ENV_NAMES = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+)
+
+_NO_NAME = "Project name in MLProject must be specified when using docker for image tagging."
+_NO_DOCKER = (
+    "Could not find Docker executable. Ensure Docker is installed as per the instructions "
+    "at https://docs.docker.com/install/overview/."
+)
+_EXCLUDED_FROM_BUILD = ("mlruns",)
+
+OutputCallback = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class DockerPreparedEnv(PreparedEnv):
+    """A docker environment: :meth:`wrap` turns the entry point into ``docker run``.
+
+    ``run_prefix`` is the shell text before the entry-point command: variable
+    assignments that hold no secret (the container's tracking URI) and the quoted
+    ``docker run`` argv.
+    """
+
+    run_prefix: str = ""
+    image_uri: str = ""
+    image_id: str = ""
+    run_argv: tuple[str, ...] = field(default=())
+
+    def wrap(self, command: str) -> str:
+        """``<prefix> <command>``: the command is appended as MLflow appends it, so the
+        host shell splits it into the container's argv."""
+        return f"{self.run_prefix} {command}"
+
+
+# -- pure command building --------------------------------------------------------------
+
+
+def docker_args_argv(docker_args: Mapping[str, str | bool]) -> list[str]:
+    """``docker run`` options from ``docker_args`` as MLflow builds them.
+
+    ``{"gpus": "all"}`` → ``--gpus all``; ``{"privileged": True}`` → ``--privileged``;
+    one-character names take one dash (``{"t": True}`` → ``-t``). A value of ``False``
+    leaves the flag out (MLflow would pass the string ``False``). Raises nothing.
+    """
+    argv: list[str] = []
+    for name, value in docker_args.items():
+        option = f"-{name}" if len(name) == 1 else f"--{name}"
+        if value is True:
+            argv.append(option)
+        elif value is False:
+            continue
+        else:
+            argv += [option, str(value)]
+    return argv
+
+
+def tracking_mount(tracking_uri: str) -> tuple[str, str] | None:
+    """``(host path, container URI)`` when ``tracking_uri`` is a local store, else None.
+
+    A path, ``file:`` or ``sqlite:`` URI without a host is mounted at
+    :data:`CONTAINER_TRACKING_DIR`, and the container logs to ``file:///mlflow/tmp/mlruns``
+    (``sqlite:///mlflow/tmp/mlruns``), as MLflow does. Raises nothing. A relative path
+    is made absolute against the working directory (blocking: call it in a thread).
+    """
+    if not tracking_uri or tracking_uri.startswith("databricks"):
+        return None
+    parsed = urllib.parse.urlparse(tracking_uri)
+    scheme = parsed.scheme.lower()
+    if len(scheme) == 1:  # a Windows drive letter
+        scheme = ""
+    if parsed.netloc or scheme not in ("", "file", "sqlite"):
+        return None
+    if scheme == "sqlite":  # SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db
+        path = os.path.abspath(urllib.request.url2pathname(parsed.path[1:]))
+        return path, f"sqlite://{CONTAINER_TRACKING_DIR}"
+    path = os.path.abspath(urllib.request.url2pathname(parsed.path))
+    return path, f"file://{CONTAINER_TRACKING_DIR}"
+
+
+def container_env_names(
+    docker_env_items: Sequence[str | tuple[str, str]], tracking_uri: str
+) -> list[str]:
+    """The names passed with ``-e``, in order, without duplicates: the tracking variables,
+    the store's credentials (Databricks, tracking server), then ``docker_env.environment``.
+    Raises nothing."""
+    names = list(TRACKING_ENV_NAMES)
+    if tracking_uri.startswith("databricks"):
+        names += DATABRICKS_ENV_NAMES
+    elif urllib.parse.urlparse(tracking_uri).scheme.lower() in ("http", "https"):
+        names += HTTP_TRACKING_ENV_NAMES
+    for item in docker_env_items:
+        names.append(item if isinstance(item, str) else item[0])
+    return list(dict.fromkeys(names))
+
+
+def docker_run_argv(
+    docker: str,
+    image: str,
+    *,
+    docker_args: Mapping[str, str | bool] = {},
+    mounts: Sequence[str] = (),
+    workdir: str | None = None,
+    env_names: Sequence[str] = (),
+) -> list[str]:
+    """``docker run --rm`` argv up to the image: docker_args, ``-v`` for each mount (in
+    order), ``-w`` and ``-e NAME`` for each name. Raises nothing."""
+    argv = [docker, "run", "--rm", *docker_args_argv(docker_args)]
+    for mount in mounts:
+        argv += ["-v", mount]
+    if workdir is not None:
+        argv += ["-w", workdir]
+    for name in env_names:
+        argv += ["-e", name]
+    argv.append(image)
+    return argv
+
+
+def dockerfile_text(base_image: str) -> str:
+    """The generated Dockerfile of ``build_image=True``. Raises nothing."""
+    return f"FROM {base_image}\nCOPY . {CODE_DIR}/\nWORKDIR {CODE_DIR}/\n"
+
+
+def image_tag(project_name: str, git_commit: str | None) -> str:
+    """``<name>:<commit[:7]>``, or ``<name>:latest`` outside git. Raises nothing."""
+    return f"{project_name}:{git_commit[:7] if git_commit else 'latest'}"
+
+
+def missing_host_variables(
+    items: Sequence[str | tuple[str, str]], environ: Mapping[str, str]
+) -> list[str]:
+    """The copied (bare-name) ``environment`` entries that ``environ`` lacks."""
+    return [item for item in items if isinstance(item, str) and item not in environ]
+
+
+# -- preparation ------------------------------------------------------------------------
+
+
+async def prepare_docker_env(
+    project: Project,
+    *,
+    project_dir: Path | None = None,
+    docker_args: Mapping[str, str | bool] | None = None,
+    build_image: bool = False,
+    docker_auth: Mapping[str, str] | None = None,
+    tracking_uri: str = "",
+    git_commit: str | None = None,
+    on_output: OutputCallback | None = None,
+) -> DockerPreparedEnv:
+    """Check docker, get or build the image, and say how runs start their container.
+
+    ``project_dir`` defaults to ``project.directory``. ``docker_auth`` holds
+    ``registry``, ``username`` and ``password`` (fed to ``docker login`` on stdin).
+
+    Raises :class:`EnvironmentBuildError`: the project is not a docker project or has no
+    name, docker is not on PATH, ``docker info``/``login``/``pull``/``build`` fails (with
+    its output, secrets removed), or a host variable named in ``docker_env.environment``
+    is not set. Cancellation kills the docker command in progress and removes the
+    temporary build context before it propagates.
+    """
+    docker_env = project.docker_env
+    if docker_env is None:
+        raise EnvironmentBuildError(
+            "The 'docker' environment manager runs only projects with a docker_env section. "
+            "Run this project with env_manager='local' (the current environment) or "
+            "'virtualenv'."
+        )
+    if not project.name:
+        raise EnvironmentBuildError(_NO_NAME)
+    missing = missing_host_variables(docker_env.environment, os.environ)
+    if missing:
+        raise EnvironmentBuildError(
+            f"This project expects the {', '.join(missing)} environment variables to be set "
+            f"on the machine running the project, but {missing[0]} was not set. Please "
+            "ensure all expected environment variables are set."
+        )
+    directory = project_dir if project_dir is not None else project.directory
+    secrets = _secrets(docker_auth)
+    docker = await _find_docker()
+    code, output = await _docker_output([docker, "info"], cwd=directory)
+    if code != 0:
+        raise EnvironmentBuildError(
+            "Ran `docker info` to ensure docker daemon is running but it failed with the "
+            f"following output:\n{_scrub(output, secrets)}"
+        )
+    if docker_auth:
+        await _login(docker, docker_auth, cwd=directory)
+    base = docker_env.image
+    image_id = await _image_id(docker, base, cwd=directory)
+    if image_id is None:
+        await run_step(
+            [docker, "pull", base],
+            what=f"Pulling the docker image {base}",
+            hint="Check the image name, your network and registry credentials (docker_auth).",
+            cwd=directory,
+            env=os.environ,
+            on_output=_scrubbing(on_output, secrets),
+        )
+        image_id = await _require_image_id(docker, base, cwd=directory)
+    if build_image:
+        image_uri = image_tag(project.name, git_commit)
+        await _build(docker, base, image_uri, directory, on_output)
+        image_id = await _require_image_id(docker, image_uri, cwd=directory)
+    else:
+        image_uri = base
+    # abspath may read the working directory: off the event loop
+    local_store = await anyio.to_thread.run_sync(tracking_mount, tracking_uri)
+    return _run_env(
+        docker,
+        image_uri,
+        image_id,
+        project_dir=directory,
+        mount_code=not build_image,
+        docker_args=docker_args or {},
+        volumes=docker_env.volumes,
+        environment=docker_env.environment,
+        tracking_uri=tracking_uri,
+        local_store=local_store,
+    )
+
+
+def _run_env(
+    docker: str,
+    image_uri: str,
+    image_id: str,
+    *,
+    project_dir: Path,
+    mount_code: bool,
+    docker_args: Mapping[str, str | bool],
+    volumes: Sequence[str],
+    environment: Sequence[str | tuple[str, str]],
+    tracking_uri: str,
+    local_store: tuple[str, str] | None,
+) -> DockerPreparedEnv:
+    mounts: list[str] = []
+    if mount_code:
+        mounts.append(f"{project_dir}:{CODE_DIR}")
+    prefix = ""
+    if local_store is not None:
+        host, container_uri = local_store
+        mounts.append(f"{host}:{CONTAINER_TRACKING_DIR}")
+        if not tracking_uri.startswith("sqlite"):
+            mounts.append(f"{host}:{host}")  # artifact URIs recorded in the store
+        # The runner sets MLFLOW_TRACKING_URI for the docker CLI after our variables: set
+        # the container's value on the command itself (it is a fixed path, not a secret).
+        prefix = f"MLFLOW_TRACKING_URI={shlex.quote(container_uri)} "
+    mounts += volumes
+    defined = {item[0]: item[1] for item in environment if not isinstance(item, str)}
+    argv = docker_run_argv(
+        docker,
+        image_uri,
+        docker_args=docker_args,
+        mounts=mounts,
+        workdir=CODE_DIR if mount_code else None,
+        env_names=container_env_names(environment, tracking_uri),
+    )
+    return DockerPreparedEnv(
+        manager="docker",
+        tag="docker",
+        env_vars=defined,
+        tags={
+            "mlflow.docker.image.uri": image_uri,
+            "mlflow.docker.image.id": image_id,
+        },
+        run_prefix=prefix + shlex.join(argv),
+        image_uri=image_uri,
+        image_id=image_id,
+        run_argv=tuple(argv),
+    )
+
+
+async def _find_docker() -> str:
+    found = await anyio.to_thread.run_sync(shutil.which, "docker")
+    if found is None:
+        raise EnvironmentBuildError(_NO_DOCKER)
+    return found
+
+
+async def _login(docker: str, auth: Mapping[str, str], *, cwd: Path) -> None:
+    registry = auth.get("registry", "")
+    username = auth.get("username", "")
+    password = auth.get("password", "")
+    argv = [docker, "login"]
+    if registry:
+        argv.append(registry)
+    argv += ["-u", username, "--password-stdin"]
+    code, output = await _docker_output(argv, cwd=cwd, stdin=password.encode())
+    if code != 0:
+        raise EnvironmentBuildError(
+            f"docker login to {registry or 'the default registry'} as {username!r} failed "
+            f"(exit code {code}):\n{_scrub(output, _secrets(auth))}\n"
+            "Check docker_auth (registry, username, password)."
+        )
+
+
+async def _image_id(docker: str, image: str, *, cwd: Path) -> str | None:
+    """The image's id if it is present locally, else None."""
+    code, output = await _docker_output([docker, "image", "inspect", image], cwd=cwd)
+    if code != 0:
+        return None
+    try:
+        data = json.loads(output)
+        image_id = data[0]["Id"]
+    except (ValueError, LookupError, TypeError):
+        return None
+    return image_id if isinstance(image_id, str) else None
+
+
+async def _require_image_id(docker: str, image: str, *, cwd: Path) -> str:
+    image_id = await _image_id(docker, image, cwd=cwd)
+    if image_id is None:
+        raise EnvironmentBuildError(
+            f"`docker image inspect {image}` did not find the image it just got."
+        )
+    return image_id
+
+
+async def _build(
+    docker: str, base: str, tag: str, project_dir: Path, on_output: OutputCallback | None
+) -> None:
+    root = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="aioproj-docker-")))
+    try:
+        context = root / "context"
+        dockerfile = root / "Dockerfile.mlflow-autogenerated"
+        await anyio.to_thread.run_sync(_write_context, project_dir, context, dockerfile, base)
+        logger.info("Building docker image %s from %s", tag, base)
+        await run_step(
+            [docker, "build", "-t", tag, "-f", dockerfile, context],
+            what=f"Building the docker image {tag}",
+            hint="Check the base image and the Dockerfile output above.",
+            cwd=root,
+            env=os.environ,
+            on_output=on_output,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
+
+
+def _write_context(project_dir: Path, context: Path, dockerfile: Path, base: str) -> None:
+    shutil.copytree(
+        project_dir,
+        context,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(*_EXCLUDED_FROM_BUILD),
+    )
+    dockerfile.write_text(dockerfile_text(base))
+
+
+async def _docker_output(
+    argv: Sequence[str], *, cwd: Path, stdin: bytes | None = None
+) -> tuple[int, str]:
+    """Run a short docker command, its own process group; return (exit code, output).
+
+    ``stdin`` is written to the process and closed. Cancellation kills the group and
+    reaps it before propagating.
+    """
+    try:
+        process = await anyio.open_process(
+            list(argv),
+            cwd=cwd,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise EnvironmentBuildError(
+            f"Cannot run {shlex.join(argv[:3])}: {exc.strerror or exc}. {_NO_DOCKER}"
+        ) from exc
+    tail = OutputTail(limit=1 << 20)
+    try:
+        if stdin is not None:
+            assert process.stdin is not None
+            await process.stdin.send(stdin)
+            await process.stdin.aclose()
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            tail.add(chunk)
+        code = await process.wait()
+    except BaseException:
+        _kill_group(process.pid)
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    return code, tail.text(lines=10_000)
+
+
+def _secrets(auth: Mapping[str, str] | None) -> list[str]:
+    if not auth:
+        return []
+    password = auth.get("password", "")
+    return [password] if password else []
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _scrubbing(on_output: OutputCallback | None, secrets: Sequence[str]) -> OutputCallback | None:
+    if on_output is None or not secrets:
+        return on_output
+    encoded = [s.encode() for s in secrets]
+
+    def feed(chunk: bytes) -> None:
+        for secret in encoded:
+            chunk = chunk.replace(secret, b"***")
+        on_output(chunk)
+
+    return feed
