@@ -33,7 +33,7 @@ from aioproj.envs.docker import (
 from aioproj.errors import EnvironmentBuildError, RunFailedError
 from aioproj.project import load_project
 
-from .support import all_runs, make_project, read_run
+from .support import all_runs, make_project, process_gone, read_run
 
 pytestmark = pytest.mark.anyio
 
@@ -111,6 +111,14 @@ elif cmd == "build":
         for d, _, names in os.walk(context) for n in names
     )
     log()
+    if os.environ.get("FAKE_DOCKER_BUILD_SLEEP"):
+        import time
+        with open(os.path.join(state_dir, "build.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(float(os.environ["FAKE_DOCKER_BUILD_SLEEP"]))
+    if os.environ.get("FAKE_DOCKER_BUILD_FAIL"):
+        print("Step 2/3 : COPY . /mlflow/projects/code/ failed: no space left on device")
+        sys.exit(1)
     code = os.path.join(state_dir, "images", tag.replace("/", "_").replace(":", "_"))
     shutil.rmtree(code, ignore_errors=True)
     shutil.copytree(context, code)
@@ -421,6 +429,36 @@ async def test_build_image_builds_from_a_generated_dockerfile(
     # the temporary context is gone
     assert not await anyio.Path(argv[-1]).exists()
     assert not await anyio.Path(argv[4]).exists()
+
+
+async def test_failed_build_is_an_error_and_leaves_no_context(
+    docker: FakeDocker, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_DOCKER_BUILD_FAIL", "1")
+    with pytest.raises(EnvironmentBuildError, match="no space left on device") as error:
+        await prepare(project, build_image=True)
+    assert "Building the docker image docker-example:latest" in str(error.value)
+    build = next(c for c in await docker.acalls() if c["argv"][0] == "build")
+    assert not await anyio.Path(build["argv"][-1]).parent.exists()
+
+
+async def test_cancelled_build_is_killed_and_leaves_no_context(
+    docker: FakeDocker, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_DOCKER_BUILD_SLEEP", "30")
+    pid_file = anyio.Path(docker.state / "build.pid")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: prepare(project, build_image=True))
+            for _ in range(200):  # the stand-in writes its pid once the build started
+                if await pid_file.exists() and (await pid_file.read_text()).strip():
+                    break
+                await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    pid = int(await pid_file.read_text())
+    assert process_gone(pid)
+    build = next(c for c in await docker.acalls() if c["argv"][0] == "build")
+    assert not await anyio.Path(build["argv"][-1]).parent.exists()
 
 
 async def test_build_image_tag_outside_git(docker: FakeDocker, project: Path) -> None:
