@@ -1,0 +1,174 @@
+"""Credentials and retry policy of the REST store: what an MLflow client would send.
+
+Nothing here imports httpx; :mod:`aioproj.tracking.rest` builds the client from a
+:class:`HostCreds`. Reading ``~/.databrickscfg`` is file I/O, so :func:`resolve_creds`
+is meant to run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import email.utils
+import os
+import random
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+from aioproj.errors import InvalidArgumentError
+
+__all__ = ["HostCreds", "backoff_delay", "parse_retry_after", "resolve_creds"]
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+@dataclass(frozen=True)
+class HostCreds:
+    """Where and how to reach a tracking server. ``repr`` never shows the secrets."""
+
+    host: str
+    token: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    verify: bool = True
+    server_cert_path: str | None = None
+    client_cert_path: str | None = None
+
+    def auth_header(self) -> str | None:
+        """The Authorization header value, as MLflow builds it (Basic wins over Bearer)."""
+        if self.username and self.password:
+            raw = f"{self.username}:{self.password}".encode()
+            return "Basic " + base64.standard_b64encode(raw).decode("ascii")
+        if self.token:
+            return f"Bearer {self.token}"
+        return None
+
+    def secrets(self) -> tuple[str, ...]:
+        """The strings an error message must never contain."""
+        out = [s for s in (self.token, self.password) if s]
+        header = self.auth_header()
+        if header is not None:
+            out.append(header.split(" ", 1)[1])
+        return tuple(out)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def resolve_creds(uri: str) -> HostCreds:
+    """The host and credentials for an ``http(s)://`` or ``databricks[://profile]`` URI.
+
+    http(s): MLFLOW_TRACKING_TOKEN (Bearer), MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (Basic), MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH and MLFLOW_TRACKING_CLIENT_CERT_PATH.
+
+    Databricks, in the databricks-sdk's order for personal access tokens: the profile of
+    ``databricks://profile`` from the config file; else DATABRICKS_HOST and
+    DATABRICKS_TOKEN from the environment; else the profile DATABRICKS_CONFIG_PROFILE or
+    ``DEFAULT`` of DATABRICKS_CONFIG_FILE (default ``~/.databrickscfg``). A profile may
+    hold ``token``, or ``username`` and ``password``.
+
+    Raises:
+        InvalidArgumentError: both MLFLOW_TRACKING_INSECURE_TLS and a server certificate
+            are set, or no Databricks host or credentials can be found (the message names
+            where aioproj looked; it never contains a token).
+    """
+    parsed = urllib.parse.urlparse("databricks:" if uri == "databricks" else uri)
+    if parsed.scheme.lower() == "databricks":
+        return _databricks_creds(uri, parsed)
+    insecure = _env_flag("MLFLOW_TRACKING_INSECURE_TLS")
+    cert = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+    if insecure and cert:
+        raise InvalidArgumentError(
+            "MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH cannot both"
+            " be set: one turns certificate checks off, the other configures them."
+        )
+    return HostCreds(
+        host=uri.rstrip("/"),
+        token=os.environ.get("MLFLOW_TRACKING_TOKEN") or None,
+        username=os.environ.get("MLFLOW_TRACKING_USERNAME") or None,
+        password=os.environ.get("MLFLOW_TRACKING_PASSWORD") or None,
+        verify=not insecure,
+        server_cert_path=cert,
+        client_cert_path=os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
+    )
+
+
+def _databricks_creds(uri: str, parsed: urllib.parse.ParseResult) -> HostCreds:
+    profile = parsed.netloc or None
+    if profile is None and parsed.path not in ("", "/"):
+        profile = parsed.path.strip("/")  # databricks:profile
+    if profile is None:
+        host = os.environ.get("DATABRICKS_HOST")
+        token = os.environ.get("DATABRICKS_TOKEN")
+        if host and token:
+            return HostCreds(host=_normalise_host(host), token=token)
+        profile = os.environ.get("DATABRICKS_CONFIG_PROFILE") or "DEFAULT"
+    path = os.path.expanduser(os.environ.get("DATABRICKS_CONFIG_FILE") or "~/.databrickscfg")
+    config = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config.read_file(handle)
+    except FileNotFoundError:
+        config = configparser.ConfigParser()
+    except (OSError, configparser.Error) as exc:
+        raise InvalidArgumentError(
+            f"Tracking URI {uri!r}: cannot read the Databricks config file {path}: {exc}"
+        ) from exc
+    if profile == "DEFAULT":
+        section = dict(config.defaults())
+    elif config.has_section(profile):
+        section = dict(config.items(profile))
+    else:
+        section = {}
+    host = section.get("host") or os.environ.get("DATABRICKS_HOST")
+    token = section.get("token") or None
+    username = section.get("username") or None
+    password = section.get("password") or None
+    if not host or not (token or (username and password)):
+        raise InvalidArgumentError(
+            f"Tracking URI {uri!r}: no Databricks credentials found. Set DATABRICKS_HOST and"
+            f" DATABRICKS_TOKEN, or add a profile [{profile}] with host and token to {path}."
+            " (aioproj's tracking store supports personal access tokens and basic auth;"
+            " OAuth and cloud-provider auth are not supported yet.)"
+        )
+    insecure = section.get("insecure", "").strip().lower() in _TRUE
+    return HostCreds(
+        host=_normalise_host(host),
+        token=token,
+        username=username,
+        password=password,
+        verify=not insecure,
+    )
+
+
+def _normalise_host(host: str) -> str:
+    host = host.strip().rstrip("/")
+    if "://" not in host:
+        host = f"https://{host}"
+    return host
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    seconds: float = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds)
+
+
+def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 16.0) -> float:
+    """Jittered exponential backoff for retry ``attempt`` (1-based): up to base*2**(n-1)."""
+    ceiling: float = min(cap, base * 2.0 ** (attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)

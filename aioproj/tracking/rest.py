@@ -1,0 +1,686 @@
+"""The MLflow REST API (2.0) over httpx: MLflow tracking servers and Databricks workspaces.
+
+One :class:`RestStore` per tracking URI holds one pooled :class:`httpx.AsyncClient`,
+created on first use (certificates and ``~/.databrickscfg`` are read in a worker thread)
+and closed by :meth:`RestStore.aclose`; every run of a Runner shares it.
+
+Requests for one run, create to final status: ``runs/create`` (with every tag while
+there are at most 100), ``runs/log-batch`` for the params (skipped when there are none;
+more requests only past MLflow's batch limits), the output artifact ``PUT`` through the
+server's artifact proxy, and ``runs/update``. The experiment lookup (one
+``experiments/get`` or ``experiments/get-by-name``) is shared by runs started together.
+
+Failed requests are retried on 429, 500, 502, 503, 504 and connection errors with
+jittered exponential backoff, honouring Retry-After, at most ``max_tries`` attempts and
+``max_wait`` seconds of waiting in all. Requests that create something (``runs/create``)
+are retried only when the server cannot have acted on them: 429, 503 and failures to
+connect. Error messages name the host, the method and URL path, the server's
+``error_code`` and message, and never a token or password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import ssl
+import time
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from aioproj.errors import InvalidArgumentError, TrackingError
+from aioproj.tracking._http import HostCreds, backoff_delay, parse_retry_after, resolve_creds
+from aioproj.tracking.base import (
+    RUN_NAME_TAG,
+    TERMINAL_STATUSES,
+    USER_TAG,
+    RunRecord,
+    check_params,
+    check_tags,
+    generate_run_name,
+)
+
+__all__ = ["MAX_PARAMS_PER_BATCH", "MAX_TAGS_PER_BATCH", "RestError", "RestStore"]
+
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+MAX_ITEMS_PER_BATCH = 1000
+# MLflow refuses log-batch bodies over 1 MB; stay well below.
+_MAX_BATCH_BYTES = 900_000
+
+_API = "/api/2.0/mlflow"
+_ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_UNSENT_STATUSES = frozenset({429, 503})
+_DEFAULT_EXPERIMENT_ID = "0"
+_MAX_EXPERIMENT_NAME_LENGTH = 500
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class RestError(TrackingError):
+    """A tracking server answered with an error: ``status_code`` and ``error_code`` say which."""
+
+    def __init__(self, message: str, *, status_code: int, error_code: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_code = error_code
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _display_host(host: str) -> str:
+    """``host`` without any ``user:password@`` part."""
+    parsed = urllib.parse.urlsplit(host)
+    netloc = parsed.hostname or ""
+    if parsed.port is not None:
+        netloc = f"{netloc}:{parsed.port}"
+    return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, "", ""))
+
+
+def _kv(values: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"key": key, "value": value} for key, value in values.items()]
+
+
+def _check_artifact_path(artifact_path: str) -> str:
+    norm = artifact_path.replace("\\", "/")
+    parts = [part for part in norm.split("/") if part not in ("", ".")]
+    if not parts or norm.startswith("/") or norm.endswith("/") or ".." in parts:
+        raise InvalidArgumentError(
+            f"Invalid artifact path {artifact_path!r}: it must be a relative file path"
+            " without '..'."
+        )
+    return "/".join(parts)
+
+
+def _check_run_id(run_id: str) -> None:
+    if not run_id or not all(c.isalnum() or c in "-_" for c in run_id) or len(run_id) > 256:
+        raise InvalidArgumentError(f"Invalid run id {run_id!r}.")
+
+
+def _batches(
+    params: Mapping[str, str], tags: Mapping[str, str]
+) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """Split params and tags into log-batch bodies within MLflow's limits."""
+    out: list[tuple[dict[str, str], dict[str, str]]] = []
+    cur_p: dict[str, str] = {}
+    cur_t: dict[str, str] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal cur_p, cur_t, size
+        if cur_p or cur_t:
+            out.append((cur_p, cur_t))
+        cur_p, cur_t, size = {}, {}, 0
+
+    for kind, values in (("p", params), ("t", tags)):
+        for key, value in values.items():
+            item = len(key.encode()) + len(value.encode()) + 32
+            full_kind = (kind == "p" and len(cur_p) >= MAX_PARAMS_PER_BATCH) or (
+                kind == "t" and len(cur_t) >= MAX_TAGS_PER_BATCH
+            )
+            if (
+                full_kind
+                or len(cur_p) + len(cur_t) >= MAX_ITEMS_PER_BATCH
+                or (size + item > _MAX_BATCH_BYTES and (cur_p or cur_t))
+            ):
+                flush()
+            (cur_p if kind == "p" else cur_t)[key] = value
+            size += item
+    flush()
+    return out
+
+
+def _write_local(path: Path, data: bytes, append: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if append:
+        with path.open("ab") as handle:
+            handle.write(data)
+        return
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _build_client(creds: HostCreds) -> httpx.AsyncClient:
+    """The pooled client (loads CA certificates: call it in a worker thread)."""
+    verify: bool | ssl.SSLContext = creds.verify
+    if creds.verify and (creds.server_cert_path or creds.client_cert_path):
+        ctx = (
+            ssl.create_default_context(cafile=creds.server_cert_path)
+            if creds.server_cert_path
+            else httpx.create_ssl_context()
+        )
+        if creds.client_cert_path:
+            ctx.load_cert_chain(creds.client_cert_path)
+        verify = ctx
+    headers = {"User-Agent": "aioproj"}
+    auth = creds.auth_header()
+    if auth is not None:
+        headers["Authorization"] = auth
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 120)
+    return httpx.AsyncClient(
+        headers=headers,
+        verify=verify,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        trust_env=True,
+    )
+
+
+class RestStore:
+    """A :class:`~aioproj.tracking.base.TrackingStore` speaking MLflow's REST API.
+
+    ``uri`` is ``http(s)://host[:port][/prefix]``, ``databricks`` or
+    ``databricks://profile``. Credentials are resolved on first use (see
+    :func:`aioproj.tracking._http.resolve_creds`). ``sleep`` waits between retries
+    (tests pass a fake); ``max_tries`` bounds the attempts of one request and
+    ``max_wait`` the seconds spent waiting between them.
+
+    Every method raises :class:`~aioproj.errors.TrackingError` (a :class:`RestError`
+    when the server answered) when the server cannot be reached or refuses, and
+    :class:`~aioproj.errors.InvalidArgumentError` for bad arguments or credentials
+    that cannot be found. Cancelling a call abandons the request in flight (its
+    connection is dropped); the server may or may not have applied it.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        sleep: Sleep | None = None,
+        max_tries: int = 5,
+        max_wait: float = 60.0,
+    ) -> None:
+        scheme = "databricks" if uri == "databricks" else urllib.parse.urlsplit(uri).scheme.lower()
+        if scheme not in ("http", "https", "databricks"):
+            raise InvalidArgumentError(f"The REST store cannot serve the tracking URI {uri!r}.")
+        self.uri: str = uri.rstrip("/") if scheme != "databricks" else uri
+        self._sleep: Sleep = sleep if sleep is not None else anyio.sleep
+        self._max_tries = max(1, max_tries)
+        self._max_wait = max_wait
+        self._client: httpx.AsyncClient | None = None
+        self._creds: HostCreds | None = None
+        self._client_lock = anyio.Lock()
+        self._name_lock = anyio.Lock()
+        self._artifact_uris: dict[str, str] = {}
+        #: HTTP requests sent (every attempt counts), for tests and benchmarks.
+        self.request_count = 0
+
+    def __repr__(self) -> str:
+        return f"RestStore({_display_host(self.uri)!r})"
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    async def _ensure_client(self) -> tuple[httpx.AsyncClient, HostCreds]:
+        async with self._client_lock:
+            if self._client is None or self._creds is None:
+                creds = await anyio.to_thread.run_sync(resolve_creds, self.uri)
+                try:
+                    client = await anyio.to_thread.run_sync(_build_client, creds)
+                except (OSError, ssl.SSLError) as exc:
+                    raise InvalidArgumentError(
+                        f"Tracking URI {_display_host(creds.host)}: cannot load the TLS"
+                        f" certificates: {exc}"
+                    ) from exc
+                self._client, self._creds = client, creds
+            return self._client, self._creds
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._creds.secrets() if self._creds else ():
+            text = text.replace(secret, "***")
+        return text
+
+    async def _request(
+        self,
+        method: str,
+        url_path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        creates: bool = False,
+        base: str | None = None,
+    ) -> httpx.Response:
+        """Send one request with retries; return the successful response.
+
+        Raises:
+            RestError: the server answered with an error status (after retries).
+            TrackingError: the server could not be reached within the retry budget.
+        """
+        client, creds = await self._ensure_client()
+        host = base or creds.host
+        url = host + url_path
+        waited = 0.0
+        attempt = 0
+        while True:
+            attempt += 1
+            self.request_count += 1
+            delay: float | None
+            try:
+                response = await client.request(
+                    method, url, json=json, params=params, content=content
+                )
+            except httpx.TransportError as exc:
+                unsent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+                failure = self._scrub(
+                    f"{_display_host(host)}: {method} {url_path} failed after {attempt}"
+                    f" attempt(s): {type(exc).__name__}: {exc}"
+                )
+                if creates and not unsent:
+                    raise TrackingError(failure) from None
+                delay = backoff_delay(attempt)
+            else:
+                if response.status_code < 400:
+                    return response
+                await response.aread()
+                failure = ""
+                if response.status_code not in _RETRY_STATUSES or (
+                    creates and response.status_code not in _UNSENT_STATUSES
+                ):
+                    raise self._error(method, url_path, response, host, attempt)
+                delay = parse_retry_after(response.headers.get("Retry-After"))
+                if delay is None:
+                    delay = backoff_delay(attempt)
+            if attempt >= self._max_tries or waited + delay > self._max_wait:
+                if failure:
+                    raise TrackingError(failure) from None
+                raise self._error(method, url_path, response, host, attempt)
+            waited += delay
+            await self._sleep(delay)
+
+    def _error(
+        self, method: str, url_path: str, response: httpx.Response, host: str, attempts: int
+    ) -> RestError:
+        code = ""
+        message = ""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            code = str(body.get("error_code") or "")
+            message = str(body.get("message") or "")
+        if not message:
+            message = response.text[:500].strip() or response.reason_phrase
+        if not code:
+            code = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}.get(
+                response.status_code, "HTTP_ERROR"
+            )
+        hint = ""
+        if response.status_code == 401:
+            hint = (
+                " (check MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD,"
+                " or the Databricks token)"
+            )
+        elif response.status_code == 403:
+            hint = " (the credentials are valid but not allowed to do this)"
+        retried = f" after {attempts} attempts" if attempts > 1 else ""
+        text = self._scrub(
+            f"{_display_host(host)}: {method} {url_path} failed{retried}: HTTP"
+            f" {response.status_code} {code}: {message}{hint}"
+        )
+        return RestError(text, status_code=response.status_code, error_code=code)
+
+    async def _call(
+        self,
+        method: str,
+        endpoint: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        creates: bool = False,
+    ) -> dict[str, Any]:
+        response = await self._request(
+            method, f"{_API}/{endpoint}", json=json, params=params, creates=creates
+        )
+        try:
+            body = response.json() if response.content else {}
+        except ValueError as exc:
+            raise TrackingError(
+                f"{_display_host(self.uri)}: {method} {_API}/{endpoint} returned a body that"
+                " is not JSON; is this an MLflow tracking server?"
+            ) from exc
+        if not isinstance(body, dict):
+            raise TrackingError(f"{_display_host(self.uri)}: unexpected answer to {endpoint}.")
+        return body
+
+    # --- experiments ------------------------------------------------------------------
+
+    async def resolve_experiment(
+        self, *, experiment_name: str | None, experiment_id: str | None
+    ) -> str:
+        """Return the id of the experiment to run in, as the file store does.
+
+        Raises:
+            InvalidArgumentError: both arguments given, an empty or too long name, or
+                MLFLOW_EXPERIMENT_ID disagreeing with MLFLOW_EXPERIMENT_NAME.
+            TrackingError: the id does not exist, the experiment is deleted, or the
+                server cannot be reached or refuses.
+        """
+        if experiment_name is not None and experiment_id is not None:
+            raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
+        if experiment_id is not None:
+            return await self._experiment_by_id(str(experiment_id))
+        if experiment_name is not None:
+            return await self._experiment_named(experiment_name)
+        env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
+        env_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+        if env_name is not None:
+            found = await self._experiment_named(env_name)
+            if env_id is not None and env_id != found:
+                raise InvalidArgumentError(
+                    f"MLFLOW_EXPERIMENT_ID={env_id!r} does not match the id {found!r} of"
+                    f" MLFLOW_EXPERIMENT_NAME={env_name!r}."
+                )
+            return found
+        return await self._experiment_by_id(env_id or _DEFAULT_EXPERIMENT_ID)
+
+    async def _experiment_by_id(self, experiment_id: str) -> str:
+        try:
+            body = await self._call(
+                "GET", "experiments/get", params={"experiment_id": experiment_id}
+            )
+        except RestError as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or exc.status_code == 404:
+                raise RestError(
+                    f"No experiment with id {experiment_id} in {_display_host(self.uri)}: {exc}",
+                    status_code=exc.status_code,
+                    error_code=exc.error_code,
+                ) from None
+            raise
+        experiment = body.get("experiment") or {}
+        if experiment.get("lifecycle_stage", "active") != "active":
+            raise TrackingError(f"Experiment with id {experiment_id} is deleted.")
+        return experiment_id
+
+    async def _get_by_name(self, name: str) -> str | None:
+        try:
+            body = await self._call(
+                "GET", "experiments/get-by-name", params={"experiment_name": name}
+            )
+        except RestError as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or exc.status_code == 404:
+                return None
+            raise
+        experiment = body.get("experiment") or {}
+        if experiment.get("lifecycle_stage", "active") != "active":
+            raise TrackingError(
+                f"Experiment {name!r} exists in deleted state; restore it or delete it"
+                " permanently to use the name again."
+            )
+        return str(experiment["experiment_id"])
+
+    async def _experiment_named(self, name: str) -> str:
+        if not name or len(name) > _MAX_EXPERIMENT_NAME_LENGTH:
+            raise InvalidArgumentError(f"Invalid experiment name: {name[:50]!r}.")
+        async with self._name_lock:
+            found = await self._get_by_name(name)
+            if found is not None:
+                return found
+            try:
+                body = await self._call("POST", "experiments/create", json={"name": name})
+            except RestError as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # Another client created it between our two requests.
+                found = await self._get_by_name(name)
+                if found is None:
+                    raise
+                return found
+            return str(body["experiment_id"])
+
+    # --- runs -------------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str | None,
+        tags: Mapping[str, str],
+        params: Mapping[str, str],
+        start_time_ms: int | None = None,
+    ) -> RunRecord:
+        """Create a RUNNING run with its tags (``runs/create``) and params (``log-batch``).
+
+        If the params cannot be logged, the run is marked FAILED (best effort) before the
+        error is raised, so no half-made run stays RUNNING.
+
+        Raises:
+            InvalidArgumentError: a bad key, or ``run_name`` disagreeing with an
+                ``mlflow.runName`` tag.
+            TrackingError: the experiment does not exist or is deleted, or the server
+                refuses or cannot be reached. Cancelled during ``runs/create``, the run
+                may exist on the server without aioproj knowing its id.
+        """
+        all_tags = check_tags(tags)
+        checked_params = check_params(params)
+        tag_name = all_tags.get(RUN_NAME_TAG)
+        if run_name and tag_name and run_name != tag_name:
+            raise InvalidArgumentError(
+                f"run_name={run_name!r} and the tag {RUN_NAME_TAG}={tag_name!r} disagree."
+            )
+        name = run_name or tag_name or generate_run_name()
+        all_tags[RUN_NAME_TAG] = name
+        start = _now_ms() if start_time_ms is None else start_time_ms
+        items = list(all_tags.items())
+        first = dict(items[:MAX_TAGS_PER_BATCH])
+        rest_tags = dict(items[MAX_TAGS_PER_BATCH:])
+        body: dict[str, Any] = {
+            "experiment_id": str(experiment_id),
+            "start_time": start,
+            "run_name": name,
+            "tags": _kv(first),
+        }
+        if USER_TAG in all_tags:
+            body["user_id"] = all_tags[USER_TAG]
+        try:
+            answer = await self._call("POST", "runs/create", json=body, creates=True)
+        except RestError as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise RestError(
+                    f"No experiment with id {experiment_id} in {_display_host(self.uri)}: {exc}",
+                    status_code=exc.status_code,
+                    error_code=exc.error_code,
+                ) from None
+            raise
+        info = (answer.get("run") or {}).get("info") or {}
+        run_id = str(info.get("run_id") or info.get("run_uuid") or "")
+        if not run_id:
+            raise TrackingError(f"{_display_host(self.uri)}: runs/create returned no run id.")
+        try:
+            await self._log_batch(run_id, checked_params, rest_tags)
+        except BaseException:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(10),
+                contextlib.suppress(TrackingError),
+            ):
+                await self.set_terminated(run_id, "FAILED")
+            raise
+        record = self._record(info, all_tags, checked_params)
+        self._artifact_uris[run_id] = record.artifact_uri
+        return record
+
+    async def _log_batch(
+        self, run_id: str, params: Mapping[str, str], tags: Mapping[str, str]
+    ) -> None:
+        for batch_params, batch_tags in _batches(params, tags):
+            await self._call(
+                "POST",
+                "runs/log-batch",
+                json={
+                    "run_id": run_id,
+                    "params": _kv(batch_params),
+                    "tags": _kv(batch_tags),
+                    "metrics": [],
+                },
+            )
+
+    def _record(
+        self, info: Mapping[str, Any], tags: Mapping[str, str], params: Mapping[str, str]
+    ) -> RunRecord:
+        end = info.get("end_time")
+        return RunRecord(
+            run_id=str(info.get("run_id") or info.get("run_uuid")),
+            experiment_id=str(info.get("experiment_id")),
+            run_name=str(info.get("run_name") or tags.get(RUN_NAME_TAG, "")),
+            status=str(info.get("status") or "RUNNING"),
+            start_time_ms=int(info.get("start_time") or 0),
+            end_time_ms=None if end in (None, "", 0, "0") else int(end),
+            artifact_uri=str(info.get("artifact_uri") or ""),
+            tags=dict(tags),
+            params=dict(params),
+        )
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """Read a run back (``runs/get``).
+
+        Raises:
+            InvalidArgumentError: a malformed run id.
+            TrackingError: no such run, or the server refuses or cannot be reached.
+        """
+        _check_run_id(run_id)
+        try:
+            body = await self._call("GET", "runs/get", params={"run_id": run_id})
+        except RestError as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or exc.status_code == 404:
+                raise RestError(
+                    f"Run '{run_id}' not found in {_display_host(self.uri)}: {exc}",
+                    status_code=exc.status_code,
+                    error_code=exc.error_code,
+                ) from None
+            raise
+        run = body.get("run") or {}
+        data = run.get("data") or {}
+        tags = {str(t["key"]): str(t.get("value", "")) for t in data.get("tags") or []}
+        params = {str(p["key"]): str(p.get("value", "")) for p in data.get("params") or []}
+        record = self._record(run.get("info") or {}, tags, params)
+        self._artifact_uris[run_id] = record.artifact_uri
+        return record
+
+    async def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set tags: one ``runs/set-tag``, or ``log-batch`` requests for several.
+
+        Raises:
+            InvalidArgumentError: a malformed run id or tag key.
+            TrackingError: no such run, or the server refuses or cannot be reached.
+        """
+        _check_run_id(run_id)
+        checked = check_tags(tags)
+        if len(checked) == 1:
+            ((key, value),) = checked.items()
+            await self._call(
+                "POST", "runs/set-tag", json={"run_id": run_id, "key": key, "value": value}
+            )
+        elif checked:
+            await self._log_batch(run_id, {}, checked)
+
+    async def set_terminated(
+        self, run_id: str, status: str, *, end_time_ms: int | None = None
+    ) -> None:
+        """Write the final status and end time (now if not given) with ``runs/update``.
+
+        Raises:
+            InvalidArgumentError: a malformed run id, or a status other than FINISHED,
+                FAILED or KILLED.
+            TrackingError: no such run, or the server refuses or cannot be reached.
+        """
+        _check_run_id(run_id)
+        if status not in TERMINAL_STATUSES:
+            raise InvalidArgumentError(
+                f"Invalid final status {status!r}; expected one of {sorted(TERMINAL_STATUSES)}."
+            )
+        end = _now_ms() if end_time_ms is None else end_time_ms
+        await self._call(
+            "POST", "runs/update", json={"run_id": run_id, "status": status, "end_time": end}
+        )
+
+    # --- artifacts --------------------------------------------------------------------
+
+    async def log_artifact_bytes(
+        self, run_id: str, artifact_path: str, data: bytes, *, append: bool = False
+    ) -> None:
+        """Write ``data`` as the artifact ``artifact_path`` of a run.
+
+        ``mlflow-artifacts:`` locations (``mlflow server`` with artifact serving) are
+        written with a PUT through the server's proxy; ``file:`` locations directly, in
+        a worker thread. ``append`` on the proxy reads the current file and writes it
+        back longer (not atomic against another writer).
+
+        Raises:
+            InvalidArgumentError: a malformed run id or artifact path.
+            TrackingError: the run's artifact store is not one of those two (the message
+                names it), or writing failed.
+        """
+        _check_run_id(run_id)
+        path = _check_artifact_path(artifact_path)
+        artifact_uri = self._artifact_uris.get(run_id)
+        if artifact_uri is None:
+            artifact_uri = (await self.get_run(run_id)).artifact_uri
+        parsed = urllib.parse.urlsplit(artifact_uri)
+        scheme = parsed.scheme.lower()
+        if scheme == "mlflow-artifacts":
+            _client, creds = await self._ensure_client()
+            base = creds.host
+            if parsed.netloc:
+                base = f"{urllib.parse.urlsplit(creds.host).scheme}://{parsed.netloc}"
+            prefix = parsed.path.strip("/")
+            url_path = f"{_ARTIFACTS_API}/{urllib.parse.quote(f'{prefix}/{path}')}"
+            if append:
+                data = await self._read_proxied(url_path, base) + data
+            await self._request("PUT", url_path, content=data, base=base)
+            return
+        if scheme == "file" or (not scheme and artifact_uri.startswith("/")):
+            local = Path(urllib.parse.unquote(parsed.path)) / path
+            try:
+                await anyio.to_thread.run_sync(functools.partial(_write_local, local, data, append))
+            except OSError as exc:
+                raise TrackingError(
+                    f"Run '{run_id}': cannot write artifact {local}: {exc}"
+                ) from exc
+            return
+        raise TrackingError(
+            f"Run '{run_id}' stores artifacts at {artifact_uri!r}: aioproj's REST store"
+            f" writes artifacts only through an MLflow artifact proxy (mlflow-artifacts:) or"
+            f" to local paths (file:); the {scheme or 'unknown'!r} artifact store is not"
+            " supported."
+        )
+
+    async def _read_proxied(self, url_path: str, base: str) -> bytes:
+        try:
+            response = await self._request("GET", url_path, base=base)
+        except RestError as exc:
+            if exc.status_code == 404 or exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return b""
+            raise
+        return response.content
+
+    # --- the rest ---------------------------------------------------------------------
+
+    def child_env(self) -> dict[str, str]:
+        """MLFLOW_TRACKING_URI; credentials reach the child through the inherited env."""
+        return {"MLFLOW_TRACKING_URI": self.uri}
+
+    async def aclose(self) -> None:
+        """Close the pooled connections; a later call opens a new client.
+
+        Cancellation: the close is shielded, so connections are released regardless.
+        """
+        client, self._client = self._client, None
+        if client is not None:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
