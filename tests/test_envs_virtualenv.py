@@ -606,9 +606,8 @@ async def test_twenty_concurrent_runs_share_one_environment(
     assert tags == ["virtualenv"] * 20
 
 
-async def test_conda_and_docker_managers_are_not_available(tmp_path: Path, cache_dir: Path) -> None:
+async def test_docker_manager_refuses_a_python_env_project(tmp_path: Path, cache_dir: Path) -> None:
     root = await anyio.to_thread.run_sync(make_project, tmp_path / "p", MLPROJECT)
     project = await anyio.to_thread.run_sync(load_project, root)
-    for manager in ("conda", "docker"):
-        with pytest.raises(EnvironmentBuildError, match=r"env_manager='local'.*'virtualenv'"):
-            await prepare_env(project, manager, cache_dir=cache_dir)
+    with pytest.raises(EnvironmentBuildError, match=r"env_manager='local'.*'virtualenv'"):
+        await prepare_env(project, "docker", cache_dir=cache_dir)
