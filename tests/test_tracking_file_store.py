@@ -318,14 +318,18 @@ def test_resolve_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    "uri",
-    ["http://host:5000", "https://host", "databricks://profile", "sqlite:///x.db",
-     "postgresql+psycopg2://u@h/db", "s3://bucket/x"],
+    ("uri", "store"),
+    [("http://host:5000", "RestStore"), ("https://host", "RestStore"),
+     ("databricks", "RestStore"), ("databricks://profile", "RestStore"),
+     ("sqlite:////tmp/x.db", "MlflowStore"), ("postgresql+psycopg2://u@h/db", "MlflowStore")],
 )  # fmt: skip
-def test_open_store_unsupported(uri: str) -> None:
-    with pytest.raises(InvalidArgumentError, match="not supported yet") as info:
-        open_store(uri)
-    assert "file:" in str(info.value)
+def test_open_store_picks_the_store_for_the_scheme(uri: str, store: str) -> None:
+    assert type(open_store(uri)).__name__ == store
+
+
+def test_open_store_empty_uri() -> None:
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        open_store("")
 
 
 def test_open_store_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
