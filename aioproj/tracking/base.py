@@ -9,11 +9,12 @@ interchangeable.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import random
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -187,3 +188,43 @@ def check_tags(tags: Mapping[str, str]) -> dict[str, str]:
 def generate_run_name() -> str:
     """A short random run name such as ``brisk-owl-407``."""
     return f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}-{random.randint(0, 999)}"
+
+
+#: The experiment every MLflow store has, used when nothing names another.
+DEFAULT_EXPERIMENT_ID = "0"
+
+
+async def choose_experiment(
+    *,
+    experiment_name: str | None,
+    experiment_id: str | None,
+    by_id: Callable[[str], Awaitable[str]],
+    by_name: Callable[[str], Awaitable[str]],
+) -> str:
+    """MLflow's rules for the experiment of a run, for any store.
+
+    An id is checked with ``by_id``; a name is found or created with ``by_name``; with
+    neither, MLFLOW_EXPERIMENT_NAME, then MLFLOW_EXPERIMENT_ID, then the Default
+    experiment "0".
+
+    Raises:
+        InvalidArgumentError: both arguments given, or MLFLOW_EXPERIMENT_ID disagreeing
+            with MLFLOW_EXPERIMENT_NAME; and whatever ``by_id`` / ``by_name`` raise.
+    """
+    if experiment_name is not None and experiment_id is not None:
+        raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
+    if experiment_id is not None:
+        return await by_id(str(experiment_id))
+    if experiment_name is not None:
+        return await by_name(experiment_name)
+    env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+    if env_name is not None:
+        found = await by_name(env_name)
+        if env_id is not None and env_id != found:
+            raise InvalidArgumentError(
+                f"MLFLOW_EXPERIMENT_ID={env_id!r} does not match the id {found!r} of"
+                f" MLFLOW_EXPERIMENT_NAME={env_name!r}."
+            )
+        return found
+    return await by_id(env_id or DEFAULT_EXPERIMENT_ID)

@@ -43,12 +43,14 @@ import yaml
 
 from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.tracking.base import (
+    DEFAULT_EXPERIMENT_ID,
     RUN_NAME_TAG,
     TERMINAL_STATUSES,
     USER_TAG,
     RunRecord,
     check_params,
     check_tags,
+    choose_experiment,
     generate_run_name,
 )
 
@@ -59,7 +61,7 @@ __all__ = ["FileStore"]
 
 _T = TypeVar("_T")
 
-DEFAULT_EXPERIMENT_ID = "0"
+
 DEFAULT_EXPERIMENT_NAME = "Default"
 _META = "meta.yaml"
 _TRASH = ".trash"
@@ -595,26 +597,12 @@ class FileStore:
             TrackingError: the id does not exist, the named experiment is deleted, or the
                 store cannot be read or written.
         """
-        if experiment_name is not None and experiment_id is not None:
-            raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
-        if experiment_id is not None:
-            return await self._experiment_by_id(str(experiment_id))
-        if experiment_name is not None:
-            return await self._experiment_named(experiment_name)
-        return await self._experiment_from_env()
-
-    async def _experiment_from_env(self) -> str:
-        env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
-        env_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
-        if env_name is not None:
-            found = await self._experiment_named(env_name)
-            if env_id is not None and env_id != found:
-                raise InvalidArgumentError(
-                    f"MLFLOW_EXPERIMENT_ID={env_id!r} does not match the id {found!r} of"
-                    f" MLFLOW_EXPERIMENT_NAME={env_name!r}."
-                )
-            return found
-        return await self._experiment_by_id(env_id or DEFAULT_EXPERIMENT_ID)
+        return await choose_experiment(
+            experiment_name=experiment_name,
+            experiment_id=experiment_id,
+            by_id=self._experiment_by_id,
+            by_name=self._experiment_named,
+        )
 
     async def _experiment_by_id(self, experiment_id: str) -> str:
         _check_experiment_id(experiment_id)

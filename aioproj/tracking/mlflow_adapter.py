@@ -30,13 +30,13 @@ from aioproj.tracking.base import (
     RunRecord,
     check_params,
     check_tags,
+    choose_experiment,
     generate_run_name,
 )
 
 __all__ = ["MlflowStore"]
 
 _T = TypeVar("_T")
-_DEFAULT_EXPERIMENT_ID = "0"
 _EXTRA_HINT = "pip install 'aioproj[mlflow]'"
 
 
@@ -237,23 +237,15 @@ class MlflowStore:
             TrackingError: the id does not exist, the experiment is deleted, or the
                 store fails.
         """
-        if experiment_name is not None and experiment_id is not None:
-            raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
-        if experiment_id is not None:
-            return await self._call(self._sync.experiment_by_id, str(experiment_id))
-        if experiment_name is not None:
-            return await self._named(experiment_name)
-        env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
-        env_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
-        if env_name is not None:
-            found = await self._named(env_name)
-            if env_id is not None and env_id != found:
-                raise InvalidArgumentError(
-                    f"MLFLOW_EXPERIMENT_ID={env_id!r} does not match the id {found!r} of"
-                    f" MLFLOW_EXPERIMENT_NAME={env_name!r}."
-                )
-            return found
-        return await self._call(self._sync.experiment_by_id, env_id or _DEFAULT_EXPERIMENT_ID)
+        return await choose_experiment(
+            experiment_name=experiment_name,
+            experiment_id=experiment_id,
+            by_id=self._by_id,
+            by_name=self._named,
+        )
+
+    async def _by_id(self, experiment_id: str) -> str:
+        return await self._call(self._sync.experiment_by_id, experiment_id)
 
     async def _named(self, name: str) -> str:
         if not name:

@@ -46,6 +46,7 @@ from aioproj.tracking.base import (
     RunRecord,
     check_params,
     check_tags,
+    choose_experiment,
     generate_run_name,
 )
 
@@ -61,7 +62,6 @@ _API = "/api/2.0/mlflow"
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _UNSENT_STATUSES = frozenset({429, 503})
-_DEFAULT_EXPERIMENT_ID = "0"
 # Requests in flight per server. A default `mlflow server` on sqlite has a database pool
 # of 5 + 10 connections and answers "QueuePool limit ... reached" beyond it, so many
 # concurrent runs queue here instead of overloading the server.
@@ -380,23 +380,12 @@ class RestStore:
             TrackingError: the id does not exist, the experiment is deleted, or the
                 server cannot be reached or refuses.
         """
-        if experiment_name is not None and experiment_id is not None:
-            raise InvalidArgumentError("Specify only one of 'experiment_name' or 'experiment_id'.")
-        if experiment_id is not None:
-            return await self._experiment_by_id(str(experiment_id))
-        if experiment_name is not None:
-            return await self._experiment_named(experiment_name)
-        env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
-        env_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
-        if env_name is not None:
-            found = await self._experiment_named(env_name)
-            if env_id is not None and env_id != found:
-                raise InvalidArgumentError(
-                    f"MLFLOW_EXPERIMENT_ID={env_id!r} does not match the id {found!r} of"
-                    f" MLFLOW_EXPERIMENT_NAME={env_name!r}."
-                )
-            return found
-        return await self._experiment_by_id(env_id or _DEFAULT_EXPERIMENT_ID)
+        return await choose_experiment(
+            experiment_name=experiment_name,
+            experiment_id=experiment_id,
+            by_id=self._experiment_by_id,
+            by_name=self._experiment_named,
+        )
 
     async def _experiment_by_id(self, experiment_id: str) -> str:
         try:
