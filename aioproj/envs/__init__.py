@@ -11,12 +11,14 @@ from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project
 
 from .base import ENV_MANAGERS, PreparedEnv
+from .cache import env_root
 from .select import select_env_manager, validate_env_manager
 from .venv import PYTHON_MANAGERS, prepare_python_env
 
 __all__ = [
     "ENV_MANAGERS",
     "PreparedEnv",
+    "env_root",
     "local_env",
     "prepare_env",
     "select_env_manager",
@@ -49,11 +51,12 @@ async def prepare_env(
     """Prepare the environment ``manager`` builds for ``project`` (cached by spec).
 
     ``local`` creates nothing. ``virtualenv`` and ``uv`` build (once, shared by
-    concurrent callers and other processes) an environment under ``cache_dir`` keyed by
-    the hash of the spec, and reuse it afterwards; build output is passed to
-    ``on_output`` as it comes. ``docker`` (docker_env projects) checks docker, pulls or
-    (``build_image``) builds the image in ``project_dir`` (default: the project's
-    directory; ``git_commit`` tags a built image) and returns the ``docker run`` wrapper;
+    concurrent callers and other processes) an environment under ``$MLFLOW_ENV_ROOT`` if
+    set, else ``cache_dir`` (see :func:`env_root`), keyed by the hash of the spec, and
+    reuse it afterwards; build output is passed to ``on_output`` as it comes.
+    ``docker`` (docker_env projects) checks docker, pulls or (``build_image``) builds the
+    image in ``project_dir`` (default: the project's directory; ``git_commit`` tags a
+    built image) and returns the ``docker run`` wrapper;
     ``docker_args``, ``docker_auth`` and ``tracking_uri`` are used only by it (see
     :mod:`aioproj.envs.docker`).
 
@@ -64,7 +67,9 @@ async def prepare_env(
     if manager == "local":
         return local_env()
     if manager in PYTHON_MANAGERS:
-        return await prepare_python_env(project, manager, cache_dir=cache_dir, on_output=on_output)
+        return await prepare_python_env(
+            project, manager, cache_dir=env_root(cache_dir), on_output=on_output
+        )
     if manager == "conda":
         from .conda import prepare_conda_env
 

@@ -29,13 +29,19 @@ from pathlib import Path
 import anyio
 
 __all__ = [
+    "ENV_ROOT_VAR",
     "MARKER_NAME",
     "EnvBuild",
     "ensure_env_dir",
     "env_dir_for",
+    "env_root",
     "is_complete",
     "read_marker",
 ]
+
+#: MLflow's variable for where its virtualenv environments live; aioproj's virtualenv and
+#: uv environments go there too when it is set.
+ENV_ROOT_VAR = "MLFLOW_ENV_ROOT"
 
 #: The file whose presence means the environment in its directory is complete.
 MARKER_NAME = ".aioproj-env.json"
@@ -63,6 +69,15 @@ class EnvBuild:
     directory: Path
     built: bool
     info: Mapping[str, object]
+
+
+def env_root(default: Path) -> Path:
+    """Where virtualenv and uv environments live: ``$MLFLOW_ENV_ROOT`` when it is set and
+    not empty (as MLflow's), else ``default`` (``<AIOPROJ_CACHE_DIR or ~/.cache/aioproj>/envs``
+    for a :class:`~aioproj.Runner`). aioproj's directories are named
+    ``virtualenv-<hash>`` / ``uv-<hash>``, so they never collide with MLflow's."""
+    explicit = os.environ.get(ENV_ROOT_VAR, "").strip()
+    return Path(explicit).expanduser() if explicit else default
 
 
 def env_dir_for(cache_dir: Path, manager: str, digest: str) -> Path:
@@ -144,17 +159,32 @@ async def _file_lock(path: Path) -> AsyncIterator[None]:
     The lock is tried without blocking in a worker thread and retried after a short
     async sleep, so waiting for another process is cancellable and holds no thread.
     """
-    fd = await anyio.to_thread.run_sync(_open_lock_file, path)
+    while True:
+        fd = await anyio.to_thread.run_sync(_open_lock_file, path)
+        try:
+            delay = _LOCK_POLL_START
+            while not await anyio.to_thread.run_sync(_try_lock, fd):
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _LOCK_POLL_MAX)
+            # ``aioproj envs prune`` deletes lock files while holding them: a lock taken
+            # on a deleted (or replaced) file protects nothing, so take the new one.
+            if await anyio.to_thread.run_sync(_is_current, fd, path):
+                yield
+                return
+        finally:
+            # Closing the descriptor releases the lock.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(os.close, fd)
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """True if ``fd`` is still the file at ``path`` (not unlinked or replaced)."""
     try:
-        delay = _LOCK_POLL_START
-        while not await anyio.to_thread.run_sync(_try_lock, fd):
-            await anyio.sleep(delay)
-            delay = min(delay * 2, _LOCK_POLL_MAX)
-        yield
-    finally:
-        # Closing the descriptor releases the lock.
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(os.close, fd)
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _open_lock_file(path: Path) -> int:
@@ -177,10 +207,19 @@ async def _complete(directory: Path) -> bool:
 
 
 async def _marker(directory: Path) -> Mapping[str, object]:
+    """The marker's contents ({} if unreadable); its mtime is set to now, which is when
+    the environment was last used (``aioproj envs list`` / ``prune --older-than``)."""
     try:
-        return await anyio.to_thread.run_sync(read_marker, directory)
+        return await anyio.to_thread.run_sync(_read_and_touch, directory)
     except (OSError, ValueError):
         return {}
+
+
+def _read_and_touch(directory: Path) -> dict[str, object]:
+    info = read_marker(directory)
+    with contextlib.suppress(OSError):  # a read-only cache is still usable
+        os.utime(directory / MARKER_NAME)
+    return info
 
 
 def _write_marker(directory: Path, info: Mapping[str, object]) -> None:
