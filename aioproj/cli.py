@@ -1,4 +1,5 @@
-"""The ``aioproj`` command: ``aioproj run`` mirrors ``mlflow run`` option for option.
+"""The ``aioproj`` command: ``aioproj run`` mirrors ``mlflow run`` option for option;
+``aioproj envs list|prune`` manages the cached environments.
 
 A thin layer: it parses options the way ``mlflow run`` does (same flags, same environment
 variables, same usage errors) and calls the async API with ``anyio.run``.
@@ -13,7 +14,10 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from aioproj.envs.manage import EnvEntry
 
 __all__ = ["main"]
 
@@ -128,7 +132,135 @@ def _build_parser() -> argparse.ArgumentParser:
         help="Return once the run has started (default: databricks). A local run is "
         "then supervised by a detached aioproj process.",
     )
+    _add_envs_parser(commands)
     return parser
+
+
+def _add_envs_parser(commands: Any) -> None:
+    envs = commands.add_parser(
+        "envs",
+        allow_abbrev=False,
+        help="List or prune the cached project environments.",
+        description=(
+            "virtualenv and uv environments live in $MLFLOW_ENV_ROOT when it is set, else "
+            "in <AIOPROJ_CACHE_DIR or ~/.cache/aioproj>/envs (with conda's record "
+            "directories); both are scanned."
+        ),
+    )
+    actions = envs.add_subparsers(dest="envs_command", metavar="ACTION")
+    actions.required = True
+    listing = actions.add_parser(
+        "list",
+        allow_abbrev=False,
+        help="One line per environment: manager, status, size, last used, created, "
+        "python, directory.",
+    )
+    listing.add_argument("--json", action="store_true", help="Print a JSON array instead.")
+    prune = actions.add_parser(
+        "prune",
+        allow_abbrev=False,
+        help="Remove broken environments, and old (--older-than) or all (--all) ones.",
+        description=(
+            "Removes virtualenv/uv environment directories and their lock files: broken "
+            "ones (a crashed build) always, plus those unused for --older-than DAYS, or "
+            "all with --all. An environment whose build is in progress is skipped. Conda "
+            "environments are not removed: the conda command that removes them is printed."
+        ),
+    )
+    prune.add_argument("--older-than", type=float, metavar="DAYS", default=None)
+    prune.add_argument("--all", dest="remove_all", action="store_true")
+    prune.add_argument(
+        "--dry-run", action="store_true", help="Say what would be removed; remove nothing."
+    )
+
+
+def _envs_command(args: argparse.Namespace) -> int:
+    import anyio
+
+    from aioproj.envs import manage
+
+    if args.envs_command == "list":
+        entries = anyio.run(manage.list_envs)
+        if args.json:
+            print(json.dumps([_entry_json(e) for e in entries], indent=2))
+        else:
+            _print_envs(entries)
+        return 0
+    if args.older_than is not None and args.older_than < 0:
+        raise UsageError("--older-than must be a number of days >= 0.")
+    if args.remove_all and args.older_than is not None:
+        raise UsageError("Specify only one of --all or --older-than.")
+
+    async def prune() -> list[manage.PruneOutcome]:
+        return await manage.prune_envs(
+            older_than_days=args.older_than, remove_all=args.remove_all, dry_run=args.dry_run
+        )
+
+    outcomes = anyio.run(prune)
+    freed = 0
+    for outcome in outcomes:
+        entry = outcome.entry
+        if outcome.action in ("removed", "would remove"):
+            freed += entry.size
+        note = f" ({outcome.note})" if outcome.note else ""
+        print(f"{outcome.action}: {entry.manager} {entry.status} {entry.directory}{note}")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{len(outcomes)} selected, {verb} {_human_size(freed)}", file=sys.stderr)
+    return 1 if any(o.action == "failed" for o in outcomes) else 0
+
+
+def _entry_json(entry: EnvEntry) -> dict[str, Any]:
+    return {
+        "manager": entry.manager,
+        "directory": str(entry.directory),
+        "status": entry.status,
+        "size": entry.size,
+        "created": entry.created,
+        "last_used": entry.last_used,
+        "python_version": entry.python_version,
+        "conda_name": entry.conda_name,
+        "conda_prefix": entry.conda_prefix,
+    }
+
+
+def _print_envs(entries: Sequence[EnvEntry]) -> None:
+    import time
+
+    def when(stamp: float | None) -> str:
+        return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+    rows = [("MANAGER", "STATUS", "SIZE", "LAST USED", "CREATED", "PYTHON", "DIRECTORY")]
+    for e in entries:
+        directory = str(e.directory)
+        if e.conda_name:
+            directory += f" (conda env {e.conda_name})"
+        rows.append(
+            (
+                e.manager,
+                e.status,
+                _human_size(e.size),
+                when(e.last_used),
+                when(e.created),
+                e.python_version or "-",
+                directory,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True))
+            + "  "
+            + row[6]
+        )
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}G"
 
 
 def _pairs(values: Sequence[str], *, option: str, flags: bool) -> dict[str, Any]:
@@ -353,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         if args.env_file:
             _load_env_file(args.env_file)
-        code = _run_command(args, argv)
+        code = _envs_command(args) if args.command == "envs" else _run_command(args, argv)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"aioproj: error: {exc}", file=sys.stderr)
