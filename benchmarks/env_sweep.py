@@ -54,7 +54,9 @@ def mlflow_sweep(project: Path, runs: int) -> tuple[float, int]:
 
     started = time.perf_counter()
     submitted = [
-        mlflow.projects.run(str(project), env_manager="virtualenv", synchronous=False)
+        mlflow.projects.run(
+            str(project), parameters={}, env_manager="virtualenv", synchronous=False
+        )
         for _ in range(runs)
     ]
     results = [run.wait() for run in submitted]
