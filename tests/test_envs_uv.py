@@ -164,3 +164,23 @@ async def test_missing_uv_says_pip_install_uv(
     with pytest.raises(EnvironmentBuildError, match="pip install uv"):
         await prepare_env(project, "uv", cache_dir=cache_dir)
     assert await list_env_dirs(cache_dir) == []
+
+
+async def test_environment_build_output_opens_the_first_runs_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run that built the environment shows the build in its log; the next one not."""
+    from aioproj import Runner
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    root = await anyio.to_thread.run_sync(
+        make_project, tmp_path / "p", "entry_points:\n  main:\n    command: 'echo ran'\n"
+    )
+    async with Runner(echo="off", cache_dir=tmp_path / "cache") as runner:
+        first = await runner.run(str(root), env_manager="uv")
+        second = await runner.run(str(root), env_manager="uv")
+    first_log = [line async for line in first.logs()]
+    second_log = [line async for line in second.logs()]
+    assert second_log == ["ran\n"]
+    assert first_log[-1] == "ran\n"
+    assert len(first_log) > 1  # uv's own lines about creating the environment came first

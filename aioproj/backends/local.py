@@ -38,10 +38,14 @@ class LocalBackend:
     async def prepare(self, request: LaunchRequest) -> LocalLaunch:
         """Choose and prepare the environment. Raises EnvironmentBuildError."""
         manager = select_env_manager(request.project, request.env_manager)
+        # The run does not exist yet while its environment builds: keep the build's
+        # output and replay it at the start of the run's log.
+        build_output = bytearray()
         env = await prepare_env(
             request.project,
             manager,
             cache_dir=request.env_cache_dir,
+            on_output=build_output.extend,
             project_dir=request.source.directory,
             docker_args=request.docker_args,
             build_image=request.build_image,
@@ -62,6 +66,7 @@ class LocalBackend:
             command=env.wrap(request.parameters.command),
             work_dir=request.source.directory,
             env=env,
+            build_output=bytes(build_output),
         )
 
     async def aclose(self) -> None:
@@ -74,6 +79,8 @@ class LocalLaunch:
     command: str
     work_dir: Path
     env: PreparedEnv
+    #: What building the environment printed (empty when it was already built).
+    build_output: bytes = b""
 
     @property
     def tags(self) -> Mapping[str, str]:
@@ -84,6 +91,12 @@ class LocalLaunch:
 
     async def start(self, request: StartRequest) -> Execution:
         """Start the process group. Raises BackendError if it cannot start."""
+        if self.build_output:
+            request.output.feed(
+                self.build_output
+                if self.build_output.endswith(b"\n")
+                else self.build_output + b"\n"
+            )
         # Python in a pipe buffers its output in blocks; runs should stream it line by line
         # as they do on a terminal, unless the user decided otherwise.
         child_env = {
