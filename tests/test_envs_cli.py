@@ -108,7 +108,7 @@ def test_cli_run_builds_under_mlflow_env_root(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     (env_dir,) = [p for p in mlflow_root.iterdir() if p.is_dir()]
     assert env_dir.name.startswith("uv-")
-    assert done.stdout.strip() == str(env_dir)
+    assert done.stdout.strip().splitlines()[-1] == str(env_dir)
     assert not (Path(os.environ["AIOPROJ_CACHE_DIR"]) / "envs").exists()
 
 
@@ -136,7 +136,7 @@ def two_envs(tmp_path: Path) -> tuple[Path, Path, Path]:
             env={"MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()},
         )
         assert done.returncode == 0, done.stderr
-        built.append(Path(done.stdout.strip()))
+        built.append(Path(done.stdout.strip().splitlines()[-1]))  # after the build output
     assert built[0] != built[1]
     assert all(p.parent == envs_root for p in built)
     broken = envs_root / "uv-0123456789abcdef"
@@ -254,7 +254,7 @@ def test_prune_all_keeps_an_env_whose_build_holds_the_lock(
         env={"MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()},
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(env_b)
+    assert done.stdout.strip().splitlines()[-1] == str(env_b)  # after the build output
     assert (env_b / MARKER_NAME).is_file()
 
 
