@@ -291,7 +291,7 @@ def test_tracking_mount_for_local_stores_only() -> None:
     assert tracking_mount("/tmp/y") == ("/tmp/y", "file:///mlflow/tmp/mlruns")
     assert tracking_mount("sqlite:////tmp/db.sqlite") == (
         "/tmp/db.sqlite",
-        "sqlite:///mlflow/tmp/mlruns",
+        "sqlite:////mlflow/tmp/mlruns",
     )
     assert tracking_mount("http://mlflow:5000") is None
     assert tracking_mount("databricks") is None

@@ -133,3 +133,12 @@ async def test_end_to_end_run_on_sqlite(project: Path, workdir: Path) -> None:
     for view in seen:
         assert view["tags"].pop("mlflow.runName") == view.pop("run_name")
     assert on_sqlite == on_file
+
+
+async def test_database_password_never_appears_in_errors_or_repr() -> None:
+    store = MlflowStore("mysqlx://alice:S3cretPW@127.0.0.1:1/db")
+    assert "S3cretPW" not in repr(store)
+    with pytest.raises(TrackingError) as info:
+        await store.resolve_experiment(experiment_name="x", experiment_id=None)
+    assert "S3cretPW" not in str(info.value)
+    assert "alice@127.0.0.1" in str(info.value)

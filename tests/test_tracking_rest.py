@@ -496,3 +496,14 @@ async def test_unsupported_artifact_store(recorder: Recorder) -> None:
     with pytest.raises(TrackingError, match="'s3' artifact store is not supported"):
         await store.log_artifact_bytes("abc123", "a.txt", b"x")
     await store.aclose()
+
+
+async def test_redirect_is_an_error_naming_where_to_go(recorder: Recorder) -> None:
+    recorder.replies["runs/get"] = [
+        Reply(301, {}, {"Location": "https://tracking.example/api/2.0/mlflow/runs/get"})
+    ]
+    store = RestStore(recorder.uri, sleep=Sleeps())
+    with pytest.raises(RestError, match=r"redirects to https://tracking\.example") as info:
+        await store.get_run("abc123")
+    assert info.value.status_code == 301
+    await store.aclose()

@@ -30,15 +30,16 @@ class LaunchRequest:
     project: Project
     entry_point: EntryPoint
     parameters: ResolvedParameters
-    backend_config: Mapping[str, Any]
+    backend_config: Mapping[str, Any] = field(repr=False)  # may hold tokens
     env_manager: str | None
     docker_args: Mapping[str, str | bool]
     storage_dir: Path | None
     build_image: bool
-    docker_auth: Mapping[str, str] | None
+    docker_auth: Mapping[str, str] | None = field(repr=False)  # holds a password
     env_cache_dir: Path
     #: Where the run will be tracked (the resolved URI): docker runs mount a local store.
-    tracking_uri: str = ""
+    #: Not in the repr: a database or server URI can carry credentials.
+    tracking_uri: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def tracking_mount(tracking_uri: str) -> tuple[str, str] | None:
 
     A path, ``file:`` or ``sqlite:`` URI without a host is mounted at
     :data:`CONTAINER_TRACKING_DIR`, and the container logs to ``file:///mlflow/tmp/mlruns``
-    (``sqlite:///mlflow/tmp/mlruns``), as MLflow does. Raises nothing. A relative path
+    (``sqlite:////mlflow/tmp/mlruns``), as MLflow does. Raises nothing. A relative path
     is made absolute against the working directory (blocking: call it in a thread).
     """
     if not tracking_uri or tracking_uri.startswith("databricks"):
@@ -159,7 +159,7 @@ def tracking_mount(tracking_uri: str) -> tuple[str, str] | None:
         return None
     if scheme == "sqlite":  # SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db
         path = os.path.abspath(urllib.request.url2pathname(parsed.path[1:]))
-        return path, f"sqlite://{CONTAINER_TRACKING_DIR}"
+        return path, f"sqlite:///{CONTAINER_TRACKING_DIR}"  # four slashes: an absolute path
     path = os.path.abspath(urllib.request.url2pathname(parsed.path))
     return path, f"file://{CONTAINER_TRACKING_DIR}"
 

@@ -24,6 +24,7 @@ import anyio
 import anyio.to_thread
 
 from aioproj.errors import InvalidArgumentError, TrackingError
+from aioproj.sources.uri import redact_text, redact_url
 from aioproj.tracking.base import (
     RUN_NAME_TAG,
     TERMINAL_STATUSES,
@@ -80,7 +81,7 @@ class _Sync:
                 from mlflow.tracking import MlflowClient
             except ImportError as exc:
                 raise InvalidArgumentError(
-                    f"Tracking URI {self.uri!r} needs the mlflow client, which is not"
+                    f"Tracking URI {redact_url(self.uri)!r} needs the mlflow client, which is not"
                     f" installed: {_EXTRA_HINT}"
                 ) from exc
             self._client = MlflowClient(tracking_uri=self.uri)
@@ -206,7 +207,7 @@ class MlflowStore:
         self._ready = False
 
     def __repr__(self) -> str:
-        return f"MlflowStore({self.uri!r})"
+        return f"MlflowStore({redact_url(self.uri)!r})"
 
     async def _call(self, func: Callable[..., _T], *args: Any) -> _T:
         if not self._ready:
@@ -223,7 +224,9 @@ class MlflowStore:
             raise
         except Exception as exc:
             if type(exc).__name__ == "MlflowException" or isinstance(exc, OSError):
-                raise TrackingError(f"Tracking store {self.uri}: {exc}") from exc
+                # A database URI carries its password: never show it.
+                message = redact_text(f"Tracking store {self.uri}: {exc}", self.uri)
+                raise TrackingError(message) from exc
             raise
 
     async def resolve_experiment(

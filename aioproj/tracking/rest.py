@@ -293,7 +293,7 @@ class RestStore:
                     raise TrackingError(failure) from None
                 delay = backoff_delay(attempt)
             else:
-                if response.status_code < 400:
+                if response.status_code < 300:
                     return response
                 await response.aread()
                 failure = ""
@@ -330,7 +330,11 @@ class RestStore:
                 response.status_code, "HTTP_ERROR"
             )
         hint = ""
-        if response.status_code == 401:
+        if 300 <= response.status_code < 400:
+            code = "REDIRECT" if code == "HTTP_ERROR" else code
+            location = self._scrub(response.headers.get("Location", "?"))
+            hint = f" (the server redirects to {location}: use that as the tracking URI)"
+        elif response.status_code == 401:
             hint = (
                 " (check MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD,"
                 " or the Databricks token)"
@@ -606,6 +610,7 @@ class RestStore:
         await self._call(
             "POST", "runs/update", json={"run_id": run_id, "status": status, "end_time": end}
         )
+        self._artifact_uris.pop(run_id, None)  # the run is over: nothing more to write
 
     # --- artifacts --------------------------------------------------------------------
 
