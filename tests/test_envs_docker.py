@@ -638,3 +638,15 @@ async def test_secrets_are_not_in_errors(
     with pytest.raises(EnvironmentBuildError) as error:
         await prepare(project, docker_auth=auth)
     assert PASSWORD not in str(error.value)
+
+
+def test_volumes_expand_variables_and_home_on_the_host_side(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aioproj.envs.docker import expand_volume
+
+    monkeypatch.setenv("DATA_DIR", "/srv/data")
+    monkeypatch.setenv("HOME", "/home/me")
+    assert expand_volume("$DATA_DIR/x:/data") == "/srv/data/x:/data"
+    assert expand_volume("~/.aws:/root/.aws:ro") == "/home/me/.aws:/root/.aws:ro"
+    assert expand_volume("/abs:/c:$KEEP") == "/abs:/c:$KEEP"

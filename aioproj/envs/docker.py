@@ -164,6 +164,13 @@ def tracking_mount(tracking_uri: str) -> tuple[str, str] | None:
     return path, f"file://{CONTAINER_TRACKING_DIR}"
 
 
+def expand_volume(volume: str) -> str:
+    """A ``docker_env`` volume with ``$VARS`` and ``~`` expanded on its host side, as the
+    shell MLflow runs ``docker run`` through does (aioproj quotes every argument)."""
+    host, sep, rest = volume.partition(":")
+    return os.path.expanduser(os.path.expandvars(host)) + sep + rest
+
+
 def container_env_names(
     docker_env_items: Sequence[str | tuple[str, str]], tracking_uri: str
 ) -> list[str]:
@@ -330,7 +337,7 @@ def _run_env(
         # The runner sets MLFLOW_TRACKING_URI for the docker CLI after our variables: set
         # the container's value on the command itself (it is a fixed path, not a secret).
         prefix = f"MLFLOW_TRACKING_URI={shlex.quote(container_uri)} "
-    mounts += volumes
+    mounts += [expand_volume(volume) for volume in volumes]
     defined = {item[0]: item[1] for item in environment if not isinstance(item, str)}
     argv = docker_run_argv(
         docker,
