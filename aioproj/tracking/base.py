@@ -228,3 +228,23 @@ async def choose_experiment(
             )
         return found
     return await by_id(env_id or DEFAULT_EXPERIMENT_ID)
+
+
+def named_run_tags(tags: Mapping[str, str], run_name: str | None) -> tuple[dict[str, str], str]:
+    """Checked tags with ``mlflow.runName`` set, and the run's name, as every store needs.
+
+    The name is ``run_name``, else the ``mlflow.runName`` tag, else a generated one.
+
+    Raises:
+        InvalidArgumentError: a bad tag key or value, or ``run_name`` disagreeing with an
+            ``mlflow.runName`` tag.
+    """
+    all_tags = check_tags(tags)
+    tag_name = all_tags.get(RUN_NAME_TAG)
+    if run_name and tag_name and run_name != tag_name:
+        raise InvalidArgumentError(
+            f"run_name={run_name!r} and the tag {RUN_NAME_TAG}={tag_name!r} disagree."
+        )
+    name = run_name or tag_name or generate_run_name()
+    all_tags[RUN_NAME_TAG] = name
+    return all_tags, name

@@ -51,7 +51,7 @@ from aioproj.tracking.base import (
     check_params,
     check_tags,
     choose_experiment,
-    generate_run_name,
+    named_run_tags,
 )
 
 if sys.platform != "win32":
@@ -633,14 +633,7 @@ class FileStore:
             TrackingError: the experiment does not exist or is deleted, or writing failed.
         """
         _check_experiment_id(experiment_id)
-        all_tags = check_tags(tags)
-        tag_name = all_tags.get(RUN_NAME_TAG)
-        if run_name and tag_name and run_name != tag_name:
-            raise InvalidArgumentError(
-                f"run_name={run_name!r} and the tag {RUN_NAME_TAG}={tag_name!r} disagree."
-            )
-        name = run_name or tag_name or generate_run_name()
-        all_tags[RUN_NAME_TAG] = name
+        all_tags, name = named_run_tags(tags, run_name)
         start = _now_ms() if start_time_ms is None else start_time_ms
         return await self._call(
             self._layout.create_run, experiment_id, name, all_tags, check_params(params), start

@@ -32,7 +32,7 @@ from aioproj.tracking.base import (
     check_params,
     check_tags,
     choose_experiment,
-    generate_run_name,
+    named_run_tags,
 )
 
 __all__ = ["MlflowStore"]
@@ -273,15 +273,8 @@ class MlflowStore:
             TrackingError: the experiment does not exist, or the store fails (a run
                 whose params could not be logged is marked FAILED first).
         """
-        all_tags = check_tags(tags)
+        all_tags, name = named_run_tags(tags, run_name)
         checked_params = check_params(params)
-        tag_name = all_tags.get(RUN_NAME_TAG)
-        if run_name and tag_name and run_name != tag_name:
-            raise InvalidArgumentError(
-                f"run_name={run_name!r} and the tag {RUN_NAME_TAG}={tag_name!r} disagree."
-            )
-        name = run_name or tag_name or generate_run_name()
-        all_tags[RUN_NAME_TAG] = name
         start = _now_ms() if start_time_ms is None else start_time_ms
         return await self._call(
             self._sync.create_run, str(experiment_id), name, all_tags, checked_params, start

@@ -47,7 +47,7 @@ from aioproj.tracking.base import (
     check_params,
     check_tags,
     choose_experiment,
-    generate_run_name,
+    named_run_tags,
 )
 
 __all__ = ["MAX_PARAMS_PER_BATCH", "MAX_TAGS_PER_BATCH", "RestError", "RestStore"]
@@ -468,15 +468,8 @@ class RestStore:
                 refuses or cannot be reached. Cancelled during ``runs/create``, the run
                 may exist on the server without aioproj knowing its id.
         """
-        all_tags = check_tags(tags)
+        all_tags, name = named_run_tags(tags, run_name)
         checked_params = check_params(params)
-        tag_name = all_tags.get(RUN_NAME_TAG)
-        if run_name and tag_name and run_name != tag_name:
-            raise InvalidArgumentError(
-                f"run_name={run_name!r} and the tag {RUN_NAME_TAG}={tag_name!r} disagree."
-            )
-        name = run_name or tag_name or generate_run_name()
-        all_tags[RUN_NAME_TAG] = name
         start = _now_ms() if start_time_ms is None else start_time_ms
         items = list(all_tags.items())
         first = dict(items[:MAX_TAGS_PER_BATCH])
