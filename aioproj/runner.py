@@ -28,7 +28,6 @@ from aioproj._output import EchoMode, RunOutput
 from aioproj._paths import cache_root
 from aioproj._shared import SharedCalls
 from aioproj.backends import Backend, Launch, LaunchRequest, StartRequest, load_backend
-from aioproj.backends.registry import BUILTIN_BACKENDS
 from aioproj.envs import validate_env_manager
 from aioproj.errors import InvalidArgumentError, RunFailedError
 from aioproj.handle import RunStatus, SubmittedRun
@@ -378,9 +377,9 @@ class Runner:
                 )
             return backend
         if backend not in self._backends:
-            if backend in BUILTIN_BACKENDS:
+            if backend == "local":
                 loaded = load_backend(backend)
-            else:  # plugins are found by reading installed packages' metadata: off the loop
+            else:  # imports and plugin metadata read files: off the loop
                 loaded = await anyio.to_thread.run_sync(load_backend, backend)
             self._backends.setdefault(backend, loaded)
         return self._backends[backend]
