@@ -13,6 +13,7 @@ import functools
 import getpass
 import json
 import logging
+import os
 import sys
 import warnings
 import weakref
@@ -38,7 +39,8 @@ from aioproj.project import (
     resolve_parameters,
 )
 from aioproj.sources import FetchedProject, SourceCache
-from aioproj.tracking import TrackingStore, open_store, resolve_tracking_uri
+from aioproj.tracking import TrackingStore, open_store
+from aioproj.tracking.resolve import default_tracking_uri
 
 __all__ = ["Runner", "run"]
 
@@ -48,8 +50,11 @@ logger = logging.getLogger("aioproj")
 class Runner:
     """Owns the resources runs share, and the runs it started. An async context manager.
 
-    ``tracking_uri``: where runs are recorded (default: ``MLFLOW_TRACKING_URI``, else
-    ``./mlruns``). ``max_concurrency``: at most this many runs of this runner are active
+    ``tracking_uri``: where runs are recorded (default: ``MLFLOW_TRACKING_URI``, else the
+    installed MLflow's default, resolved once per runner: ``sqlite:///mlflow.db`` for
+    MLflow >= 3.7 unless ``./mlruns`` has data, else the file store ``./mlruns``).
+
+    ``max_concurrency``: at most this many runs of this runner are active
     at once; ``run()`` waits for a free slot before it creates a run. ``echo``: how run
     output reaches this process's stdout (``"labelled"`` prefixes each line with the run's
     short label, ``"plain"`` does not, ``"off"`` keeps it to ``run.logs()`` and the run's
@@ -86,6 +91,7 @@ class Runner:
         self._tg: anyio.abc.TaskGroup | None = None
         self._backends: dict[str, Backend] = {}
         self._stores: dict[str, TrackingStore] = {}
+        self._default_uri: str | None = None  # resolved once, on first use
         self._live: set[SubmittedRun] = set()
         self._state = "unopened"
         self._shared = SharedCalls()
@@ -221,7 +227,7 @@ class Runner:
             validate_env_manager(env_manager)
             the_backend = await self._backend(backend)
             config = await _load_backend_config(backend_config)
-            store = self._store()
+            store = await self._store()
 
             assert self._sources is not None
             # Runs started together (a sweep) share one fetch, one parse, one lookup.
@@ -384,8 +390,12 @@ class Runner:
             self._backends.setdefault(backend, loaded)
         return self._backends[backend]
 
-    def _store(self) -> TrackingStore:
-        uri = resolve_tracking_uri(self._tracking_uri)
+    async def _store(self) -> TrackingStore:
+        uri = self._tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # MLflow's default looks at ./mlruns and the installed MLflow
+            if self._default_uri is None:
+                self._default_uri = await anyio.to_thread.run_sync(default_tracking_uri)
+            uri = self._default_uri
         if uri not in self._stores:
             self._stores[uri] = open_store(uri)
         return self._stores[uri]

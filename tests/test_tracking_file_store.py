@@ -311,7 +311,6 @@ async def test_create_run_speed(store: FileStore) -> None:
 
 def test_resolve_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    assert resolve_tracking_uri() == (tmp_path / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///from/env")
     assert resolve_tracking_uri() == "file:///from/env"
     assert resolve_tracking_uri("http://explicit") == "http://explicit"
