@@ -9,6 +9,7 @@ fails before a run is tracked.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import getpass
 import json
@@ -45,6 +46,12 @@ from aioproj.tracking.resolve import default_tracking_uri
 __all__ = ["Runner", "run"]
 
 logger = logging.getLogger("aioproj")
+
+#: Tags added to the runs a task creates, over the usual ones: a sweep sets its parent
+#: run (``mlflow.parentRunId``) and trial number here around its ``run()`` calls.
+extra_run_tags: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "aioproj_extra_run_tags", default=None
+)
 
 
 class Runner:
@@ -326,7 +333,8 @@ class Runner:
         run_id: str | None,
         run_name: str | None,
     ) -> SubmittedRun:
-        tags = {**_run_tags(source, ep, backend_name), **launch.tags}
+        extra = extra_run_tags.get() or {}
+        tags = {**_run_tags(source, ep, backend_name), **launch.tags, **extra}
         if run_id is not None:
             record = await store.get_run(run_id)
             await store.set_tags(run_id, tags)
