@@ -1,0 +1,995 @@
+"""Sweeps: one project run with many parameter sets, results in completion order.
+
+:func:`sweep` returns a :class:`Sweep`: iterate it (``async for result in ...``) to get a
+:class:`TrialResult` as each trial ends, or await it for all of them. Parameter sets come
+from a grid (cartesian product), an explicit list of dicts, random samples of
+distributions, or a :class:`Tuner` that proposes the next set as results arrive (Optuna's
+ask/tell fits it). Every trial is an MLflow child run of one parent run of the sweep
+(``mlflow.parentRunId``), as MLflow's hyperparameter example does by hand.
+
+The sweep itself runs in a task of its own; the iterator only reads its results. Leaving
+the ``async for`` early (``break``, an exception, cancellation, Ctrl-C) or calling
+:meth:`Sweep.aclose` cancels every trial still running: each is recorded KILLED, the
+parent run too. ``async with aioproj.sweep(...) as s:`` makes that clean-up happen at a
+known point (a bare ``break`` hands it to the event loop's async-generator finaliser).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import anyio
+import anyio.abc
+
+from aioproj.errors import (
+    AioprojError,
+    BackendError,
+    EnvironmentBuildError,
+    InvalidArgumentError,
+    SourceError,
+    TrackingError,
+)
+from aioproj.handle import RunStatus, SubmittedRun
+
+if TYPE_CHECKING:
+    from aioproj._live import ProgressMode
+    from aioproj._output import EchoMode
+    from aioproj.backends import Backend
+    from aioproj.runner import Runner
+    from aioproj.tracking.base import TrackingStore
+
+__all__ = [
+    "Choice",
+    "IntUniform",
+    "LogUniform",
+    "MedianStopping",
+    "Sweep",
+    "TrialResult",
+    "TrialState",
+    "Tuner",
+    "Uniform",
+    "sweep",
+]
+
+logger = logging.getLogger("aioproj")
+
+#: Tags of a trial's child run, and of a run stopped by early stopping.
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "aioproj.sweep.trial"
+ATTEMPT_TAG = "aioproj.sweep.attempt"
+PRUNED_TAG = "aioproj.sweep.pruned"
+
+#: Errors that say the infrastructure failed, not the project: a trial is retried on them.
+RETRYABLE: tuple[type[Exception], ...] = (
+    BackendError,
+    SourceError,
+    EnvironmentBuildError,
+    TrackingError,
+)
+
+Goal = Literal["min", "max"]
+
+
+# -- parameter spaces ---------------------------------------------------------------------
+
+
+class _Distribution:
+    def sample(self, rng: random.Random) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Uniform(_Distribution):
+    """A float drawn uniformly from ``[low, high]``."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise InvalidArgumentError(f"Uniform needs low <= high, got {self.low}, {self.high}")
+
+    def sample(self, rng: random.Random) -> float:
+        return rng.uniform(self.low, self.high)
+
+
+@dataclass(frozen=True)
+class LogUniform(_Distribution):
+    """A float whose logarithm is uniform in ``[log(low), log(high)]``; ``0 < low <= high``."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low <= self.high:
+            raise InvalidArgumentError(
+                f"LogUniform needs 0 < low <= high, got {self.low}, {self.high}"
+            )
+
+    def sample(self, rng: random.Random) -> float:
+        return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+
+
+@dataclass(frozen=True)
+class IntUniform(_Distribution):
+    """An integer drawn uniformly from ``low`` to ``high``, both included."""
+
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise InvalidArgumentError(f"IntUniform needs low <= high, got {self.low}, {self.high}")
+
+    def sample(self, rng: random.Random) -> int:
+        return rng.randint(self.low, self.high)
+
+
+@dataclass(frozen=True)
+class Choice(_Distribution):
+    """One of ``values``, each as likely (a plain list in a sampled grid means the same)."""
+
+    values: tuple[Any, ...]
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        if isinstance(values, (str, bytes)) or not len(values):
+            raise InvalidArgumentError(f"Choice needs a non-empty list of values, got {values!r}")
+        object.__setattr__(self, "values", tuple(values))
+
+    def sample(self, rng: random.Random) -> Any:
+        return rng.choice(self.values)
+
+
+def _values(name: str, value: Any) -> list[Any]:
+    """The values of one grid axis: a list or tuple as given, anything else as one value."""
+    if isinstance(value, _Distribution) and not isinstance(value, Choice):
+        raise InvalidArgumentError(
+            f"Grid parameter {name!r} is a distribution ({value!r}); give samples=N to "
+            "draw random parameter sets from it."
+        )
+    values = list(value.values) if isinstance(value, Choice) else value
+    if isinstance(values, (list, tuple, range)):
+        if not len(values):
+            raise InvalidArgumentError(f"Grid parameter {name!r} has no values.")
+        return list(values)
+    return [values]
+
+
+def _check_names(grid: Mapping[str, Any]) -> None:
+    for name in grid:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"Parameter names must be non-empty strings, got {name!r}")
+
+
+def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of a grid's values (the first name varies slowest).
+
+    Raises:
+        InvalidArgumentError: an axis with no values, a distribution without sampling.
+    """
+    _check_names(grid)
+    axes = [_values(name, value) for name, value in grid.items()]
+    return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*axes)]
+
+
+def sample_space(space: Mapping[str, Any], n: int, seed: int | None) -> list[dict[str, Any]]:
+    """``n`` random parameter sets from ``space``: distributions are sampled, lists are
+    choices, other values are constants. The same seed gives the same sets.
+
+    Raises:
+        InvalidArgumentError: ``n`` < 1 or an empty list of choices.
+    """
+    _check_names(space)
+    if n < 1:
+        raise InvalidArgumentError(f"samples must be a positive integer, got {n!r}")
+    axes: dict[str, _Distribution | Any] = {}
+    for name, value in space.items():
+        if isinstance(value, _Distribution):
+            axes[name] = value
+        elif isinstance(value, (list, tuple, range)):
+            axes[name] = Choice(list(value)) if len(value) else _values(name, value)
+        else:
+            axes[name] = value
+    rng = random.Random(seed)
+    return [
+        {
+            name: axis.sample(rng) if isinstance(axis, _Distribution) else axis
+            for name, axis in axes.items()
+        }
+        for _ in range(n)
+    ]
+
+
+# -- adaptive sweeps ----------------------------------------------------------------------
+
+
+@runtime_checkable
+class Tuner(Protocol):
+    """Proposes parameter sets as results arrive (an ask/tell optimiser).
+
+    ``ask(index)`` is called whenever a trial slot is free and returns the parameters of
+    trial ``index``, or None when it has nothing more to try (the sweep then ends once
+    the running trials end). ``tell(result)`` is called as each trial ends, before the
+    result is yielded. Either may be a coroutine function. An exception from either
+    stops the sweep like a failed trial under ``fail_fast``, and is raised to the caller.
+    """
+
+    def ask(self, index: int) -> Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None:
+        """The parameters of trial ``index``, or None for no more trials."""
+        ...
+
+    def tell(self, result: TrialResult) -> Awaitable[None] | None:
+        """A trial has ended with ``result``."""
+        ...
+
+
+@dataclass(frozen=True)
+class MedianStopping:
+    """Early stopping by the median rule, on a metric the trials log as they run.
+
+    A running trial is stopped once it has logged ``metric`` at a step ``>= warmup_steps``
+    with a value worse (by ``goal``) than the median of the values that at least
+    ``min_trials`` ended trials logged at that step (their latest value at or before it).
+    A stopped trial is recorded KILLED with the tag ``aioproj.sweep.pruned`` saying why.
+    """
+
+    metric: str
+    goal: Goal = "min"
+    warmup_steps: int = 0
+    min_trials: int = 3
+
+    def __post_init__(self) -> None:
+        if self.goal not in ("min", "max"):
+            raise InvalidArgumentError(f"goal must be 'min' or 'max', got {self.goal!r}")
+        if self.min_trials < 1:
+            raise InvalidArgumentError(f"min_trials must be >= 1, got {self.min_trials!r}")
+
+    def verdict(self, step: int, value: float, ended: Sequence[Mapping[int, float]]) -> str | None:
+        """Why a trial at ``value`` on ``step`` should stop, or None to let it go on.
+
+        ``ended`` holds the ``{step: value}`` histories of ended trials. Pure.
+        """
+        if step < self.warmup_steps:
+            return None
+        peers = [v for v in (_value_at(h, step) for h in ended) if v is not None]
+        if len(peers) < self.min_trials:
+            return None
+        median = _median(peers)
+        worse = value > median if self.goal == "min" else value < median
+        if not worse:
+            return None
+        return (
+            f"median rule: {self.metric}={value:.6g} at step {step} is worse than the "
+            f"median {median:.6g} of {len(peers)} ended trials"
+        )
+
+
+def _value_at(history: Mapping[int, float], step: int) -> float | None:
+    steps = [s for s in history if s <= step]
+    return history[max(steps)] if steps else None
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+# -- trial records ------------------------------------------------------------------------
+
+
+@dataclass
+class TrialState:
+    """A trial as it is now; what a live view shows. Changed only by the sweep.
+
+    ``status`` is ``QUEUED``, ``STARTING``, ``RUNNING``, ``RETRYING``, or a final
+    ``FINISHED``/``FAILED``/``KILLED``.
+    """
+
+    index: int
+    params: dict[str, Any]
+    status: str = "QUEUED"
+    run_id: str | None = None
+    attempts: int = 0
+    started: float | None = None
+    ended: float | None = None
+    #: Latest value of each metric the run has logged.
+    metrics: dict[str, float] = field(default_factory=dict)
+    #: What went wrong, or why the trial was stopped early.
+    note: str = ""
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds since the trial's current attempt started (until it ended)."""
+        if self.started is None:
+            return None
+        return (self.ended if self.ended is not None else time.monotonic()) - self.started
+
+    @property
+    def is_done(self) -> bool:
+        return self.status in _FINAL
+
+
+_FINAL = frozenset({"FINISHED", "FAILED", "KILLED"})
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """How a trial ended. ``run_id`` is None if no run could be created for it."""
+
+    index: int
+    params: Mapping[str, Any]
+    status: RunStatus
+    run_id: str | None
+    attempts: int
+    duration: float
+    #: Final value of each metric the run logged.
+    metrics: Mapping[str, float]
+    #: The error that made the trial fail before or outside its own process, if any
+    #: (a project's non-zero exit is a plain FAILED status, with no error).
+    error: Exception | None = None
+    #: Why early stopping stopped the trial (then ``status`` is KILLED).
+    pruned: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True if the trial's run FINISHED."""
+        return self.status is RunStatus.FINISHED
+
+
+def best_of(results: Sequence[TrialResult], metric: str, goal: Goal) -> TrialResult | None:
+    """The FINISHED result with the best final ``metric``, or None."""
+    scored = [r for r in results if r.ok and metric in r.metrics]
+    if not scored:
+        return None
+    pick = min if goal == "min" else max
+    return pick(scored, key=lambda r: r.metrics[metric])
+
+
+# -- the sweep ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RunArgs:
+    uri: str
+    entry_point: str
+    version: str | None
+    docker_args: Mapping[str, str | bool] | None
+    experiment_name: str | None
+    experiment_id: str | int | None
+    backend: str | Backend
+    backend_config: Mapping[str, Any] | str | None
+    storage_dir: str | Path | None
+    env_manager: str | None
+    build_image: bool
+    docker_auth: Mapping[str, str] | None = field(repr=False)
+
+
+class Sweep:
+    """A running (or not yet started) sweep; see :func:`sweep`.
+
+    Iterate it for :class:`TrialResult` values in completion order, or await it for the
+    list of all of them. It starts on first use and can be iterated once.
+    """
+
+    def __init__(
+        self,
+        run_args: _RunArgs,
+        *,
+        planned: list[dict[str, Any]] | None,
+        tuner: Tuner | None,
+        budget: int | None,
+        max_parallel: int,
+        fail_fast: bool,
+        retries: int,
+        retry_delay: float,
+        metric: str | None,
+        goal: Goal,
+        early_stopping: MedianStopping | None,
+        runner: Runner | None,
+        tracking_uri: str | None,
+        echo: EchoMode,
+        name: str | None,
+        metrics_interval: float,
+        progress: ProgressMode | None,
+    ) -> None:
+        self._args = run_args
+        self._progress = progress
+        self._tuner = tuner
+        self._budget = budget
+        self._max_parallel = max_parallel
+        self._fail_fast = fail_fast
+        self._retries = retries
+        self._retry_delay = retry_delay
+        self.metric = metric
+        self.goal: Goal = goal
+        self._stopping = early_stopping
+        self._runner = runner
+        self._tracking_uri = tracking_uri
+        self._echo: EchoMode = echo
+        self._name = name
+        self._metrics_interval = metrics_interval
+        self.trials: list[TrialState] = [
+            TrialState(index=i, params=p) for i, p in enumerate(planned or [])
+        ]
+        self.results: list[TrialResult] = []
+        #: The MLflow run id of the sweep's parent run, once it exists.
+        self.parent_run_id: str | None = None
+        #: The sweep's own status: RUNNING, then FINISHED, FAILED (fail_fast stopped it,
+        #: or it could not start) or KILLED (cancelled).
+        self.status: RunStatus = RunStatus.SCHEDULED
+        self.error: BaseException | None = None
+        self._send, self._receive = anyio.create_memory_object_stream[TrialResult](math.inf)
+        self._listeners: list[Callable[[TrialState], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._iterated = False
+        self._histories: dict[int, dict[int, float]] = {}
+        self._halted = False  # fail_fast: a trial failed, start nothing more
+        self._handles: dict[int, SubmittedRun] = {}
+        self._store: TrackingStore | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Sweep uri={self._args.uri!r} status={self.status.value} "
+            f"trials={len(self.trials)} done={len(self.results)}>"
+        )
+
+    # -- what users call -------------------------------------------------------------------
+
+    @property
+    def total(self) -> int | None:
+        """How many trials the sweep will run; None while a tuner decides."""
+        if self._tuner is not None:
+            return self._budget
+        return len(self.trials)
+
+    @property
+    def best(self) -> TrialResult | None:
+        """The FINISHED trial with the best final value of ``metric`` so far."""
+        if self.metric is None:
+            return None
+        return best_of(self.results, self.metric, self.goal)
+
+    def start(self) -> None:
+        """Start the sweep in a task of its own (iterating or awaiting does this)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._drive(), name=f"aioproj sweep {self._args.uri}"
+            )
+
+    async def aclose(self) -> None:
+        """Stop the sweep: cancel every trial still running and record it KILLED, with the
+        parent run; wait for that. Idempotent; shielded from the caller's cancellation."""
+        if self._task is None:
+            self.status = RunStatus.KILLED
+        else:
+            if self._scope is not None:
+                self._scope.cancel()
+            else:  # not started yet: it never will
+                self._task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([self._task])
+            if not self.status.is_terminal:
+                self.status = RunStatus.KILLED
+        self._send.close()
+        self._receive.close()
+
+    async def __aenter__(self) -> Sweep:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[TrialResult]:
+        if self._iterated:
+            raise RuntimeError("A Sweep can be iterated once; use .results for what it had.")
+        self._iterated = True
+        return self._iterate()
+
+    def __await__(self) -> Generator[Any, None, list[TrialResult]]:
+        return self._collect().__await__()
+
+    async def _collect(self) -> list[TrialResult]:
+        async for _ in self:
+            pass
+        return list(self.results)
+
+    async def _iterate(self) -> AsyncIterator[TrialResult]:
+        self.start()
+        try:
+            try:
+                async for result in self._receive:
+                    yield result
+            except anyio.ClosedResourceError:  # aclose() from elsewhere
+                pass
+        finally:
+            # Reached on exhaustion, break (via the loop's finaliser), an exception in
+            # the consumer and cancellation: whatever still runs is stopped and recorded.
+            await self.aclose()
+        if self.error is not None:
+            raise self.error
+
+    def _subscribe(self, listener: Callable[[TrialState], None]) -> None:
+        """Call ``listener`` with a trial's state whenever its status changes."""
+        self._listeners.append(listener)
+
+    def _changed(self, state: TrialState, status: str, note: str | None = None) -> None:
+        state.status = status
+        if note is not None:
+            state.note = note
+        for listener in self._listeners:
+            try:
+                listener(state)
+            except Exception:  # a broken view must not break the sweep
+                logger.exception("sweep listener failed")
+
+    # -- the driver ------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        from aioproj.runner import Runner
+
+        finished = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                if self._progress is not None:
+                    from aioproj._live import show_progress
+
+                    tg.start_soon(show_progress, self, finished, self._progress)
+                try:
+                    with anyio.CancelScope() as self._scope:
+                        if self._runner is not None:
+                            await self._drive_on(self._runner)
+                        else:
+                            async with Runner(
+                                tracking_uri=self._tracking_uri, echo=self._echo
+                            ) as own:
+                                await self._drive_on(own)
+                except Exception as exc:
+                    self.status = RunStatus.FAILED
+                    self.error = exc
+                finally:
+                    if not self.status.is_terminal:
+                        self.status = RunStatus.KILLED
+                    finished.set()
+        finally:
+            self._send.close()
+
+    async def _drive_on(self, runner: Runner) -> None:
+        store = self._store = await runner._store()
+        args = self._args
+        experiment_id = await store.resolve_experiment(
+            experiment_name=args.experiment_name,
+            experiment_id=None if args.experiment_id is None else str(args.experiment_id),
+        )
+        from aioproj.runner import _user
+
+        parent = await store.create_run(
+            experiment_id,
+            run_name=self._name,
+            tags={
+                "mlflow.user": _user(),
+                "mlflow.source.name": args.uri,
+                "mlflow.source.type": "PROJECT",
+                "mlflow.project.entryPoint": args.entry_point,
+                "aioproj.sweep.size": str(self.total if self.total is not None else "?"),
+            },
+            params={},
+        )
+        self.parent_run_id = parent.run_id
+        self.status = RunStatus.RUNNING
+        outcome = RunStatus.KILLED
+        try:
+            await self._run_trials(runner)
+            outcome = RunStatus.FAILED if self._halted else RunStatus.FINISHED
+        except Exception:
+            outcome = RunStatus.FAILED
+            raise
+        finally:
+            self.status = outcome
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                await self._finish_parent(store, outcome)
+
+    async def _finish_parent(self, store: TrackingStore, outcome: RunStatus) -> None:
+        assert self.parent_run_id is not None
+        counts: dict[str, int] = {}
+        for result in self.results:
+            counts[result.status.value] = counts.get(result.status.value, 0) + 1
+        tags = {f"aioproj.sweep.{k.lower()}": str(v) for k, v in counts.items()}
+        best = self.best
+        if best is not None and best.run_id is not None and self.metric is not None:
+            tags["aioproj.sweep.best_run_id"] = best.run_id
+            tags["aioproj.sweep.best_value"] = repr(best.metrics[self.metric])
+            tags["aioproj.sweep.metric"] = f"{self.metric} ({self.goal})"
+        try:
+            if tags:
+                await store.set_tags(self.parent_run_id, tags)
+            await store.set_terminated(
+                self.parent_run_id, outcome.value, end_time_ms=int(time.time() * 1000)
+            )
+        except AioprojError as exc:
+            logger.error("Could not record the end of sweep run %s: %s", self.parent_run_id, exc)
+
+    async def _run_trials(self, runner: Runner) -> None:
+        slots = anyio.Semaphore(self._max_parallel)
+        async with anyio.create_task_group() as tg:
+            index = 0
+            while True:
+                await slots.acquire()
+                state = None if self._halted else await self._next_trial(index)
+                if state is None:
+                    slots.release()
+                    break
+                tg.start_soon(self._trial_slot, runner, state, slots, tg)
+                index += 1
+        if self._halted:
+            for state in self.trials:
+                if state.status == "QUEUED":
+                    self._changed(state, "SKIPPED")
+
+    async def _next_trial(self, index: int) -> TrialState | None:
+        if self._tuner is None:
+            return self.trials[index] if index < len(self.trials) else None
+        if self._budget is not None and index >= self._budget:
+            return None
+        asked = self._tuner.ask(index)
+        params = await asked if inspect.isawaitable(asked) else asked
+        if params is None:
+            return None
+        if not isinstance(params, Mapping):
+            raise InvalidArgumentError(
+                f"Tuner.ask must return a mapping of parameters or None, got {params!r}"
+            )
+        state = TrialState(index=index, params=dict(params))
+        self.trials.append(state)
+        return state
+
+    async def _trial_slot(
+        self,
+        runner: Runner,
+        state: TrialState,
+        slots: anyio.Semaphore,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        try:
+            result = await self._trial(runner, state)
+        finally:
+            slots.release()
+        self.results.append(result)
+        if self._tuner is not None:
+            told = self._tuner.tell(result)
+            if inspect.isawaitable(told):
+                await told
+        self._send.send_nowait(result)
+        if self._fail_fast and result.status is RunStatus.FAILED and not self._halted:
+            # Stop starting trials and cancel the running ones; they end KILLED and
+            # their results are still reported.
+            self._halted = True
+            for handle in list(self._handles.values()):
+                tg.start_soon(handle.cancel)
+
+    async def _trial(self, runner: Runner, state: TrialState) -> TrialResult:
+        """Run one trial to its end, retrying infrastructure failures."""
+        from aioproj.runner import extra_run_tags
+
+        args = self._args
+        while True:
+            state.attempts += 1
+            state.started, state.ended, state.run_id = time.monotonic(), None, None
+            state.metrics = {}
+            self._changed(state, "STARTING", "")
+            token = extra_run_tags.set(
+                {
+                    PARENT_TAG: self.parent_run_id or "",
+                    TRIAL_TAG: str(state.index),
+                    ATTEMPT_TAG: str(state.attempts),
+                }
+            )
+            try:
+                handle = await runner.run(
+                    args.uri,
+                    entry_point=args.entry_point,
+                    version=args.version,
+                    parameters=state.params,
+                    docker_args=args.docker_args,
+                    experiment_name=args.experiment_name,
+                    experiment_id=args.experiment_id,
+                    backend=args.backend,
+                    backend_config=args.backend_config,
+                    storage_dir=args.storage_dir,
+                    synchronous=False,
+                    env_manager=args.env_manager,
+                    build_image=args.build_image,
+                    docker_auth=args.docker_auth,
+                )
+            except RETRYABLE as exc:
+                if state.attempts <= self._retries and not self._halted:
+                    await self._before_retry(state, exc)
+                    continue
+                return self._ended(state, RunStatus.FAILED, error=exc)
+            except AioprojError as exc:
+                return self._ended(state, RunStatus.FAILED, error=exc)
+            finally:
+                extra_run_tags.reset(token)
+            if self._halted:  # fail_fast stopped the sweep while this run started
+                await handle.cancel()
+            status, pruned = await self._follow(state, handle)
+            if status is RunStatus.FAILED and handle.error is not None:
+                if state.attempts <= self._retries and not self._halted:
+                    await self._before_retry(state, handle.error)
+                    continue
+                return self._ended(state, status, error=handle.error)
+            return self._ended(state, status, pruned=pruned)
+
+    async def _before_retry(self, state: TrialState, exc: Exception) -> None:
+        delay = self._retry_delay * 2 ** (state.attempts - 1)
+        logger.warning(
+            "Trial %d, attempt %d failed (%s); retrying in %.1f s",
+            state.index,
+            state.attempts,
+            exc,
+            delay,
+        )
+        self._changed(state, "RETRYING", f"{type(exc).__name__}: {exc}")
+        await anyio.sleep(delay)
+
+    async def _follow(
+        self, state: TrialState, handle: SubmittedRun
+    ) -> tuple[RunStatus, str | None]:
+        """Wait for a trial's run, watching its metrics; cancel it if we are cancelled."""
+        state.run_id = handle.run_id
+        self._handles[state.index] = handle
+        self._changed(state, "RUNNING")
+        pruned: list[str] = []
+        try:
+            async with anyio.create_task_group() as watchers:
+                if self._watch_metrics:
+                    watchers.start_soon(self._watch, state, handle, pruned)
+                status = await handle
+                # The watcher ends by itself once it has read the run's final values;
+                # give it a bounded time to do so.
+                watchers.cancel_scope.deadline = anyio.current_time() + max(
+                    5.0, 4 * self._metrics_interval
+                )
+        except anyio.get_cancelled_exc_class():
+            await handle.cancel()
+            raise
+        finally:
+            self._handles.pop(state.index, None)
+        return status, (pruned[0] if pruned else None)
+
+    @property
+    def _watch_metrics(self) -> bool:
+        return self._metrics_interval > 0
+
+    async def _watch(self, state: TrialState, handle: SubmittedRun, pruned: list[str]) -> None:
+        """Keep the trial's latest metric values; stop it if early stopping says so."""
+        try:
+            async for m in handle.metrics(interval=self._metrics_interval):
+                state.metrics[m.key] = m.value
+                if self._stopping is not None and m.key == self._stopping.metric:
+                    history = self._histories.setdefault(state.index, {})
+                    history[m.step] = m.value
+                    if not pruned and not handle.done:
+                        await self._maybe_prune(state, handle, m.step, m.value, pruned)
+        except AioprojError as exc:  # the run goes on; only its live metrics are lost
+            logger.warning("Could not read the metrics of run %s: %s", handle.run_id, exc)
+
+    async def _maybe_prune(
+        self, state: TrialState, handle: SubmittedRun, step: int, value: float, pruned: list[str]
+    ) -> None:
+        assert self._stopping is not None
+        ended = [
+            self._histories[t.index]
+            for t in self.trials
+            if t.status == "FINISHED" and t.index in self._histories
+        ]
+        reason = self._stopping.verdict(step, value, ended)
+        if reason is None:
+            return
+        pruned.append(reason)
+        self._changed(state, "RUNNING", reason)
+        assert self._store is not None
+        try:
+            await self._store.set_tags(handle.run_id, {PRUNED_TAG: reason})
+        except AioprojError as exc:
+            logger.error("Could not tag pruned run %s: %s", handle.run_id, exc)
+        await handle.cancel()
+
+    def _ended(
+        self,
+        state: TrialState,
+        status: RunStatus,
+        *,
+        error: Exception | None = None,
+        pruned: str | None = None,
+    ) -> TrialResult:
+        state.ended = time.monotonic()
+        note = pruned or (f"{type(error).__name__}: {error}" if error is not None else "")
+        self._changed(state, status.value, note)
+        return TrialResult(
+            index=state.index,
+            params=dict(state.params),
+            status=status,
+            run_id=state.run_id,
+            attempts=state.attempts,
+            duration=state.duration or 0.0,
+            metrics=dict(state.metrics),
+            error=error,
+            pruned=pruned,
+        )
+
+
+def sweep(
+    uri: str,
+    grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    *,
+    samples: int | None = None,
+    seed: int | None = None,
+    tuner: Tuner | None = None,
+    max_parallel: int = 4,
+    fail_fast: bool = False,
+    retries: int = 2,
+    retry_delay: float = 1.0,
+    metric: str | None = None,
+    goal: Goal = "min",
+    early_stopping: MedianStopping | None = None,
+    runner: Runner | None = None,
+    tracking_uri: str | None = None,
+    echo: EchoMode = "off",
+    name: str | None = None,
+    metrics_interval: float = 0.5,
+    progress: bool | ProgressMode = False,
+    entry_point: str = "main",
+    version: str | None = None,
+    docker_args: Mapping[str, str | bool] | None = None,
+    experiment_name: str | None = None,
+    experiment_id: str | int | None = None,
+    backend: str | Backend = "local",
+    backend_config: Mapping[str, Any] | str | None = None,
+    storage_dir: str | Path | None = None,
+    env_manager: str | None = None,
+    build_image: bool = False,
+    docker_auth: Mapping[str, str] | None = None,
+) -> Sweep:
+    """Run the project at ``uri`` once per parameter set; see :class:`Sweep`.
+
+    Parameter sets: ``grid`` as a mapping of names to lists of values is the cartesian
+    product (a single value is held fixed); as a list of mappings it is run as given.
+    With ``samples=N`` the mapping is a space instead: ``N`` sets are drawn with
+    :class:`Uniform`, :class:`LogUniform`, :class:`IntUniform` and :class:`Choice` (a
+    list means a choice) from ``random.Random(seed)``. With ``tuner`` the sets come from
+    its ``ask`` as slots free up (``samples`` then caps the number of trials).
+
+    At most ``max_parallel`` trials run at once. With ``fail_fast`` the first FAILED
+    trial stops the sweep and the running trials are cancelled (their KILLED results are
+    still yielded); otherwise every trial runs. A trial whose run could not be started or
+    followed because of the infrastructure (:class:`BackendError`, :class:`SourceError`,
+    :class:`EnvironmentBuildError`, :class:`TrackingError`) is retried up to ``retries``
+    times, after ``retry_delay`` seconds doubling each time; a run that ends FAILED on its
+    own (the project's non-zero exit) is not. Invalid parameters fail the trial, not the
+    sweep.
+
+    ``metric``/``goal`` name the metric that :attr:`Sweep.best` and the live view rank
+    by; trials' metrics are read from tracking while they run (every
+    ``metrics_interval`` seconds; 0 turns that off). ``early_stopping`` stops trials
+    whose metric falls behind (:class:`MedianStopping`).
+
+    ``progress`` shows the sweep while it runs and a summary table at the end, on
+    stdout: ``"live"`` a rich table redrawn in place (terminals and Jupyter), ``"lines"``
+    one line per trial status change, ``True``/``"auto"`` the first when stdout is a
+    terminal or a notebook, else the second.
+
+    Runs go to ``runner`` if given (then ``tracking_uri`` and ``echo`` are its own),
+    else to a runner of the sweep's own. The other arguments are those of
+    :func:`aioproj.run`, the same for every trial.
+
+    Raises:
+        InvalidArgumentError: at once, for a bad grid, space or option. Errors of the
+            sweep itself (its tracking store, a tuner) are raised from the iteration.
+
+    Cancellation: see the module documentation; every trial still running when the
+    consumer stops is cancelled and recorded KILLED, the parent run too.
+    """
+    if max_parallel < 1:
+        raise InvalidArgumentError(f"max_parallel must be a positive integer, got {max_parallel!r}")
+    if retries < 0:
+        raise InvalidArgumentError(f"retries must be >= 0, got {retries!r}")
+    if goal not in ("min", "max"):
+        raise InvalidArgumentError(f"goal must be 'min' or 'max', got {goal!r}")
+    if runner is not None and tracking_uri is not None:
+        raise InvalidArgumentError(
+            "Pass tracking_uri to the Runner, not to sweep(), when you give a runner."
+        )
+    if not isinstance(uri, str) or not uri:
+        raise InvalidArgumentError(f"uri must be a non-empty string, got {uri!r}")
+    planned: list[dict[str, Any]] | None = None
+    if tuner is not None:
+        if grid is not None:
+            raise InvalidArgumentError("Give either a grid or a tuner, not both.")
+        if not callable(getattr(tuner, "ask", None)) or not callable(getattr(tuner, "tell", None)):
+            raise InvalidArgumentError("tuner must have ask(index) and tell(result) methods.")
+        if samples is not None and samples < 1:
+            raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
+    elif grid is None:
+        raise InvalidArgumentError(
+            "Give a grid (a mapping or a list of parameter sets) or a tuner."
+        )
+    elif isinstance(grid, Mapping):
+        planned = sample_space(grid, samples, seed) if samples is not None else expand_grid(grid)
+    else:
+        if samples is not None:
+            raise InvalidArgumentError("samples needs a mapping of parameter spaces, not a list.")
+        planned = []
+        for item in grid:
+            if not isinstance(item, Mapping):
+                raise InvalidArgumentError(
+                    f"A list of parameter sets must hold mappings, got {item!r}"
+                )
+            _check_names(item)
+            planned.append(dict(item))
+        if not planned:
+            raise InvalidArgumentError("The list of parameter sets is empty.")
+    if early_stopping is not None and metrics_interval <= 0:
+        raise InvalidArgumentError("early_stopping needs metrics_interval > 0.")
+    return Sweep(
+        _RunArgs(
+            uri=uri,
+            entry_point=entry_point,
+            version=version,
+            docker_args=docker_args,
+            experiment_name=experiment_name,
+            experiment_id=experiment_id,
+            backend=backend,
+            backend_config=backend_config,
+            storage_dir=storage_dir,
+            env_manager=env_manager,
+            build_image=build_image,
+            docker_auth=docker_auth,
+        ),
+        planned=planned,
+        tuner=tuner,
+        budget=samples,
+        max_parallel=max_parallel,
+        fail_fast=fail_fast,
+        retries=retries,
+        retry_delay=retry_delay,
+        metric=metric,
+        goal=goal,
+        early_stopping=early_stopping,
+        runner=runner,
+        tracking_uri=tracking_uri,
+        echo=echo,
+        name=name,
+        metrics_interval=metrics_interval,
+        progress=_progress_mode(progress),
+    )
+
+
+def _progress_mode(progress: bool | ProgressMode) -> ProgressMode | None:
+    if progress is True:
+        return "auto"
+    if progress is False or progress is None:
+        return None
+    if progress not in ("auto", "live", "lines"):
+        raise InvalidArgumentError(
+            f"progress must be True, False, 'auto', 'live' or 'lines', got {progress!r}"
+        )
+    return progress
