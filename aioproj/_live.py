@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.table import Table
 
-    from aioproj.sweep import Sweep, TrialState
+    from aioproj.sweeps import Sweep, TrialState
 
 __all__ = ["ProgressMode", "show_progress"]
 

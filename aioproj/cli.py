@@ -59,64 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
             "zip archive; add #subdir for a project inside it)."
         ),
     )
-    run.add_argument("uri", metavar="URI")
-    run.add_argument("-e", "--entry-point", default="main", metavar="NAME")
-    run.add_argument(
-        "-v",
-        "--version",
-        dest="project_version",
-        metavar="VERSION",
-        help="Git commit, branch or tag to run.",
-    )
-    run.add_argument(
-        "-P",
-        "--param-list",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="A parameter of the entry point; repeat for more.",
-    )
-    run.add_argument(
-        "-A",
-        "--docker-args",
-        action="append",
-        default=[],
-        metavar="NAME[=VALUE]",
-        help="An argument for `docker run` (a bare NAME is a flag); repeat for more.",
-    )
-    run.add_argument(
-        "--experiment-name",
-        help="Experiment to run in, created if missing [env MLFLOW_EXPERIMENT_NAME].",
-    )
-    run.add_argument("--experiment-id", help="Experiment id to run in [env MLFLOW_EXPERIMENT_ID].")
-    run.add_argument(
-        "-b",
-        "--backend",
-        default="local",
-        metavar="BACKEND",
-        help="local (default), databricks, kubernetes, or a plugin backend.",
-    )
-    run.add_argument(
-        "-c",
-        "--backend-config",
-        metavar="FILE_OR_JSON",
-        help="A .json file or a JSON string of backend options.",
-    )
-    run.add_argument(
-        "--env-manager",
-        choices=("local", "virtualenv", "uv", "conda"),
-        help="How to build the project's environment (default: from the project).",
-    )
-    run.add_argument(
-        "--storage-dir", help="Where to download `path` parameters [env MLFLOW_TMP_DIR]."
-    )
+    _add_project_options(run)
     run.add_argument("--run-id", help="Record into this existing run instead of a new one.")
     run.add_argument("--run-name", help="The name of the new run.")
-    run.add_argument(
-        "--build-image",
-        action="store_true",
-        help="Build a docker image with the project code inside (docker projects).",
-    )
     wait = run.add_mutually_exclusive_group()
     wait.add_argument(
         "--wait",
@@ -133,7 +78,75 @@ def _build_parser() -> argparse.ArgumentParser:
         "then supervised by a detached aioproj process.",
     )
     _add_envs_parser(commands)
+    from aioproj._cli_sweep import add_parsers
+
+    add_parsers(commands, _add_project_options)
     return parser
+
+
+def _add_project_options(
+    parser: argparse.ArgumentParser,
+    param_help: str = "A parameter of the entry point; repeat for more.",
+) -> None:
+    """The options ``aioproj run`` and ``aioproj sweep`` share (those of ``mlflow run``)."""
+    parser.add_argument("uri", metavar="URI")
+    parser.add_argument("-e", "--entry-point", default="main", metavar="NAME")
+    parser.add_argument(
+        "-v",
+        "--version",
+        dest="project_version",
+        metavar="VERSION",
+        help="Git commit, branch or tag to run.",
+    )
+    parser.add_argument(
+        "-P",
+        "--param-list",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=param_help,
+    )
+    parser.add_argument(
+        "-A",
+        "--docker-args",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="An argument for `docker run` (a bare NAME is a flag); repeat for more.",
+    )
+    parser.add_argument(
+        "--experiment-name",
+        help="Experiment to run in, created if missing [env MLFLOW_EXPERIMENT_NAME].",
+    )
+    parser.add_argument(
+        "--experiment-id", help="Experiment id to run in [env MLFLOW_EXPERIMENT_ID]."
+    )
+    parser.add_argument(
+        "-b",
+        "--backend",
+        default="local",
+        metavar="BACKEND",
+        help="local (default), databricks, kubernetes, or a plugin backend.",
+    )
+    parser.add_argument(
+        "-c",
+        "--backend-config",
+        metavar="FILE_OR_JSON",
+        help="A .json file or a JSON string of backend options.",
+    )
+    parser.add_argument(
+        "--env-manager",
+        choices=("local", "virtualenv", "uv", "conda"),
+        help="How to build the project's environment (default: from the project).",
+    )
+    parser.add_argument(
+        "--storage-dir", help="Where to download `path` parameters [env MLFLOW_TMP_DIR]."
+    )
+    parser.add_argument(
+        "--build-image",
+        action="store_true",
+        help="Build a docker image with the project code inside (docker projects).",
+    )
 
 
 def _add_envs_parser(commands: Any) -> None:
@@ -485,7 +498,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         if args.env_file:
             _load_env_file(args.env_file)
-        code = _envs_command(args) if args.command == "envs" else _run_command(args, argv)
+        if args.command == "envs":
+            code = _envs_command(args)
+        elif args.command == "run":
+            code = _run_command(args, argv)
+        else:  # sweep, runs, logs
+            from aioproj._cli_sweep import run_command
+
+            code = run_command(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"aioproj: error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Sweeps: one project run with many parameter sets, results in completion order.
+"""Sweeps (:func:`aioproj.sweep`): one project, many parameter sets, results as they end.
 
 :func:`sweep` returns a :class:`Sweep`: iterate it (``async for result in ...``) to get a
 :class:`TrialResult` as each trial ends, or await it for all of them. Parameter sets come

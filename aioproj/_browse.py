@@ -1,0 +1,218 @@
+"""Read-only views of a tracking store for ``aioproj runs`` and ``aioproj logs``.
+
+The native file store (``mlruns/``) is read directly. Every other store (``sqlite:``,
+MLflow servers, Databricks) is read with the ``mlflow`` client in a worker thread, which
+needs ``pip install 'aioproj[mlflow]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+
+from aioproj._output import ARTIFACT_PATH
+from aioproj.errors import TrackingError
+
+__all__ = ["RunRow", "list_runs", "read_output"]
+
+_STATUS_NAMES = {1: "RUNNING", 2: "SCHEDULED", 3: "FINISHED", 4: "FAILED", 5: "KILLED"}
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One line of ``aioproj runs``."""
+
+    run_id: str
+    run_name: str
+    experiment_id: str
+    status: str
+    start_time_ms: int
+    end_time_ms: int | None
+    parent_run_id: str | None
+    entry_point: str | None
+
+
+def _file_root(uri: str) -> Path | None:
+    """The root of a native file store URI; None for stores mlflow reads."""
+    from aioproj.tracking.file_store import _local_path
+    from aioproj.tracking.resolve import _scheme
+
+    return _local_path(uri) if _scheme(uri) in ("", "file") else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _tag(run_dir: Path, key: str) -> str | None:
+    try:
+        return (run_dir / "tags" / key).read_text()
+    except OSError:
+        return None
+
+
+def _file_experiments(root: Path, name: str | None, experiment_id: str | None) -> list[Path]:
+    if not root.is_dir():
+        raise TrackingError(f"No tracking store at {root}.")
+    found = []
+    for folder in sorted(root.iterdir()):
+        if folder.name.startswith(".") or folder.name == "models" or not folder.is_dir():
+            continue
+        meta = _read_yaml(folder / "meta.yaml")
+        if meta is None or meta.get("lifecycle_stage", "active") != "active":
+            continue
+        if experiment_id is not None and str(meta.get("experiment_id")) != experiment_id:
+            continue
+        if name is not None and meta.get("name") != name:
+            continue
+        found.append(folder)
+    if not found and (name is not None or experiment_id is not None):
+        what = f"named {name!r}" if name is not None else f"with id {experiment_id}"
+        raise TrackingError(f"No experiment {what} in {root}.")
+    return found
+
+
+def _file_runs(root: Path, name: str | None, experiment_id: str | None) -> list[RunRow]:
+    rows = []
+    for experiment in _file_experiments(root, name, experiment_id):
+        for run_dir in experiment.iterdir():
+            meta = _read_yaml(run_dir / "meta.yaml") if run_dir.is_dir() else None
+            if meta is None or meta.get("lifecycle_stage", "active") != "active":
+                continue
+            status = meta.get("status")
+            rows.append(
+                RunRow(
+                    run_id=str(meta.get("run_id", run_dir.name)),
+                    run_name=str(meta.get("run_name") or ""),
+                    experiment_id=experiment.name,
+                    status=_STATUS_NAMES.get(status, str(status))
+                    if isinstance(status, int)
+                    else str(status),
+                    start_time_ms=int(meta.get("start_time") or 0),
+                    end_time_ms=meta.get("end_time"),
+                    parent_run_id=_tag(run_dir, "mlflow.parentRunId"),
+                    entry_point=_tag(run_dir, "mlflow.project.entryPoint"),
+                )
+            )
+    return rows
+
+
+def _mlflow_client(uri: str) -> Any:
+    try:
+        from mlflow import MlflowClient
+    except ImportError as exc:
+        raise TrackingError(
+            f"Reading the tracking store {uri!r} needs mlflow: pip install 'aioproj[mlflow]'."
+        ) from exc
+    return MlflowClient(tracking_uri=uri)
+
+
+def _mlflow_runs(uri: str, name: str | None, experiment_id: str | None) -> list[RunRow]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = _mlflow_client(uri)
+        if experiment_id is not None:
+            ids = [experiment_id]
+        elif name is not None:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise TrackingError(f"No experiment named {name!r} in {uri}.")
+            ids = [experiment.experiment_id]
+        else:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, max_results=50000) if ids else []
+    except MlflowException as exc:
+        raise TrackingError(f"Could not list runs in {uri}: {exc.message}") from exc
+    return [
+        RunRow(
+            run_id=r.info.run_id,
+            run_name=r.info.run_name or "",
+            experiment_id=r.info.experiment_id,
+            status=r.info.status,
+            start_time_ms=r.info.start_time or 0,
+            end_time_ms=r.info.end_time,
+            parent_run_id=r.data.tags.get("mlflow.parentRunId"),
+            entry_point=r.data.tags.get("mlflow.project.entryPoint"),
+        )
+        for r in runs
+    ]
+
+
+def _list(uri: str, name: str | None, experiment_id: str | None) -> list[RunRow]:
+    root = _file_root(uri)
+    rows = _file_runs(root, name, experiment_id) if root else _mlflow_runs(uri, name, experiment_id)
+    rows.sort(key=lambda r: r.start_time_ms, reverse=True)
+    return rows
+
+
+async def list_runs(
+    uri: str, *, experiment_name: str | None = None, experiment_id: str | None = None
+) -> list[RunRow]:
+    """The runs of one experiment (or of all), newest first.
+
+    Raises:
+        TrackingError: the store or the experiment does not exist, or cannot be read.
+    """
+    return await anyio.to_thread.run_sync(_list, uri, experiment_name, experiment_id)
+
+
+def _file_output(root: Path, run_id: str) -> bytes:
+    from aioproj.tracking.file_store import _local_path
+
+    for experiment in _file_experiments(root, None, None):
+        meta = _read_yaml(experiment / run_id / "meta.yaml")
+        if meta is not None:
+            break
+    else:
+        raise TrackingError(f"Run '{run_id}' not found in {root}.")
+    artifact_uri = str(meta.get("artifact_uri", ""))
+    base = _local_path(artifact_uri)
+    if base is None:
+        raise TrackingError(f"Run '{run_id}' keeps its artifacts at {artifact_uri}.")
+    try:
+        return (base / ARTIFACT_PATH).read_bytes()
+    except FileNotFoundError as exc:
+        raise TrackingError(
+            f"Run '{run_id}' has no saved output ({ARTIFACT_PATH}): it was not started by "
+            "aioproj, or it is still running."
+        ) from exc
+
+
+def _mlflow_output(uri: str, run_id: str) -> bytes:
+    from mlflow.exceptions import MlflowException
+
+    client = _mlflow_client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, ARTIFACT_PATH, tmp)
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(
+                f"Run '{run_id}' has no saved output ({ARTIFACT_PATH}) in {uri}: {exc}"
+            ) from exc
+        return Path(os.fspath(path)).read_bytes()
+
+
+def _output(uri: str, run_id: str) -> bytes:
+    root = _file_root(uri)
+    return _file_output(root, run_id) if root else _mlflow_output(uri, run_id)
+
+
+async def read_output(uri: str, run_id: str) -> bytes:
+    """The saved output of a run (its ``aioproj/output.log`` artifact).
+
+    Raises:
+        TrackingError: no such run, or it has no saved output.
+    """
+    return await anyio.to_thread.run_sync(_output, uri, run_id)

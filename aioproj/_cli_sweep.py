@@ -1,0 +1,330 @@
+"""``aioproj sweep``, ``aioproj runs`` and ``aioproj logs``: the parts of the CLI that run
+and show many runs. Imported only when one of them is used.
+
+``-P`` takes a comma-separated list of values per parameter (``-P alpha=0.1,0.5,0.9``):
+without ``--samples`` the sweep runs every combination, with ``--samples N`` it draws N
+random sets from them; with ``--samples`` a value may also be a range:
+``uniform:LOW:HIGH``, ``loguniform:LOW:HIGH`` or ``int:LOW:HIGH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aioproj._browse import RunRow
+    from aioproj.sweeps import Sweep
+
+__all__ = ["add_parsers", "parse_axis", "run_command"]
+
+_SWEEP_PARAM_HELP = (
+    "NAME=V1,V2,...: the values of a parameter to sweep (one value holds it fixed); "
+    "with --samples also uniform:LOW:HIGH, loguniform:LOW:HIGH or int:LOW:HIGH. Repeat "
+    "for more parameters."
+)
+
+
+def add_parsers(
+    commands: Any, add_project_options: Callable[[argparse.ArgumentParser, str], None]
+) -> None:
+    """Add the ``sweep``, ``runs`` and ``logs`` subcommands."""
+    sweep = commands.add_parser(
+        "sweep",
+        allow_abbrev=False,
+        help="Run a project once per parameter set, many at once, with a live view.",
+        description=(
+            "Run an MLflow project for every combination of the -P values (or --samples "
+            "random ones), at most --max-parallel at once, each trial a child run of one "
+            "parent run. A live table is shown when stdout is a terminal, one line per "
+            "change otherwise, and a summary at the end. Ctrl-C stops every trial and "
+            "records it KILLED. Exit code: 0 if no trial failed, 1 otherwise, 130 on "
+            "Ctrl-C, 143 on SIGTERM."
+        ),
+    )
+    add_project_options(sweep, _SWEEP_PARAM_HELP)
+    sweep.add_argument("--run-name", help="The name of the sweep's parent run.")
+    sweep.add_argument(
+        "--max-parallel", type=int, default=4, metavar="N", help="Trials at once (default 4)."
+    )
+    sweep.add_argument(
+        "--samples", type=int, metavar="N", help="Draw N random parameter sets instead."
+    )
+    sweep.add_argument("--seed", type=int, metavar="S", help="Seed of --samples.")
+    sweep.add_argument("--metric", metavar="NAME", help="Rank trials by this logged metric.")
+    sweep.add_argument("--goal", choices=("min", "max"), default="min", help="Default: min.")
+    sweep.add_argument(
+        "--fail-fast", action="store_true", help="Stop everything at the first failed trial."
+    )
+    sweep.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Retries of a trial after an infrastructure failure (default 2); a project "
+        "that exits non-zero is not retried.",
+    )
+    sweep.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="Stop trials whose --metric falls behind the median of ended trials at the "
+        "same step (recorded KILLED, tagged aioproj.sweep.pruned).",
+    )
+    sweep.add_argument(
+        "--progress",
+        choices=("auto", "live", "lines"),
+        default="auto",
+        help="live table, plain lines, or auto: live on a terminal (default).",
+    )
+    sweep.add_argument(
+        "--echo", action="store_true", help="Also print the trials' output, labelled."
+    )
+
+    runs = commands.add_parser(
+        "runs",
+        allow_abbrev=False,
+        help="List the runs in the tracking store, newest first.",
+        description="List runs of one experiment (or all) in MLFLOW_TRACKING_URI's store.",
+    )
+    experiment = runs.add_mutually_exclusive_group()
+    experiment.add_argument("--experiment-name")
+    experiment.add_argument("--experiment-id")
+    runs.add_argument("--tracking-uri", help="Default: MLFLOW_TRACKING_URI, else MLflow's.")
+    runs.add_argument("--limit", type=int, default=50, metavar="N", help="Default 50; 0: all.")
+    runs.add_argument("--json", action="store_true", help="Print a JSON array instead.")
+
+    logs = commands.add_parser(
+        "logs",
+        allow_abbrev=False,
+        help="Print the saved output of a run.",
+        description="Print a run's output as aioproj saved it (artifact aioproj/output.log).",
+    )
+    logs.add_argument("run_id", metavar="RUN_ID")
+    logs.add_argument("--tracking-uri", help="Default: MLFLOW_TRACKING_URI, else MLflow's.")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``sweep``, ``runs`` or ``logs``; the exit code."""
+    if args.command == "runs":
+        return _runs(args)
+    if args.command == "logs":
+        return _logs(args)
+    return _sweep(args)
+
+
+def _usage(message: str) -> Exception:
+    from aioproj.cli import UsageError
+
+    return UsageError(message)
+
+
+_RANGES = {"uniform": "Uniform", "loguniform": "LogUniform", "int": "IntUniform"}
+
+
+def parse_axis(name: str, text: str, *, sampled: bool) -> Any:
+    """The values of ``-P name=text``: a list of strings, or a distribution.
+
+    Raises UsageError for an empty value or a malformed range.
+    """
+    kind, sep, rest = text.partition(":")
+    if sep and kind in _RANGES:
+        import aioproj.sweeps as sweeps
+
+        low, sep2, high = rest.partition(":")
+        number = int if kind == "int" else float
+        try:
+            bounds = (number(low), number(high))
+        except ValueError:
+            bounds = None
+        if not sep2 or bounds is None:
+            raise _usage(f"-P {name}={text}: write {kind}:LOW:HIGH with two numbers.")
+        if not sampled:
+            raise _usage(f"-P {name}={text}: a range needs --samples N.")
+        try:
+            return getattr(sweeps, _RANGES[kind])(*bounds)
+        except ValueError as exc:
+            raise _usage(f"-P {name}={text}: {exc}") from exc
+    values = text.split(",")
+    if any(not v for v in values):
+        raise _usage(f"-P {name}={text}: empty value; write -P {name}=V1,V2,...")
+    return values if len(values) > 1 else values[0]
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from aioproj.cli import _ENV_DEFAULTS, _backend_config, _pairs, _until_terminated
+
+    for option, var in _ENV_DEFAULTS.items():
+        if getattr(args, option) is None and os.environ.get(var):
+            setattr(args, option, os.environ[var])
+    if args.experiment_name is not None and args.experiment_id is not None:
+        raise _usage("Specify only one of 'experiment-name' or 'experiment-id' options.")
+    if args.max_parallel < 1:
+        raise _usage("--max-parallel must be at least 1.")
+    if args.samples is not None and args.samples < 1:
+        raise _usage("--samples must be at least 1.")
+    if args.retries < 0:
+        raise _usage("--retries must be 0 or more.")
+    if args.early_stop and args.metric is None:
+        raise _usage("--early-stop needs --metric NAME.")
+    sampled = args.samples is not None
+    raw = _pairs(args.param_list, option="-P", flags=False)
+    if not raw:
+        raise _usage("Give the parameters to sweep: -P NAME=V1,V2,...")
+    grid = {name: parse_axis(name, text, sampled=sampled) for name, text in raw.items()}
+    docker_args = _pairs(args.docker_args, option="-A", flags=True)
+    backend_config = _backend_config(args.backend_config)
+    if args.backend == "kubernetes" and backend_config is None:
+        raise _usage("Specify 'backend_config' when using kubernetes mode.")
+
+    import anyio
+
+    import aioproj
+    from aioproj.sweeps import MedianStopping, sweep
+
+    try:
+        the_sweep = sweep(
+            args.uri,
+            grid,
+            samples=args.samples,
+            seed=args.seed,
+            max_parallel=args.max_parallel,
+            fail_fast=args.fail_fast,
+            retries=args.retries,
+            metric=args.metric,
+            goal=args.goal,
+            early_stopping=MedianStopping(args.metric, args.goal) if args.early_stop else None,
+            echo="labelled" if args.echo else "off",
+            name=args.run_name,
+            progress=args.progress,
+            entry_point=args.entry_point,
+            version=args.project_version,
+            docker_args=docker_args,
+            experiment_name=args.experiment_name,
+            experiment_id=args.experiment_id,
+            backend=args.backend,
+            backend_config=backend_config,
+            storage_dir=args.storage_dir,
+            env_manager=args.env_manager,
+            build_image=args.build_image,
+        )
+    except aioproj.InvalidArgumentError as exc:
+        raise _usage(str(exc)) from exc
+
+    async def body() -> tuple[str, bool]:
+        async with the_sweep:
+            async for _ in the_sweep:
+                pass
+        return the_sweep.parent_run_id or "", _succeeded(the_sweep)
+
+    try:
+        outcome = anyio.run(_until_terminated, body)
+    except aioproj.AioprojError as exc:
+        print(f"=== {exc} ===", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("=== Interrupted: every trial was cancelled and recorded KILLED ===", file=sys.stderr)
+        return 130
+    if outcome is None:
+        print("=== Terminated: every trial was cancelled and recorded KILLED ===", file=sys.stderr)
+        return 143
+    parent, ok = outcome
+    verdict = "succeeded" if ok else "had failures"
+    print(f"=== Sweep (parent run ID '{parent}') {verdict} ===", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _succeeded(sweep: Sweep) -> bool:
+    from aioproj import RunStatus
+
+    if sweep.status is not RunStatus.FINISHED:
+        return False
+    return all(r.ok or r.pruned for r in sweep.results)
+
+
+def _tracking_uri(value: str | None) -> str:
+    from aioproj.tracking.resolve import resolve_tracking_uri
+
+    return resolve_tracking_uri(value)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    import anyio
+
+    from aioproj import AioprojError
+    from aioproj._browse import list_runs
+
+    if args.limit < 0:
+        raise _usage("--limit must be 0 or more.")
+    uri = _tracking_uri(args.tracking_uri)
+
+    async def listing() -> list[RunRow]:
+        return await list_runs(
+            uri, experiment_name=args.experiment_name, experiment_id=args.experiment_id
+        )
+
+    try:
+        rows = anyio.run(listing)
+    except AioprojError as exc:
+        print(f"aioproj: {exc}", file=sys.stderr)
+        return 1
+    if args.limit:
+        rows = rows[: args.limit]
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+    else:
+        _print_runs(rows)
+    return 0
+
+
+def _print_runs(rows: Sequence[RunRow]) -> None:
+    def when(ms: int) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+    def took(row: RunRow) -> str:
+        if not row.end_time_ms or not row.start_time_ms:
+            return "-"
+        return f"{(row.end_time_ms - row.start_time_ms) / 1000:.1f}s"
+
+    table = [("RUN ID", "STATUS", "STARTED", "TIME", "EXP", "PARENT", "ENTRY", "NAME")]
+    for row in rows:
+        table.append(
+            (
+                row.run_id,
+                row.status,
+                when(row.start_time_ms),
+                took(row),
+                row.experiment_id,
+                (row.parent_run_id or "-")[:8],
+                row.entry_point or "-",
+                row.run_name,
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _logs(args: argparse.Namespace) -> int:
+    import anyio
+
+    from aioproj import AioprojError
+    from aioproj._browse import read_output
+
+    uri = _tracking_uri(args.tracking_uri)
+
+    async def read() -> bytes:
+        return await read_output(uri, args.run_id)
+
+    try:
+        data = anyio.run(read)
+    except AioprojError as exc:
+        print(f"aioproj: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
