@@ -25,6 +25,7 @@ from .handle import RunStatus, SubmittedRun
 
 if _typing.TYPE_CHECKING:
     from .runner import Runner, run
+    from .tracking.metrics import Metric
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "ExecutionError",
     "InvalidArgumentError",
     "MLprojectError",
+    "Metric",
     "ParameterError",
     "RunFailedError",
     "RunStatus",
@@ -49,7 +51,7 @@ __all__ = [
 #: Names whose modules load on first use: the runner pulls in the project parser, the
 #: sources, the environments and the tracking store, which a program that only imports
 #: aioproj (or its CLI's --help) does not need.
-_LAZY = {"Runner": "runner", "run": "runner"}
+_LAZY = {"Metric": "tracking.metrics", "Runner": "runner", "run": "runner"}
 
 
 def __getattr__(name: str) -> _typing.Any:

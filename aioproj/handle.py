@@ -21,6 +21,7 @@ from aioproj._output import RunOutput
 if TYPE_CHECKING:
     from aioproj.backends.base import Execution
     from aioproj.tracking.base import TrackingStore
+    from aioproj.tracking.metrics import Metric, MetricsPoller
 
 __all__ = ["RunStatus", "SubmittedRun"]
 
@@ -65,6 +66,7 @@ class SubmittedRun:
         output: RunOutput,
         on_done: Callable[[SubmittedRun], None] | None = None,
         cleanup_timeout: float = 30.0,
+        metrics: MetricsPoller | None = None,
     ) -> None:
         self._run_id = run_id
         self._experiment_id = experiment_id
@@ -72,6 +74,7 @@ class SubmittedRun:
         self._store = store
         self._output = output
         self._on_done = on_done
+        self._metrics = metrics
         self._final: RunStatus | None = None
         self._done = anyio.Event()
         self._cancel_requested = False
@@ -137,6 +140,24 @@ class SubmittedRun:
     def logs(self) -> AsyncIterator[str]:
         """Iterate over the run's output lines, from the start, live until the run ends."""
         return self._output.lines()
+
+    def metrics(self, *, interval: float = 0.5) -> AsyncIterator[Metric]:
+        """Iterate over the metrics the run logs: its history first, then each new value.
+
+        Every value logged by the project's own ``mlflow.log_metric`` calls, in the order
+        logged for each key, as :class:`aioproj.Metric` (key, value, timestamp, step). The
+        iteration ends once the run has ended and its last values were read. Any number of
+        runs and iterators of one runner share one poll of their tracking store, at most
+        ``interval`` seconds apart; on a REST server a round costs one search request per
+        100 runs, plus a history request for each metric that changed.
+
+        Raises :class:`aioproj.errors.TrackingError` if the store cannot be read.
+        Breaking out of the loop or cancelling the iterating task stops following; the
+        run itself goes on.
+        """
+        if self._metrics is None:
+            raise RuntimeError("This run was not started by an aioproj Runner.")
+        return self._metrics.follow(self, interval=interval)
 
     def __await__(self) -> Generator[Any, None, RunStatus]:
         return self._final_status().__await__()

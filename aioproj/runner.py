@@ -41,6 +41,7 @@ from aioproj.project import (
 )
 from aioproj.sources import FetchedProject, SourceCache
 from aioproj.tracking import TrackingStore, open_store
+from aioproj.tracking.metrics import MetricsPoller
 from aioproj.tracking.resolve import default_tracking_uri
 
 __all__ = ["Runner", "run"]
@@ -99,6 +100,7 @@ class Runner:
         self._backends: dict[str, Backend] = {}
         self._stores: dict[str, TrackingStore] = {}
         self._default_uri: str | None = None  # resolved once, on first use
+        self._pollers: dict[str, MetricsPoller] = {}
         self._live: set[SubmittedRun] = set()
         self._state = "unopened"
         self._shared = SharedCalls()
@@ -372,6 +374,7 @@ class Runner:
             on_done=self._run_done,
             # Stopping takes up to two grace periods (leader, then stragglers).
             cleanup_timeout=2 * self._grace + 10,
+            metrics=self._metrics_poller(store),
         )
         self._live.add(handle)
         assert self._tg is not None
@@ -398,6 +401,14 @@ class Runner:
             self._backends.setdefault(backend, loaded)
         return self._backends[backend]
 
+    def _metrics_poller(self, store: TrackingStore) -> MetricsPoller:
+        """The one poll of ``store`` that every run's :meth:`SubmittedRun.metrics` shares."""
+        poller = self._pollers.get(store.uri)
+        if poller is None:
+            assert self._tg is not None
+            poller = self._pollers[store.uri] = MetricsPoller(store, self._tg.start_soon)
+        return poller
+
     async def _store(self) -> TrackingStore:
         uri = self._tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # MLflow's default looks at ./mlruns and the installed MLflow
@@ -405,7 +416,9 @@ class Runner:
                 self._default_uri = await anyio.to_thread.run_sync(default_tracking_uri)
             uri = self._default_uri
         if uri not in self._stores:
-            self._stores[uri] = open_store(uri)
+            # Opening imports the store's module (httpx, mlflow): off the loop, once.
+            store = await anyio.to_thread.run_sync(open_store, uri)
+            self._stores.setdefault(uri, store)
         return self._stores[uri]
 
 

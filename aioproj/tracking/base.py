@@ -14,11 +14,14 @@ import posixpath
 import random
 import re
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from aioproj.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from aioproj.tracking.metrics import Metric, MetricCursor
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -125,6 +128,13 @@ class TrackingStore(Protocol):
         self, run_id: str, artifact_path: str, data: bytes, *, append: bool = False
     ) -> None:
         """Write (or append to) the artifact ``artifact_path`` of a run."""
+        ...
+
+    async def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
+        """Metric values logged since each cursor, one list per cursor; advances them.
+
+        One call reads many runs (see :mod:`aioproj.tracking.metrics`).
+        """
         ...
 
     def child_env(self) -> dict[str, str]:

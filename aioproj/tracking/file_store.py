@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from aioproj.tracking.base import (
     choose_experiment,
     named_run_tags,
 )
+from aioproj.tracking.metrics import Metric, MetricCursor
 
 if sys.platform != "win32":
     import fcntl
@@ -520,6 +521,42 @@ class _Layout:
         else:
             _write_atomic(target, data)
 
+    def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
+        """Tail each run's metric files from the cursor's offsets; one thread hop for all."""
+        out: list[list[Metric]] = []
+        for cursor in cursors:
+            folder = self._run_dir(cursor.run_id) / "metrics"
+            new: list[Metric] = []
+            for dirpath, _dirs, files in os.walk(folder):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    key = os.path.relpath(path, folder).replace(os.sep, "/")
+                    new.extend(_tail_metric_file(path, key, cursor.offsets))
+            out.append(new)
+        return out
+
+
+def _tail_metric_file(path: str, key: str, offsets: dict[str, int]) -> list[Metric]:
+    """Complete ``timestamp value step`` lines of ``path`` after ``offsets[key]``."""
+    start = offsets.get(key, 0)
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            data = handle.read()
+    except OSError:
+        return []
+    end = data.rfind(b"\n") + 1  # a line being written is read next time
+    offsets[key] = start + end
+    metrics = []
+    for line in data[:end].splitlines():
+        fields = line.split()
+        try:
+            step = int(fields[2]) if len(fields) > 2 else 0
+            metrics.append(Metric(key, float(fields[1]), int(fields[0]), step))
+        except (IndexError, ValueError):
+            continue  # not a metric line: skip it, as MLflow's reader would fail on it
+    return metrics
+
 
 def _record(meta: Mapping[str, Any], tags: dict[str, str], params: dict[str, str]) -> RunRecord:
     end = meta.get("end_time")
@@ -694,6 +731,14 @@ class FileStore:
         _check_run_id(run_id)
         path = _check_artifact_path(artifact_path)
         await self._call(self._layout.write_artifact, run_id, path, data, append)
+
+    async def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
+        """Values logged since each cursor, one list per cursor, in one worker-thread hop.
+
+        Raises:
+            TrackingError: a run does not exist.
+        """
+        return await self._call(self._layout.read_new_metrics, cursors)
 
     def child_env(self) -> dict[str, str]:
         """MLFLOW_TRACKING_URI, and MLFLOW_ALLOW_FILE_STORE which mlflow>=3 needs."""

@@ -16,7 +16,7 @@ import posixpath
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from aioproj.tracking.base import (
     choose_experiment,
     named_run_tags,
 )
+from aioproj.tracking.metrics import Metric, MetricCursor, read_new_via_history
 
 __all__ = ["MlflowStore"]
 
@@ -151,6 +152,29 @@ class _Sync:
             client.set_tag(run_id, key, value)
         else:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def latest_metrics(self, cursors: Sequence[MetricCursor]) -> dict[str, list[Metric]]:
+        ids = ", ".join(f"'{c.run_id}'" for c in cursors)
+        runs = self.client().search_runs(
+            sorted({c.experiment_id for c in cursors}),
+            filter_string=f"attributes.run_id IN ({ids})",
+            run_view_type=3,  # ViewType.ALL
+            max_results=len(cursors),
+        )
+        # RunData keeps the Metric objects (with timestamp and step) behind its dict view.
+        return {
+            run.info.run_id: [
+                Metric(m.key, float(m.value), int(m.timestamp), int(m.step))
+                for m in getattr(run.data, "_metric_objs", ())
+            ]
+            for run in runs
+        }
+
+    def metric_history(self, run_id: str, key: str) -> list[Metric]:
+        return [
+            Metric(m.key, float(m.value), int(m.timestamp), int(m.step))
+            for m in self.client().get_metric_history(run_id, key)
+        ]
 
     def set_terminated(self, run_id: str, status: str, end_time_ms: int) -> None:
         self.client().set_terminated(run_id, status, end_time=end_time_ms)
@@ -305,6 +329,19 @@ class MlflowStore:
             )
         end = _now_ms() if end_time_ms is None else end_time_ms
         await self._call(self._sync.set_terminated, run_id, status, end)
+
+    async def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
+        """Values logged since each cursor: one search per 100 runs for the latest values,
+        and a metric's history only when its latest value changed.
+
+        Raises:
+            TrackingError: the store cannot be read.
+        """
+        return await read_new_via_history(
+            cursors,
+            lambda batch: self._call(self._sync.latest_metrics, batch),
+            lambda run_id, key: self._call(self._sync.metric_history, run_id, key),
+        )
 
     async def log_artifact_bytes(
         self, run_id: str, artifact_path: str, data: bytes, *, append: bool = False

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import ssl
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from aioproj.tracking.base import (
     choose_experiment,
     named_run_tags,
 )
+from aioproj.tracking.metrics import Metric, MetricCursor, read_new_via_history
 
 __all__ = ["MAX_PARAMS_PER_BATCH", "MAX_TAGS_PER_BATCH", "RestError", "RestStore"]
 
@@ -144,6 +146,16 @@ def _batches(
             size += item
     flush()
     return out
+
+
+def _metric(data: Mapping[str, Any]) -> Metric:
+    """A metric of a REST answer (int64 fields may come as strings)."""
+    return Metric(
+        key=str(data.get("key", "")),
+        value=float(data.get("value", math.nan)),
+        timestamp=int(data.get("timestamp") or 0),
+        step=int(data.get("step") or 0),
+    )
 
 
 def _write_local(path: Path, data: bytes, append: bool) -> None:
@@ -566,6 +578,47 @@ class RestStore:
         record = self._record(run.get("info") or {}, tags, params)
         self._artifact_uris[run_id] = record.artifact_uri
         return record
+
+    async def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
+        """Values logged since each cursor: one ``runs/search`` per 100 runs for the latest
+        values, and ``metrics/get-history`` only for metrics whose latest value changed.
+
+        Raises:
+            TrackingError: the server refuses or cannot be reached.
+        """
+        return await read_new_via_history(cursors, self._latest_metrics, self._metric_history)
+
+    async def _latest_metrics(self, cursors: Sequence[MetricCursor]) -> dict[str, list[Metric]]:
+        ids = ", ".join(f"'{c.run_id}'" for c in cursors)
+        body = await self._call(
+            "POST",
+            "runs/search",
+            json={
+                "experiment_ids": sorted({c.experiment_id for c in cursors}),
+                "filter": f"attributes.run_id IN ({ids})",
+                "run_view_type": "ALL",
+                "max_results": len(cursors),
+            },
+        )
+        out: dict[str, list[Metric]] = {}
+        for run in body.get("runs") or []:
+            run_id = str((run.get("info") or {}).get("run_id", ""))
+            metrics = (run.get("data") or {}).get("metrics") or []
+            out[run_id] = [_metric(m) for m in metrics]
+        return out
+
+    async def _metric_history(self, run_id: str, key: str) -> list[Metric]:
+        out: list[Metric] = []
+        page_token = ""
+        while True:
+            params = {"run_id": run_id, "metric_key": key, "max_results": "25000"}
+            if page_token:
+                params["page_token"] = page_token
+            body = await self._call("GET", "metrics/get-history", params=params)
+            out.extend(_metric(m) for m in body.get("metrics") or [])
+            page_token = str(body.get("next_page_token") or "")
+            if not page_token:
+                return out
 
     async def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         """Set tags: one ``runs/set-tag``, or ``log-batch`` requests for several.
