@@ -209,11 +209,15 @@ class SubmittedRun:
         if self._done.is_set():
             return
         self._final = status
+        end_time_ms = int(time.time() * 1000)
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
-                await self._output.aclose(self._store, self._run_id)
+                try:
+                    await self._output.aclose(self._store, self._run_id)
+                except Exception as exc:  # the log is lost, the status must not be
+                    logger.error("Could not save the output of run %s: %s", self._run_id, exc)
                 await self._store.set_terminated(
-                    self._run_id, status.value, end_time_ms=int(time.time() * 1000)
+                    self._run_id, status.value, end_time_ms=end_time_ms
                 )
         except Exception as exc:
             logger.error("Could not record the final status of run %s: %s", self._run_id, exc)
