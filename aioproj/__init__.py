@@ -1,7 +1,8 @@
 """aioproj: run MLflow Projects from asyncio.
 
 ``await aioproj.run(uri, ...)`` takes the arguments of ``mlflow.projects.run`` and returns
-an awaitable :class:`SubmittedRun`; many runs share one event loop.
+an awaitable :class:`SubmittedRun`; many runs share one event loop. ``aioproj.sweep(uri,
+grid, ...)`` runs one project with many parameter sets and yields results as they end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ from .handle import RunStatus, SubmittedRun
 
 if _typing.TYPE_CHECKING:
     from .runner import Runner, run
+    from .sweeps import (
+        Choice,
+        IntUniform,
+        LogUniform,
+        MedianStopping,
+        Sweep,
+        TrialResult,
+        Tuner,
+        Uniform,
+        sweep,
+    )
     from .tracking.metrics import Metric
 
 __version__ = "0.1.0"
@@ -32,11 +44,15 @@ __version__ = "0.1.0"
 __all__ = [
     "AioprojError",
     "BackendError",
+    "Choice",
     "EntryPointError",
     "EnvironmentBuildError",
     "ExecutionError",
+    "IntUniform",
     "InvalidArgumentError",
+    "LogUniform",
     "MLprojectError",
+    "MedianStopping",
     "Metric",
     "ParameterError",
     "RunFailedError",
@@ -44,14 +60,32 @@ __all__ = [
     "Runner",
     "SourceError",
     "SubmittedRun",
+    "Sweep",
     "TrackingError",
+    "TrialResult",
+    "Tuner",
+    "Uniform",
     "run",
+    "sweep",
 ]
 
 #: Names whose modules load on first use: the runner pulls in the project parser, the
 #: sources, the environments and the tracking store, which a program that only imports
 #: aioproj (or its CLI's --help) does not need.
-_LAZY = {"Metric": "tracking.metrics", "Runner": "runner", "run": "runner"}
+_LAZY = {
+    "Choice": "sweeps",
+    "IntUniform": "sweeps",
+    "LogUniform": "sweeps",
+    "MedianStopping": "sweeps",
+    "Metric": "tracking.metrics",
+    "Runner": "runner",
+    "Sweep": "sweeps",
+    "TrialResult": "sweeps",
+    "Tuner": "sweeps",
+    "Uniform": "sweeps",
+    "run": "runner",
+    "sweep": "sweeps",
+}
 
 
 def __getattr__(name: str) -> _typing.Any:
