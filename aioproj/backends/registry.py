@@ -9,7 +9,7 @@ from .base import Backend
 __all__ = ["BUILTIN_BACKENDS", "load_backend"]
 
 #: Backends that ship with aioproj, by name, with the extra they need (None: core).
-BUILTIN_BACKENDS: dict[str, str | None] = {"local": None}
+BUILTIN_BACKENDS: dict[str, str | None] = {"local": None, "kubernetes": None}
 
 ENTRY_POINT_GROUP = "aioproj.backends"
 
@@ -24,6 +24,10 @@ def load_backend(name: str) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend()
+    if name == "kubernetes":
+        from .kubernetes import KubernetesBackend
+
+        return KubernetesBackend()
     from importlib.metadata import entry_points  # slow to import; plugins are rare
 
     plugins = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
