@@ -1,0 +1,86 @@
+"""MLflow's build-and-push mode (``build_image=True``) through the docker CLI: an image
+``<repository-uri>[:<git sha[:7]>]`` with the project's code at /mlflow/projects/code,
+pushed, and referenced by digest in the Job."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from aioproj.envs._steps import run_step
+from aioproj.envs.docker import _build, _docker_output, _find_docker, _login, _scrub
+from aioproj.errors import EnvironmentBuildError
+
+__all__ = ["build_and_push", "image_uri"]
+
+
+def image_uri(repository_uri: str, git_commit: str | None) -> str:
+    """MLflow's tag: the repository, plus ``:<commit[:7]>`` inside a git repo."""
+    return f"{repository_uri}:{git_commit[:7]}" if git_commit else repository_uri
+
+
+async def build_and_push(
+    *,
+    base_image: str,
+    repository_uri: str,
+    project_dir: Path,
+    git_commit: str | None,
+    docker_auth: Mapping[str, str] | None,
+    on_output: Callable[[bytes], None] | None = None,
+) -> tuple[str, str]:
+    """Build the image, push it, return (tag, digest).
+
+    Raises :class:`EnvironmentBuildError` with the docker output when docker is missing,
+    its daemon is not running, or login, build, push or inspect fails. Cancellation kills
+    the docker command in progress.
+    """
+    docker = await _find_docker()
+    code, output = await _docker_output([docker, "info"], cwd=project_dir)
+    if code != 0:
+        secrets = [docker_auth["password"]] if docker_auth and docker_auth.get("password") else []
+        raise EnvironmentBuildError(
+            "Ran `docker info` to ensure docker daemon is running but it failed with the "
+            f"following output:\n{_scrub(output, secrets)}"
+        )
+    if docker_auth:
+        await _login(docker, docker_auth, cwd=project_dir)
+    tag = image_uri(repository_uri, git_commit)
+    await _build(docker, base_image, tag, project_dir, on_output)
+    await run_step(
+        [docker, "push", tag],
+        what=f"Error while pushing to docker registry: pushing {tag}",
+        hint="Check 'repository-uri' and that you are logged in to its registry (docker_auth).",
+        cwd=project_dir,
+        env=os.environ,
+        on_output=on_output,
+    )
+    code, output = await _docker_output(
+        [docker, "image", "inspect", "--format", "{{json .RepoDigests}}", tag], cwd=project_dir
+    )
+    digest = _pick_digest(output, repository_uri) if code == 0 else None
+    if digest is None:
+        raise EnvironmentBuildError(
+            f"Pushed {tag}, but `docker image inspect` shows no registry digest for it:\n"
+            f"{output.strip()}"
+        )
+    return tag, digest
+
+
+def _pick_digest(output: str, repository_uri: str) -> str | None:
+    try:
+        digests = json.loads(output.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    if not isinstance(digests, list):
+        return None
+    for item in digests:
+        if isinstance(item, str) and "@" in item:
+            name, digest = item.split("@", 1)
+            if name == repository_uri:
+                return digest
+    for item in digests:
+        if isinstance(item, str) and "@" in item:
+            return item.split("@", 1)[1]
+    return None
