@@ -197,6 +197,9 @@ def make_console(mode: ProgressMode) -> tuple[Console, bool]:
     from rich.console import Console
 
     console = Console(highlight=False)
+    if not (console.is_terminal or console.is_jupyter):
+        # A log file or pipe: long lines rather than rich's default of 80 columns.
+        console = Console(highlight=False, width=max(console.width, 160))
     if mode == "auto":
         return console, console.is_terminal or console.is_jupyter
     return console, mode == "live"
