@@ -9,7 +9,7 @@ from .base import Backend
 __all__ = ["BUILTIN_BACKENDS", "load_backend"]
 
 #: Backends that ship with aioproj, by name, with the extra they need (None: core).
-BUILTIN_BACKENDS: dict[str, str | None] = {"local": None, "kubernetes": None}
+BUILTIN_BACKENDS: dict[str, str | None] = {"local": None, "databricks": None, "kubernetes": None}
 
 ENTRY_POINT_GROUP = "aioproj.backends"
 
@@ -24,6 +24,10 @@ def load_backend(name: str) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend()
+    if name == "databricks":
+        from .databricks import DatabricksBackend
+
+        return DatabricksBackend()
     if name == "kubernetes":
         from .kubernetes import KubernetesBackend
 
