@@ -240,6 +240,7 @@ async def _live(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
         redirect_stdout=False,
         redirect_stderr=False,
         vertical_overflow="visible",
+        transient=True,  # the summary table replaces it
     )
     await anyio.to_thread.run_sync(display.start)
     try:
