@@ -1,0 +1,31 @@
+"""The Databricks backend: MLflow projects as Databricks Jobs runs (``backend="databricks"``).
+
+See :class:`DatabricksBackend`. Nothing of aioproj needs installing on the cluster: the
+code goes to DBFS as a tarball, a small bootstrap script runs the entry point there.
+"""
+
+from __future__ import annotations
+
+from ._auth import WorkspaceAuth, resolve_workspace
+from ._backend import (
+    DatabricksBackend,
+    DatabricksExecution,
+    DatabricksLaunch,
+    check_tracking_uri,
+    parse_backend_config,
+)
+from ._client import DatabricksApiError, DatabricksClient
+from ._poller import map_state
+
+__all__ = [
+    "DatabricksApiError",
+    "DatabricksBackend",
+    "DatabricksClient",
+    "DatabricksExecution",
+    "DatabricksLaunch",
+    "WorkspaceAuth",
+    "check_tracking_uri",
+    "map_state",
+    "parse_backend_config",
+    "resolve_workspace",
+]

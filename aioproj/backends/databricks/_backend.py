@@ -1,0 +1,564 @@
+"""The Databricks backend: MLflow projects as Databricks Jobs runs.
+
+``prepare`` checks what MLflow checks (a backend config, no existing cluster, a tracking
+URI the cluster can reach, no docker project), resolves the workspace and builds the
+code tarball. ``start`` uploads the tarball and a bootstrap script to DBFS once per
+content, submits a ``spark_python_task`` run that unpacks the code and runs the entry
+point's command with the run's tracking environment, and tags the MLflow run with the
+Databricks run URL. The run is then followed by the workspace's shared poller; when it
+ends, its output (``runs/get-output``) goes into ``run.logs()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from aioproj._shared import SharedCalls
+from aioproj.backends.base import Execution, LaunchRequest, StartRequest
+from aioproj.errors import AioprojError, BackendError
+from aioproj.handle import RunStatus
+from aioproj.project import EnvType
+
+from ._auth import WorkspaceAuth, resolve_workspace
+from ._client import DatabricksClient
+from ._code import (
+    BOOTSTRAP,
+    CodeArchive,
+    build_archive,
+    dbfs_code_dir,
+    exists,
+    upload_bytes,
+    upload_file,
+)
+from ._poller import Poller, Watch
+
+__all__ = ["DatabricksBackend", "DatabricksExecution", "DatabricksLaunch", "parse_backend_config"]
+
+logger = logging.getLogger("aioproj.databricks")
+
+_JOBS = "/api/2.2/jobs"
+_CONFIG_KEYS = frozenset({"new_cluster", "libraries", "timeout_seconds", "run_name"})
+_TASK_KEY = "mlflow_project"
+
+RUN_URL_TAG = "mlflow.databricks.runURL"
+SHELL_JOB_RUN_ID_TAG = "mlflow.databricks.shellJobRunID"
+SHELL_JOB_ID_TAG = "mlflow.databricks.shellJobID"
+WEBAPP_URL_TAG = "mlflow.databricks.webappURL"
+
+_NO_CONFIG = "Backend spec must be provided when launching MLflow project runs on Databricks."
+_EXISTING_CLUSTER = (
+    "MLflow Project runs on Databricks must provide a *new cluster* specification."
+    " Project execution against existing clusters is not currently supported. For more"
+    " information, see https://mlflow.org/docs/latest/projects.html"
+    "#run-an-mlflow-project-on-databricks"
+)
+_DOCKER = "Running docker-based projects on Databricks is not yet supported."
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What a backend config asks for: the cluster, its libraries, a timeout, a name."""
+
+    new_cluster: Mapping[str, Any]
+    libraries: tuple[Mapping[str, Any], ...]
+    timeout_seconds: int = 0
+    run_name: str | None = None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """MLflow's rule: the cluster logs to ``databricks[://profile]`` or an http(s) server.
+
+    Raises BackendError with MLflow's message otherwise.
+    """
+    lowered = uri.lower()
+    if lowered.startswith("databricks") or lowered.startswith(("http://", "https://")):
+        return
+    raise BackendError(
+        "When running on Databricks, the MLflow tracking URI must be of the form "
+        "'databricks' or 'databricks://profile', or a remote HTTP URI accessible to both the "
+        "current client and code running on Databricks. Got local tracking URI "
+        f"{uri}. Please specify a valid tracking URI via mlflow.set_tracking_uri or "
+        "by setting the MLFLOW_TRACKING_URI environment variable."
+    )
+
+
+def parse_backend_config(config: Mapping[str, Any] | None) -> ClusterConfig:
+    """The cluster config of a backend config, in the forms MLflow accepts.
+
+    ``{"new_cluster": {...}, "libraries": [...]}`` (plus aioproj's optional
+    ``timeout_seconds`` and ``run_name``), or a bare cluster spec (the whole dict is the
+    ``new_cluster``).
+
+    Raises:
+        BackendError: no config, ``existing_cluster_id`` (MLflow's messages), or a
+            malformed value (the message names the key and what is expected).
+    """
+    if not config:
+        raise BackendError(_NO_CONFIG)
+    if "existing_cluster_id" in config:
+        raise BackendError(_EXISTING_CLUSTER)
+    if "new_cluster" not in config:
+        return ClusterConfig(new_cluster=dict(config), libraries=())
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        raise BackendError(
+            f"Unknown key(s) {unknown} in the Databricks backend config. With 'new_cluster'"
+            f" it may have {sorted(_CONFIG_KEYS)}; put cluster settings inside 'new_cluster'."
+        )
+    cluster = config["new_cluster"]
+    if not isinstance(cluster, Mapping):
+        raise BackendError(
+            "The Databricks backend config's 'new_cluster' must be an object (a cluster spec"
+            " with spark_version, node_type_id, num_workers...), got"
+            f" {type(cluster).__name__}."
+        )
+    if "existing_cluster_id" in cluster:
+        raise BackendError(_EXISTING_CLUSTER)
+    libraries = config.get("libraries", [])
+    if not isinstance(libraries, list) or not all(isinstance(lib, Mapping) for lib in libraries):
+        raise BackendError(
+            "The Databricks backend config's 'libraries' must be a list of objects such as"
+            ' {"pypi": {"package": "scikit-learn==1.5.0"}}.'
+        )
+    timeout = config.get("timeout_seconds", 0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+        raise BackendError(
+            "The Databricks backend config's 'timeout_seconds' must be a non-negative"
+            f" integer (0: no timeout), got {timeout!r}."
+        )
+    run_name = config.get("run_name")
+    if run_name is not None and not isinstance(run_name, str):
+        raise BackendError("The Databricks backend config's 'run_name' must be a string.")
+    return ClusterConfig(dict(cluster), tuple(dict(lib) for lib in libraries), timeout, run_name)
+
+
+def _names_mlflow(library: Mapping[str, Any]) -> bool:
+    pypi = library.get("pypi")
+    package = str(pypi.get("package", "")) if isinstance(pypi, Mapping) else ""
+    name = package.strip("'\"").split("[")[0].split("=")[0].split("<")[0].split(">")[0]
+    return name.strip().lower() in ("mlflow", "mlflow-skinny") or "/mlflow" in package
+
+
+@functools.cache
+def _mlflow_library() -> dict[str, Any]:
+    """The pypi library that gives the cluster the local MLflow version, as MLflow does."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        local = version("mlflow")
+    except PackageNotFoundError:
+        try:
+            local = version("mlflow-skinny")
+        except PackageNotFoundError:
+            return {"pypi": {"package": "mlflow"}}
+    if any(tag in local for tag in ("dev", "rc", "+")):
+        return {"pypi": {"package": f"mlflow<={local.split('+')[0]}"}}
+    return {"pypi": {"package": f"mlflow=={local}"}}
+
+
+class _Workspace:
+    """What runs on one workspace share: the client, the poller, the uploaded paths."""
+
+    def __init__(self, auth: WorkspaceAuth, backend: DatabricksBackend) -> None:
+        self.client = DatabricksClient(
+            auth,
+            retry_timeout=backend.retry_timeout,
+            timeout=backend.request_timeout,
+            sleep=backend._sleep,
+        )
+        self.poller = Poller(
+            self.client,
+            min_interval=backend.poll_interval[0],
+            max_interval=backend.poll_interval[1],
+        )
+        self._uploads = SharedCalls()
+        self._present: set[str] = set()
+        #: DBFS uploads made (not counting files found already there), for tests.
+        self.uploads = 0
+
+    async def ensure(self, path: str, upload: Callable[[], Awaitable[None]]) -> None:
+        """Make sure ``path`` exists in DBFS, uploading it at most once at a time."""
+        if path in self._present:
+            return
+
+        async def once() -> None:
+            if path in self._present:
+                return
+            if not await exists(self.client, path):
+                logger.info("=== Uploading project to DBFS path %s ===", path)
+                await upload()
+                self.uploads += 1
+            else:
+                logger.info("=== Project already exists in DBFS ===")
+            self._present.add(path)
+
+        await self._uploads.run(path, once)
+
+
+class DatabricksBackend:
+    """Runs projects as Databricks Jobs runs. Construct with no arguments.
+
+    The workspace comes from the tracking URI (``databricks://profile``) or, as for the
+    databricks-sdk, from DATABRICKS_HOST/DATABRICKS_TOKEN (or DATABRICKS_CLIENT_ID and
+    DATABRICKS_CLIENT_SECRET) and ``~/.databrickscfg``; ``host``, ``token`` and
+    ``profile`` override that. ``poll_interval`` is the (shortest, longest) seconds
+    between status rounds of the shared poller; ``retry_timeout`` bounds the retries of
+    one request and ``request_timeout`` one attempt.
+    """
+
+    name = "databricks"
+
+    def __init__(
+        self,
+        *,
+        host: str | None = None,
+        token: str | None = None,
+        profile: str | None = None,
+        poll_interval: tuple[float, float] = (1.0, 30.0),
+        retry_timeout: float = 300.0,
+        request_timeout: float = 60.0,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        low, high = poll_interval
+        if not 0 < low <= high:
+            raise BackendError(
+                f"poll_interval must be (shortest, longest) seconds with 0 < shortest <="
+                f" longest, got {poll_interval!r}."
+            )
+        self._host = host
+        self._token = token
+        self._profile = profile
+        self.poll_interval = (float(low), float(high))
+        self.retry_timeout = retry_timeout
+        self.request_timeout = request_timeout
+        self._sleep = sleep
+        self._workspaces: dict[tuple[str, str, str], _Workspace] = {}
+        self._archives = SharedCalls()
+        self._tmp: Path | None = None
+        self._tag_stores: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"DatabricksBackend(workspaces={[k[0] for k in self._workspaces]!r})"
+
+    def workspace(self, host: str) -> _Workspace | None:
+        """The shared state of the workspace at ``host`` (for tests and benchmarks)."""
+        return next((w for k, w in self._workspaces.items() if k[0] == host), None)
+
+    async def prepare(self, request: LaunchRequest) -> DatabricksLaunch:
+        """Validate the run for Databricks, resolve the workspace, build the code tarball.
+
+        Raises:
+            BackendError: a missing or malformed backend config, ``existing_cluster_id``,
+                a local tracking URI, a docker project, an env manager other than
+                ``local``, no workspace credentials, or a project that cannot be read.
+        """
+        cluster = parse_backend_config(request.backend_config)
+        check_tracking_uri(request.tracking_uri)
+        if request.project.env_type is EnvType.DOCKER:
+            raise BackendError(_DOCKER)
+        if request.env_manager not in (None, "local"):
+            raise BackendError(
+                f"env_manager={request.env_manager!r} is not supported on Databricks: the"
+                " entry point runs with the cluster's Python. Install what it needs with the"
+                " backend config's 'libraries' (pypi packages, wheels, requirements files)."
+            )
+        ws_uri = request.tracking_uri if request.tracking_uri.startswith("databricks") else None
+        auth = await anyio.to_thread.run_sync(
+            functools.partial(
+                resolve_workspace, ws_uri, host=self._host, token=self._token, profile=self._profile
+            )
+        )
+        workspace = self._workspaces.get(auth.key())
+        if workspace is None:
+            workspace = self._workspaces[auth.key()] = _Workspace(auth, self)
+        archive = await self._archive(request.source.directory)
+        libraries = list(cluster.libraries)
+        if not any(_names_mlflow(lib) for lib in libraries):
+            libraries.append(await anyio.to_thread.run_sync(_mlflow_library))
+        return DatabricksLaunch(
+            backend=self,
+            workspace=workspace,
+            archive=archive,
+            cluster=cluster,
+            libraries=tuple(libraries),
+            command=request.parameters.command,
+            entry_point=request.entry_point.name,
+            run_name=cluster.run_name or f"MLflow Run for {request.source.source_name}",
+            tracking_uri=request.tracking_uri,
+        )
+
+    async def _archive(self, directory: Path) -> CodeArchive:
+        if self._tmp is None:
+            self._tmp = Path(
+                await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "aioproj-databricks-")
+            )
+        target = self._tmp
+
+        async def build() -> CodeArchive:
+            try:
+                return await build_archive(directory, target)
+            except OSError as exc:
+                raise BackendError(
+                    f"Could not pack the project {directory} for Databricks: {exc}"
+                ) from exc
+
+        return await self._archives.run(str(directory), build)
+
+    async def _set_tags(self, uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+        from aioproj.tracking import open_store
+
+        store = self._tag_stores.get(uri)
+        if store is None:
+            store = self._tag_stores[uri] = open_store(uri)
+        await store.set_tags(run_id, tags)
+
+    async def aclose(self) -> None:
+        """Close the workspaces' clients and tracking stores, remove the local tarballs.
+
+        Runs still going on Databricks keep going. Shielded from cancellation.
+        """
+        with anyio.CancelScope(shield=True):
+            workspaces, self._workspaces = self._workspaces, {}
+            for workspace in workspaces.values():
+                await workspace.client.aclose()
+            stores, self._tag_stores = self._tag_stores, {}
+            for store in stores.values():
+                await store.aclose()
+            if self._tmp is not None:
+                tmp, self._tmp = self._tmp, None
+                await anyio.to_thread.run_sync(
+                    functools.partial(shutil.rmtree, tmp, ignore_errors=True)
+                )
+
+
+@dataclass(frozen=True)
+class DatabricksLaunch:
+    """A run ready to be submitted to a workspace."""
+
+    backend: DatabricksBackend
+    workspace: _Workspace
+    archive: CodeArchive
+    cluster: ClusterConfig
+    libraries: tuple[Mapping[str, Any], ...]
+    command: str
+    entry_point: str
+    run_name: str
+    tracking_uri: str
+
+    @property
+    def tags(self) -> Mapping[str, str]:
+        return {}
+
+    def _cluster_env(self, request: StartRequest) -> dict[str, str]:
+        uri = self.tracking_uri
+        return {
+            "MLFLOW_RUN_ID": request.run_id,
+            "MLFLOW_EXPERIMENT_ID": request.experiment_id,
+            "MLFLOW_TRACKING_URI": "databricks" if uri.lower().startswith("databricks") else uri,
+        }
+
+    def submit_body(
+        self, request: StartRequest, code_path: str, bootstrap_path: str
+    ) -> dict[str, Any]:
+        """The ``runs/submit`` request of this run."""
+        spec = {
+            "command": self.command,
+            "entry_point": self.entry_point,
+            "env": self._cluster_env(request),
+        }
+        task: dict[str, Any] = {
+            "task_key": _TASK_KEY,
+            "new_cluster": dict(self.cluster.new_cluster),
+            "spark_python_task": {
+                "python_file": f"dbfs:{bootstrap_path}",
+                "parameters": [f"dbfs:{code_path}", json.dumps(spec, sort_keys=True)],
+            },
+        }
+        if self.libraries:
+            task["libraries"] = [dict(lib) for lib in self.libraries]
+        body: dict[str, Any] = {
+            "run_name": self.run_name,
+            "tasks": [task],
+            # One MLflow run, one Databricks run: a submit repeated after a lost answer
+            # (or by a restarted driver for the same MLflow run) returns the same run.
+            "idempotency_token": f"aioproj-{request.run_id}"[:64],
+        }
+        if self.cluster.timeout_seconds:
+            body["timeout_seconds"] = self.cluster.timeout_seconds
+        return body
+
+    async def start(self, request: StartRequest) -> Execution:
+        """Upload the code (once per content), submit the run, tag the MLflow run.
+
+        Raises:
+            BackendError: the workspace refused the upload or the submit, or could not be
+                reached. If the run was submitted but could not be read back, it is
+                cancelled before the error is raised.
+        """
+        ws = self.workspace
+        client = ws.client
+        folder = dbfs_code_dir(request.experiment_id)
+        code_path = f"{folder}/{self.archive.sha256}.tar.gz"
+        boot = BOOTSTRAP.encode()
+        bootstrap_path = f"{folder}/{hashlib.sha256(boot).hexdigest()}.py"
+        try:
+            await ws.ensure(
+                code_path, functools.partial(upload_file, client, self.archive.path, code_path)
+            )
+            await ws.ensure(
+                bootstrap_path, functools.partial(upload_bytes, client, bootstrap_path, boot)
+            )
+        except OSError as exc:
+            raise BackendError(
+                f"Could not read the project tarball {self.archive.path}: {exc}"
+            ) from exc
+        logger.info("=== Running entry point %s of project on Databricks ===", self.entry_point)
+        answer = await client.call(
+            "POST",
+            f"{_JOBS}/runs/submit",
+            json=self.submit_body(request, code_path, bootstrap_path),
+            repeatable=True,
+        )
+        try:
+            db_run_id = int(answer["run_id"])
+        except (KeyError, TypeError, ValueError):
+            raise BackendError(
+                f"Databricks workspace {client.host}: runs/submit returned no run_id."
+            ) from None
+        try:
+            run = await client.call("GET", f"{_JOBS}/runs/get", params={"run_id": str(db_run_id)})
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                try:
+                    await client.call(
+                        "POST", f"{_JOBS}/runs/cancel", json={"run_id": db_run_id}, repeatable=True
+                    )
+                except AioprojError as exc:
+                    logger.error("Could not cancel Databricks run %s: %s", db_run_id, exc)
+            raise
+        url = str(run.get("run_page_url") or "")
+        tasks = run.get("tasks") or []
+        task_run_id = int(tasks[0].get("run_id") or db_run_id) if tasks else db_run_id
+        tags = {RUN_URL_TAG: url, SHELL_JOB_RUN_ID_TAG: str(db_run_id), WEBAPP_URL_TAG: client.host}
+        if run.get("job_id") is not None:
+            tags[SHELL_JOB_ID_TAG] = str(run["job_id"])
+        logger.info(
+            "=== Launched MLflow run as Databricks job run with ID %s."
+            " Check the run's status at %s ===",
+            db_run_id,
+            url,
+        )
+        request.output.feed(f"=== Databricks run {db_run_id}: {url} ===\n".encode())
+        try:
+            await self.backend._set_tags(self.tracking_uri, request.run_id, tags)
+        except AioprojError as exc:
+            logger.warning("Could not tag run %s with its Databricks run: %s", request.run_id, exc)
+        watch = Watch(run_id=db_run_id, start_time_ms=int(run.get("start_time") or 0))
+        watch.update(run)
+        return DatabricksExecution(
+            ws, watch, task_run_id, request.output.feed, request.output.close
+        )
+
+
+class DatabricksExecution:
+    """A run on Databricks as the handle sees it. ``run_id`` is the Databricks run id."""
+
+    waits_for_stop = False
+
+    def __init__(
+        self,
+        workspace: _Workspace,
+        watch: Watch,
+        task_run_id: int,
+        feed: Callable[[bytes], None],
+        close_output: Callable[[], None],
+    ) -> None:
+        self._ws = workspace
+        self._watch = watch
+        self.run_id = watch.run_id
+        self.task_run_id = task_run_id
+        self._feed = feed
+        self._close_output = close_output
+        self._cancel_sent = False
+        #: Why a cancel request could not be sent, if it could not.
+        self.cancel_error: Exception | None = None
+
+    def __repr__(self) -> str:
+        return f"<DatabricksExecution run_id={self.run_id} status={self._watch.status.value}>"
+
+    def status(self) -> RunStatus:
+        return self._watch.status
+
+    async def wait(self) -> RunStatus:
+        """Follow the run (through the shared poller) to its end, then fetch its output.
+
+        Raises BackendError if the workspace keeps refusing the poller's requests.
+        """
+        try:
+            if not self._watch.done.is_set():
+                await self._ws.poller.follow(self._watch)
+            if self._watch.error is not None:
+                raise self._watch.error
+            await self._fetch_output()
+            return self._watch.status
+        finally:
+            self._close_output()
+
+    async def _fetch_output(self) -> None:
+        client = self._ws.client
+        try:
+            out = await client.call(
+                "GET", f"{_JOBS}/runs/get-output", params={"run_id": str(self.task_run_id)}
+            )
+        except AioprojError as exc:
+            self._feed(f"=== aioproj: could not fetch the run's output: {exc} ===\n".encode())
+            return
+        logs = out.get("logs")
+        if isinstance(logs, str) and logs:
+            self._feed(logs.encode() if logs.endswith("\n") else (logs + "\n").encode())
+        if out.get("logs_truncated"):
+            self._feed(b"=== Databricks kept only the last 5 MB of this output ===\n")
+        error = out.get("error")
+        trace = out.get("error_trace")
+        if isinstance(trace, str) and trace and (not isinstance(logs, str) or trace not in logs):
+            self._feed((trace.rstrip("\n") + "\n").encode())
+        state = (self._watch.run.get("state") or {}) if self._watch.run else {}
+        ending = state.get("result_state") or state.get("life_cycle_state") or "?"
+        message = state.get("state_message") or ""
+        if isinstance(error, str) and error:
+            message = error
+        if self._watch.status is not RunStatus.FINISHED:
+            tail = f": {message}" if message else ""
+            self._feed(f"=== Databricks run {self.run_id} ended {ending}{tail} ===\n".encode())
+
+    async def cancel(self) -> None:
+        """Ask Databricks to cancel the run (``runs/cancel``) and return at once.
+
+        Idempotent. Never raises: if the request cannot be sent, the error is logged and
+        kept in :attr:`cancel_error`, and the run is still followed to its end.
+        """
+        if self._watch.done.is_set() or self._cancel_sent:
+            return
+        self._cancel_sent = True
+        try:
+            await self._ws.client.call(
+                "POST", f"{_JOBS}/runs/cancel", json={"run_id": self.run_id}, repeatable=True
+            )
+        except AioprojError as exc:
+            self._cancel_sent = False
+            self.cancel_error = exc
+            logger.error("Could not cancel Databricks run %s: %s", self.run_id, exc)
+            return
+        self._ws.poller.nudge()
