@@ -25,6 +25,7 @@ from .errors import (
 from .handle import RunStatus, SubmittedRun
 
 if _typing.TYPE_CHECKING:
+    from .journal import recover
     from .runner import Runner, run
     from .sweeps import (
         Choice,
@@ -65,6 +66,7 @@ __all__ = [
     "TrialResult",
     "Tuner",
     "Uniform",
+    "recover",
     "run",
     "sweep",
 ]
@@ -83,6 +85,7 @@ _LAZY = {
     "TrialResult": "sweeps",
     "Tuner": "sweeps",
     "Uniform": "sweeps",
+    "recover": "journal",
     "run": "runner",
     "sweep": "sweeps",
 }

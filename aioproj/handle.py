@@ -20,6 +20,7 @@ from aioproj._output import RunOutput
 
 if TYPE_CHECKING:
     from aioproj.backends.base import Execution
+    from aioproj.journal import Journal
     from aioproj.tracking.base import TrackingStore
     from aioproj.tracking.metrics import Metric, MetricsPoller
 
@@ -67,6 +68,7 @@ class SubmittedRun:
         on_done: Callable[[SubmittedRun], None] | None = None,
         cleanup_timeout: float = 30.0,
         metrics: MetricsPoller | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._run_id = run_id
         self._experiment_id = experiment_id
@@ -75,6 +77,7 @@ class SubmittedRun:
         self._output = output
         self._on_done = on_done
         self._metrics = metrics
+        self._journal = journal
         self._final: RunStatus | None = None
         self._done = anyio.Event()
         self._cancel_requested = False
@@ -210,6 +213,7 @@ class SubmittedRun:
             return
         self._final = status
         end_time_ms = int(time.time() * 1000)
+        recorded = False
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
                 try:
@@ -219,9 +223,30 @@ class SubmittedRun:
                 await self._store.set_terminated(
                     self._run_id, status.value, end_time_ms=end_time_ms
                 )
+                recorded = True
         except Exception as exc:
             logger.error("Could not record the final status of run %s: %s", self._run_id, exc)
+        try:
+            if self._journal is not None:
+                await self._settle_journal(self._journal, status, recorded)
+        except OSError as exc:
+            logger.error("Run %s: could not update the run journal: %s", self._run_id, exc)
         finally:
             self._done.set()
             if self._on_done is not None:
                 self._on_done(self)
+
+    async def _settle_journal(self, journal: Journal, status: RunStatus, recorded: bool) -> None:
+        """Recorded: forget the run. Not recorded: keep its status for `aioproj recover`."""
+        with anyio.CancelScope(shield=True):
+            if recorded:
+                await anyio.to_thread.run_sync(journal.remove, self._run_id)
+                return
+            await anyio.to_thread.run_sync(journal.keep_final_status, self._run_id, status.value)
+        logger.error(
+            "Run %s: its final status %s is kept in %s; run `aioproj recover` once the"
+            " tracking store is reachable.",
+            self._run_id,
+            status.value,
+            journal.directory,
+        )

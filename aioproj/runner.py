@@ -29,10 +29,18 @@ import anyio.abc
 from aioproj._output import EchoMode, RunOutput
 from aioproj._paths import cache_root
 from aioproj._shared import SharedCalls
-from aioproj.backends import Backend, Launch, LaunchRequest, StartRequest, load_backend
+from aioproj.backends import (
+    Backend,
+    Execution,
+    Launch,
+    LaunchRequest,
+    StartRequest,
+    load_backend,
+)
 from aioproj.envs import validate_env_manager
 from aioproj.errors import InvalidArgumentError, RunFailedError
 from aioproj.handle import RunStatus, SubmittedRun
+from aioproj.journal import Journal
 from aioproj.project import (
     EntryPoint,
     ResolvedParameters,
@@ -40,7 +48,7 @@ from aioproj.project import (
     resolve_parameters,
 )
 from aioproj.sources import FetchedProject, SourceCache
-from aioproj.tracking import TrackingStore, open_store
+from aioproj.tracking import RunRecord, TrackingStore, open_store
 from aioproj.tracking.metrics import MetricsPoller
 from aioproj.tracking.resolve import default_tracking_uri
 
@@ -101,6 +109,7 @@ class Runner:
         self._stores: dict[str, TrackingStore] = {}
         self._default_uri: str | None = None  # resolved once, on first use
         self._pollers: dict[str, MetricsPoller] = {}
+        self._journal = Journal((self._cache_dir or cache_root()) / "journal")
         self._live: set[SubmittedRun] = set()
         self._state = "unopened"
         self._shared = SharedCalls()
@@ -365,6 +374,7 @@ class Runner:
             output.close()
             await store.set_terminated(record.run_id, RunStatus.FAILED.value)
             raise
+        await self._journal_start(store, record, backend_name, execution)
         handle = SubmittedRun(
             run_id=record.run_id,
             experiment_id=record.experiment_id,
@@ -375,11 +385,41 @@ class Runner:
             # Stopping takes up to two grace periods (leader, then stragglers).
             cleanup_timeout=2 * self._grace + 10,
             metrics=self._metrics_poller(store),
+            journal=self._journal,
         )
         self._live.add(handle)
         assert self._tg is not None
         self._tg.start_soon(handle._supervise, name=f"aioproj run {record.run_id}")
         return handle
+
+    async def _journal_start(
+        self,
+        store: TrackingStore,
+        record: RunRecord,
+        backend_name: str,
+        execution: Execution,
+    ) -> None:
+        """Note the run in the journal, so `aioproj recover` finds it if this process dies."""
+        run_id, experiment_id = record.run_id, record.experiment_id
+        state = getattr(execution, "journal_state", None) or {}
+        try:
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    self._journal.record_start,
+                    run_id=run_id,
+                    experiment_id=experiment_id,
+                    tracking_uri=store.uri,
+                    backend=backend_name,
+                    state=state,
+                )
+            )
+        except OSError as exc:
+            logger.warning(
+                "Run %s is not in the run journal (%s); if this process dies, "
+                "`aioproj recover` will not find it.",
+                run_id,
+                exc,
+            )
 
     def _run_done(self, handle: SubmittedRun) -> None:
         self._live.discard(handle)

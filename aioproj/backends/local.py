@@ -146,6 +146,11 @@ class LocalExecution:
         """The process id of the group leader (``bash``); also the process group id."""
         return self._group.pid
 
+    @property
+    def journal_state(self) -> dict[str, int]:
+        """What ``aioproj recover`` needs to find the run's processes if the driver dies."""
+        return {"pgid": self._group.pid}
+
     def status(self) -> RunStatus:
         return self._status
 
