@@ -78,6 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "then supervised by a detached aioproj process.",
     )
     _add_envs_parser(commands)
+    _add_recover_parser(commands)
     from aioproj._cli_sweep import add_parsers
 
     add_parsers(commands, _add_project_options)
@@ -147,6 +148,43 @@ def _add_project_options(
         action="store_true",
         help="Build a docker image with the project code inside (docker projects).",
     )
+
+
+def _add_recover_parser(commands: Any) -> None:
+    recover = commands.add_parser(
+        "recover",
+        allow_abbrev=False,
+        help="Finish the runs a killed aioproj process left behind.",
+        description=(
+            "Every run aioproj starts is noted in a journal (<AIOPROJ_CACHE_DIR or "
+            "~/.cache/aioproj>/journal) until its final status is recorded. For runs whose "
+            "aioproj process died: local runs still running are stopped and recorded "
+            "KILLED, those that ended unwatched FAILED; remote runs get the state their "
+            "backend reports. Final statuses that tracking refused are written now. Each "
+            "status written gets the tag aioproj.recovered saying why."
+        ),
+    )
+    recover.add_argument(
+        "--dry-run", action="store_true", help="Say what would be done; stop and write nothing."
+    )
+    recover.add_argument(
+        "--grace-period", type=float, default=10.0, metavar="SECONDS",
+        help="Seconds between SIGTERM and SIGKILL for leftover processes (default 10).",
+    )  # fmt: skip
+
+
+def _recover_command(args: argparse.Namespace) -> int:
+    import anyio
+
+    from aioproj.journal import recover
+
+    results = anyio.run(lambda: recover(grace_period=args.grace_period, dry_run=args.dry_run))
+    for result in results:
+        status = result.status or "-"
+        print(f"{result.run_id}  {result.backend:<10}  {status:<8}  {result.action}")
+    if not results:
+        print("No runs to recover.")
+    return 0
 
 
 def _add_envs_parser(commands: Any) -> None:
@@ -500,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             _load_env_file(args.env_file)
         if args.command == "envs":
             code = _envs_command(args)
+        elif args.command == "recover":
+            code = _recover_command(args)
         elif args.command == "run":
             code = _run_command(args, argv)
         else:  # sweep, runs, logs

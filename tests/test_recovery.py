@@ -202,3 +202,21 @@ async def test_unreadable_journal_files_are_skipped(tmp_path: Path) -> None:
 
 def test_recover_is_public() -> None:
     assert aioproj.recover is recover
+
+
+async def test_the_recover_command(tmp_path: Path, tracking_uri: str) -> None:
+    proc, pids = await _start_driver(tmp_path, 300)
+    (entry,) = await _entries()
+    await _kill_driver(proc)
+    aioproj_cli = [sys.executable, "-m", "aioproj.cli", "recover"]
+    dry = await anyio.run_process([*aioproj_cli, "--dry-run"])
+    assert f"{entry['run_id']}  local       -         stopped its process group" in (
+        dry.stdout.decode()
+    )
+    done = await anyio.run_process([*aioproj_cli, "--grace-period", "1"])
+    assert f"{entry['run_id']}  local       KILLED    stopped its process group" in (
+        done.stdout.decode()
+    )
+    assert await _all_gone(await _pids(pids))
+    again = await anyio.run_process(aioproj_cli)
+    assert again.stdout.decode().strip() == "No runs to recover."
