@@ -165,7 +165,8 @@ def summary_renderable(sweep: Sweep) -> RenderableType:
 
         ran.sort(key=key)
     parts: list[RenderableType] = [
-        _table(sweep, ran, title=f"Sweep {sweep.status.value}: {header(sweep)}")
+        Text(f"Sweep {sweep.status.value}: {header(sweep)}", style="bold"),
+        _table(sweep, ran),
     ]
     skipped = sum(t.status == "SKIPPED" for t in sweep.trials)
     if skipped:
@@ -201,8 +202,16 @@ def make_console(mode: ProgressMode) -> tuple[Console, bool]:
         # A log file or pipe: long lines rather than rich's default of 80 columns.
         console = Console(highlight=False, width=max(console.width, 160))
     if mode == "auto":
-        return console, console.is_terminal or console.is_jupyter
+        live = console.is_terminal or (console.is_jupyter and _has_widgets())
+        return console, live
     return console, mode == "live"
+
+
+def _has_widgets() -> bool:
+    """rich draws a live display in Jupyter through ipywidgets; without it, plain lines."""
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
 
 
 async def show_progress(sweep: Sweep, finished: anyio.Event, mode: ProgressMode) -> None:
