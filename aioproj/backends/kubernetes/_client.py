@@ -220,6 +220,11 @@ class KubeClient:
             response.release()
 
 
+def _import_client() -> None:
+    import kubernetes_asyncio.client
+    import kubernetes_asyncio.config  # noqa: F401
+
+
 def _read_kubeconfigs(path: str | None) -> dict[str, Any] | None:
     """The kubeconfig as one dict (KUBECONFIG lists are merged, first wins), or None
     when no file exists. Blocking."""
@@ -283,6 +288,7 @@ async def connect(context: str | None, config_path: str | None = None) -> KubeCl
 
     Raises :class:`BackendError` saying what failed for both.
     """
+    await anyio.to_thread.run_sync(_import_client)  # imports read files: off the loop
     from kubernetes_asyncio import client, config
     from kubernetes_asyncio.config.config_exception import ConfigException
 

@@ -25,6 +25,7 @@ from aioproj.errors import BackendError
 
 __all__ = [
     "BUNDLE_DIR",
+    "BUNDLE_MAX_BYTES",
     "BUNDLE_KEY",
     "CODE_DIR",
     "CONFIGMAP_MAX_BYTES",
@@ -47,8 +48,9 @@ BUNDLE_DIR = "/mlflow/projects/bundle"
 BUNDLE_KEY = "project.tar.gz"
 #: The apiserver's limit on the data of one ConfigMap.
 CONFIGMAP_MAX_BYTES = 1024 * 1024
-#: Room left for the ConfigMap's metadata and key.
-_BUNDLE_MAX_BYTES = CONFIGMAP_MAX_BYTES - 4096
+#: The largest bundle aioproj ships: base64 on the wire makes it 4/3 larger, and request
+#: bodies stay under 1 MiB (aiohttp would write a larger one in a blocking call).
+BUNDLE_MAX_BYTES = 768 * 1024
 
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 LABEL_RUN_ID = "aioproj.dev/run-id"
@@ -213,11 +215,11 @@ def bundle_project(directory: Path) -> bytes:
     except OSError as exc:
         raise BackendError(f"Could not pack the project {directory} for Kubernetes: {exc}") from exc
     data = buffer.getvalue()
-    if len(data) > _BUNDLE_MAX_BYTES:
+    if len(data) > BUNDLE_MAX_BYTES:
         raise BackendError(
             f"The project {directory} packs to {len(data):,} bytes (gzipped, without mlruns "
-            f"and .git), more than the {_BUNDLE_MAX_BYTES:,} a Kubernetes ConfigMap can ship "
-            "(1 MiB). Move data files out of the project (download them in the entry point), "
+            f"and .git), more than the {BUNDLE_MAX_BYTES:,} bytes aioproj ships in a Kubernetes "
+            "ConfigMap (ConfigMaps hold at most 1 MiB, base64-encoded on the wire). Move data files out of the project (download them in the entry point), "
             "or pass build_image=True to build an image with the code and push it to "
             "'repository-uri'."
         )

@@ -324,7 +324,7 @@ class ApiServer:
         self.watch_connections: Counter[tuple[str, str]] = Counter()
         self.active_watches = 0
         self._streams: set[asyncio.Task[Any]] = set()
-        self.app = web.Application(middlewares=[self._middleware])
+        self.app = web.Application(middlewares=[self._middleware], client_max_size=8 * 1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
 
     # -- plumbing ----------------------------------------------------------------------
