@@ -25,8 +25,8 @@ from aioproj.errors import BackendError
 
 __all__ = [
     "BUNDLE_DIR",
-    "BUNDLE_MAX_BYTES",
     "BUNDLE_KEY",
+    "BUNDLE_MAX_BYTES",
     "CODE_DIR",
     "CONFIGMAP_MAX_BYTES",
     "LABEL_MANAGED",
@@ -219,9 +219,9 @@ def bundle_project(directory: Path) -> bytes:
         raise BackendError(
             f"The project {directory} packs to {len(data):,} bytes (gzipped, without mlruns "
             f"and .git), more than the {BUNDLE_MAX_BYTES:,} bytes aioproj ships in a Kubernetes "
-            "ConfigMap (ConfigMaps hold at most 1 MiB, base64-encoded on the wire). Move data files out of the project (download them in the entry point), "
-            "or pass build_image=True to build an image with the code and push it to "
-            "'repository-uri'."
+            "ConfigMap (ConfigMaps hold at most 1 MiB, base64-encoded on the wire). Move data "
+            "files out of the project (download them in the entry point), or pass "
+            "build_image=True to build an image with the code and push it to 'repository-uri'."
         )
     return data
 
