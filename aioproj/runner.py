@@ -109,6 +109,8 @@ class Runner:
         self._stores: dict[str, TrackingStore] = {}
         self._default_uri: str | None = None  # resolved once, on first use
         self._pollers: dict[str, MetricsPoller] = {}
+        self._held: dict[SubmittedRun, list[anyio.Semaphore]] = {}
+        self._fd_limits: dict[str, anyio.Semaphore | None] = {}
         self._journal = Journal((self._cache_dir or cache_root()) / "journal")
         self._live: set[SubmittedRun] = set()
         self._state = "unopened"
@@ -287,9 +289,13 @@ class Runner:
                     experiment_name=experiment_name, experiment_id=exp_key
                 ),
             )
-            if self._slots is not None:
-                await self._slots.acquire()
+            fd_slots = await self._fd_slots(the_backend)
+            held: list[anyio.Semaphore] = []
             try:
+                for slots in (self._slots, fd_slots):
+                    if slots is not None:
+                        await slots.acquire()
+                        held.append(slots)
                 if self._state != "open":
                     raise RuntimeError(
                         "The Runner was closed while this run was being prepared; "
@@ -309,9 +315,10 @@ class Runner:
                         run_id=run_id,
                         run_name=run_name,
                     )
+                self._held[handle] = held  # released when the run is done
             except BaseException:
-                if self._slots is not None:
-                    self._slots.release()
+                for slots in held:
+                    slots.release()
                 raise
             try:
                 if synchronous:
@@ -423,8 +430,26 @@ class Runner:
 
     def _run_done(self, handle: SubmittedRun) -> None:
         self._live.discard(handle)
-        if self._slots is not None:
-            self._slots.release()
+        for slots in self._held.pop(handle, ()):
+            slots.release()
+
+    async def _fd_slots(self, backend: Backend) -> anyio.Semaphore | None:
+        """How many runs of ``backend`` fit in the open-files limit, as a semaphore.
+
+        A backend that keeps descriptors open for each run (the local backend: the output
+        pipe and the pidfd) says how many in ``fds_per_run``. Runs beyond what the soft
+        RLIMIT_NOFILE leaves (after a reserve for tracking, sources and sockets) wait for
+        a slot instead of failing with "Too many open files".
+        """
+        per_run = int(getattr(backend, "fds_per_run", 0) or 0)
+        if per_run <= 0:
+            return None
+        if backend.name not in self._fd_limits:
+            slots = await anyio.to_thread.run_sync(_runs_within_fd_limit, per_run)
+            self._fd_limits.setdefault(
+                backend.name, anyio.Semaphore(slots) if slots is not None else None
+            )
+        return self._fd_limits[backend.name]
 
     async def _backend(self, backend: str | Backend) -> Backend:
         if not isinstance(backend, str):
@@ -460,6 +485,30 @@ class Runner:
             store = await anyio.to_thread.run_sync(open_store, uri)
             self._stores.setdefault(uri, store)
         return self._stores[uri]
+
+
+def _runs_within_fd_limit(per_run: int) -> int | None:
+    """Runs of ``per_run`` descriptors each that the open-files limit leaves room for.
+
+    None when there is no limit to respect. Reads /proc/self/fd: call it in a thread.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 32
+    reserve = min(_FD_RESERVE, soft // 4)
+    return max(1, (soft - open_now - reserve) // per_run)
+
+
+#: Descriptors left for everything but runs' own: tracking files, sources, sockets.
+_FD_RESERVE = 128
 
 
 async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[str, Any]:

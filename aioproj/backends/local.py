@@ -30,6 +30,9 @@ class LocalBackend:
     ``shell`` to use another POSIX shell than bash."""
 
     name = "local"
+    #: Descriptors each live run keeps open (its output pipe and its pidfd) plus one for
+    #: the brief file operations of its tracking; the runner queues runs beyond the limit.
+    fds_per_run = 3
 
     def __init__(self, *, shell: str = "bash") -> None:
         self._shell = shell
