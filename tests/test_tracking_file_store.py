@@ -270,7 +270,9 @@ async def test_artifacts_listed_by_mlflow(store: FileStore) -> None:
         await store.log_artifact_bytes(run.run_id, "../escape", b"")
 
 
-@pytest.mark.parametrize("key", ["", "../up", "/abs", "a//b", "a/", "bad*char", "x" * 251])
+@pytest.mark.parametrize(
+    "key", ["", "../up", "/abs", "a//b", "a/", "bad*char", "x" * 251, "trailing\n", "\n"]
+)
 async def test_bad_keys_rejected(store: FileStore, key: str) -> None:
     with pytest.raises(InvalidArgumentError, match="key"):
         await store.create_run("0", run_name=None, tags={key: "v"}, params={})
@@ -285,6 +287,8 @@ async def test_unknown_run_and_experiment(store: FileStore) -> None:
         await store.set_terminated("0" * 32, "FINISHED")
     with pytest.raises(InvalidArgumentError):
         await store.get_run("../../etc")
+    with pytest.raises(InvalidArgumentError):
+        await store.get_run("0" * 32 + "\n")
     with pytest.raises(TrackingError, match="No experiment"):
         await store.create_run("777", run_name=None, tags={}, params={})
     run = await store.create_run("0", run_name=None, tags={}, params={})

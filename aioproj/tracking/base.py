@@ -49,7 +49,8 @@ MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 
 # Keys become file names in the file store, so every store accepts the same small alphabet.
-_KEY_CHARS = re.compile(r"^[/\w.\- ]*$" if sys.platform == "win32" else r"^[/\w.\- :]*$")
+# (fullmatch, not ``$``: ``$`` also matches before a trailing newline.)
+_KEY_CHARS = re.compile(r"[/\w.\- ]*" if sys.platform == "win32" else r"[/\w.\- :]*")
 
 _ADJECTIVES = (
     "amber", "bold", "brisk", "calm", "clever", "crisp", "dapper", "eager", "fleet", "gentle",
@@ -160,7 +161,7 @@ def validate_key(kind: str, key: str) -> None:
         raise InvalidArgumentError(
             f"Invalid {kind} key {key[:50]!r}...: longer than {MAX_KEY_LENGTH} characters."
         )
-    if not _KEY_CHARS.match(key):
+    if not _KEY_CHARS.fullmatch(key):
         raise InvalidArgumentError(
             f"Invalid {kind} key {key!r}: names may only contain alphanumerics, underscores (_),"
             " dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)."

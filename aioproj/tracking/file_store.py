@@ -76,8 +76,8 @@ _STATUS_CODES = {"RUNNING": 1, "SCHEDULED": 2, "FINISHED": 3, "FAILED": 4, "KILL
 _STATUS_NAMES = {code: name for name, code in _STATUS_CODES.items()}
 _SOURCE_TYPE_LOCAL = 4
 
-_RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
-_EXPERIMENT_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,63}$")
+_RUN_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
+_EXPERIMENT_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,63}")
 
 _Dumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -271,12 +271,12 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _check_run_id(run_id: str) -> None:
-    if not _RUN_ID.match(run_id):
+    if not _RUN_ID.fullmatch(run_id):
         raise InvalidArgumentError(f"Invalid run id {run_id!r}.")
 
 
 def _check_experiment_id(experiment_id: str) -> None:
-    if not _EXPERIMENT_ID.match(experiment_id):
+    if not _EXPERIMENT_ID.fullmatch(experiment_id):
         raise InvalidArgumentError(f"Invalid experiment id {experiment_id!r}.")
 
 
