@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from aioproj.errors import (
     AioprojError,
@@ -430,7 +431,9 @@ class Sweep:
         #: or it could not start) or KILLED (cancelled).
         self.status: RunStatus = RunStatus.SCHEDULED
         self.error: BaseException | None = None
-        self._send, self._receive = anyio.create_memory_object_stream[TrialResult](math.inf)
+        # Created on start: a Sweep that is never started holds nothing to close.
+        self._send: MemoryObjectSendStream[TrialResult] | None = None
+        self._receive: MemoryObjectReceiveStream[TrialResult] | None = None
         self._listeners: list[Callable[[TrialState], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._scope: anyio.CancelScope | None = None
@@ -465,6 +468,7 @@ class Sweep:
     def start(self) -> None:
         """Start the sweep in a task of its own (iterating or awaiting does this)."""
         if self._task is None:
+            self._send, self._receive = anyio.create_memory_object_stream[TrialResult](math.inf)
             self._task = asyncio.get_running_loop().create_task(
                 self._drive(), name=f"aioproj sweep {self._args.uri}"
             )
@@ -483,8 +487,9 @@ class Sweep:
                 await asyncio.wait([self._task])
             if not self.status.is_terminal:
                 self.status = RunStatus.KILLED
-        self._send.close()
-        self._receive.close()
+        if self._send is not None and self._receive is not None:
+            self._send.close()
+            self._receive.close()
 
     async def __aenter__(self) -> Sweep:
         self.start()
@@ -514,6 +519,7 @@ class Sweep:
 
     async def _iterate(self) -> AsyncIterator[TrialResult]:
         self.start()
+        assert self._receive is not None
         try:
             try:
                 async for result in self._receive:
@@ -570,6 +576,7 @@ class Sweep:
                         self.status = RunStatus.KILLED
                     finished.set()
         finally:
+            assert self._send is not None
             self._send.close()
 
     async def _drive_on(self, runner: Runner) -> None:
@@ -677,6 +684,7 @@ class Sweep:
             told = self._tuner.tell(result)
             if inspect.isawaitable(told):
                 await told
+        assert self._send is not None
         self._send.send_nowait(result)
         if self._fail_fast and result.status is RunStatus.FAILED and not self._halted:
             # Stop starting trials and cancel the running ones; they end KILLED and
@@ -760,9 +768,12 @@ class Sweep:
         pruned: list[str] = []
         try:
             async with anyio.create_task_group() as watchers:
-                if self._watch_metrics:
+                live = self._watch_metrics
+                if live:
                     watchers.start_soon(self._watch, state, handle, pruned)
                 status = await handle
+                if not live:  # the final values, in one read: the run has ended
+                    watchers.start_soon(self._watch, state, handle, pruned)
                 # The watcher ends by itself once it has read the run's final values;
                 # give it a bounded time to do so.
                 watchers.cancel_scope.deadline = anyio.current_time() + max(
@@ -777,7 +788,10 @@ class Sweep:
 
     @property
     def _watch_metrics(self) -> bool:
-        return self._metrics_interval > 0
+        """Follow metrics while trials run: for the live view's metric and early stopping.
+        Otherwise each trial's final metrics are read once, when it has ended."""
+        live_use = self.metric is not None or self._stopping is not None
+        return self._metrics_interval > 0 and live_use
 
     async def _watch(self, state: TrialState, handle: SubmittedRun, pruned: list[str]) -> None:
         """Keep the trial's latest metric values; stop it if early stopping says so."""
@@ -888,9 +902,10 @@ def sweep(
     sweep.
 
     ``metric``/``goal`` name the metric that :attr:`Sweep.best` and the live view rank
-    by; trials' metrics are read from tracking while they run (every
-    ``metrics_interval`` seconds; 0 turns that off). ``early_stopping`` stops trials
-    whose metric falls behind (:class:`MedianStopping`).
+    by. With a ``metric`` or ``early_stopping``, trials' metrics are read from tracking
+    while they run (every ``metrics_interval`` seconds; 0 turns that off); otherwise, and
+    always at the end, each trial's final metrics are read once into its result.
+    ``early_stopping`` stops trials whose metric falls behind (:class:`MedianStopping`).
 
     ``progress`` shows the sweep while it runs and a summary table at the end, on
     stdout: ``"live"`` a rich table redrawn in place (terminals and Jupyter), ``"lines"``

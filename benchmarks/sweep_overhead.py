@@ -2,9 +2,9 @@
 
 N trivial trials (``true``, env manager ``local``, file store in a temporary directory),
 all at once (max_parallel = N): through ``runner.run(..., synchronous=False)`` and
-``asyncio.gather``; through ``aioproj.sweep`` without live metrics; and through
-``aioproj.sweep`` following every trial's metrics (the default, 0.5 s polls, which
-also delays each result until its final metrics are read).
+``asyncio.gather``; through ``aioproj.sweep`` (each trial's final metrics read once);
+and through ``aioproj.sweep`` with ``metric=`` (every trial's metrics followed live,
+0.5 s polls, which also delays each result until a poll after its end).
 
     python benchmarks/sweep_overhead.py -n 100
 """
@@ -40,7 +40,7 @@ async def gathered(project: Path, store: str, n: int) -> None:
         assert all(await asyncio.gather(*(r.wait() for r in runs)))
 
 
-async def swept(project: Path, store: str, n: int, interval: float) -> None:
+async def swept(project: Path, store: str, n: int, metric: str | None) -> None:
     import aioproj
 
     results = await aioproj.sweep(
@@ -48,7 +48,7 @@ async def swept(project: Path, store: str, n: int, interval: float) -> None:
         {"i": list(range(n))},
         max_parallel=n,
         tracking_uri=store,
-        metrics_interval=interval,
+        metric=metric,
         env_manager="local",
     )
     assert len(results) == n
@@ -68,8 +68,8 @@ def main() -> None:
         (project / "MLproject").write_text(MLPROJECT)
         cases = {
             "Runner.run + gather": lambda store: gathered(project, store, args.n),
-            "sweep, no metrics": lambda store: swept(project, store, args.n, 0),
-            "sweep, metrics every 0.5 s": lambda store: swept(project, store, args.n, 0.5),
+            "sweep": lambda store: swept(project, store, args.n, None),
+            "sweep, live metric (0.5 s)": lambda store: swept(project, store, args.n, "loss"),
         }
         print(f"{args.n} trials at once, median of {args.reps}")
         base = None
