@@ -408,3 +408,33 @@ def test_script_entry_point_takes_extras(tmp_path: Path) -> None:
     resolved = resolve(project, {"alpha": 0.1, "name": "a b"}, "train.py")
     assert resolved.command == "python train.py --alpha 0.1 --name 'a b'"
     assert resolved.logged == {"alpha": "0.1", "name": "a b"}
+
+
+@pytest.mark.parametrize("kind", ["string", "float", "int", "bool", "uri"])
+@pytest.mark.parametrize("value", [10**5000, "9" * 5000], ids=["int", "digits"])
+def test_huge_numbers_are_parameter_errors(tmp_path: Path, kind: str, value: object) -> None:
+    project = project_with(tmp_path, f"a: {kind}\n", "run {a}")
+    if kind in ("string", "float") and isinstance(value, str):
+        # A long digit string is a fine string, and a float (inf).
+        assert resolve(project, {"a": value}).logged == {"a": value}
+        return
+    with pytest.raises(ParameterError) as caught:
+        resolve(project, {"a": value})
+    assert len(str(caught.value)) < 1000
+
+
+@pytest.mark.parametrize("params", [{"a": "x\0y"}, {"a": "x", "extra": "\0"}, {"a": "\ud800"}])
+def test_values_no_command_line_can_carry_are_parameter_errors(
+    tmp_path: Path, params: dict[str, object]
+) -> None:
+    project = project_with(tmp_path, "a: string\n", "run {a}")
+    with pytest.raises(ParameterError, match="no command line can carry"):
+        resolve(project, params)
+
+
+@pytest.mark.parametrize("conversion", ["r", "a"])
+def test_repr_conversion_keeps_the_value_in_one_shell_word(tmp_path: Path, conversion: str) -> None:
+    project = project_with(tmp_path, "a: string\n", f"run {{a!{conversion}}} end")
+    value = "x'; touch pwned; '"
+    command = resolve(project, {"a": value}).command
+    assert shlex.split(command) == ["run", repr(value), "end"]

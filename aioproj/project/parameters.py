@@ -103,16 +103,20 @@ def resolve_parameters(
         values[name], rendered[name] = _coerce_value(
             parameter, raw, context=context, path_exists=exists, cwd=cwd
         )
-        logged[name] = str(raw)
+        _check_command_text(rendered[name], context)
+        logged[name] = _as_text(raw, context)
 
     extra_args: list[str] = []
     for key, value in given.items():
         if key in entry_point.parameters:
             continue
         _check_extra_key(key, entry_point.name)
+        context = _Context(key, entry_point.name, is_default=False)
+        text = _as_text(value, context)
+        _check_command_text(text, context)
         values[key] = value
-        logged[key] = str(value)
-        extra_args.append(f"--{key} {shlex.quote(str(value))}")
+        logged[key] = text
+        extra_args.append(f"--{key} {shlex.quote(text)}")
 
     quoted = {name: shlex.quote(text) for name, text in rendered.items()}
     command = render_command(
@@ -147,6 +151,40 @@ def _check_extra_key(key: str, entry_point: str) -> None:
         )
 
 
+def _as_text(raw: object, context: _Context) -> str:
+    """``str(raw)``; a value Python will not turn into text is a ParameterError.
+
+    (An int of more than 4300 digits is one: ``str()`` refuses it.)
+    """
+    if isinstance(raw, str):
+        return raw
+    try:
+        return str(raw)
+    except ValueError as exc:
+        raise ParameterError(
+            f"Parameter {context.parameter!r} of entry point {context.entry_point!r} has a "
+            f"value of type {type(raw).__name__} that cannot be written as text: {exc}"
+        ) from None
+
+
+def _check_command_text(text: str, context: _Context) -> None:
+    """Refuse text that cannot travel in a command line: NUL, unencodable surrogates."""
+    problem = None
+    if "\0" in text:
+        problem = "contains a NUL character"
+    else:
+        try:
+            text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            problem = "contains a lone surrogate that cannot be encoded"
+    if problem is not None:
+        raise ParameterError(
+            f"The value of parameter {context.parameter!r} of entry point "
+            f"{context.entry_point!r} {problem}, which no command line can carry."
+            + (" (its default in the MLproject)" if context.is_default else "")
+        )
+
+
 # --------------------------------------------------------------------------- coercion
 
 
@@ -165,23 +203,33 @@ def _coerce_value(
     """
     kind = parameter.type
     if kind == "float":
-        return _coerce_float(raw, context), str(raw)
+        return _coerce_float(raw, context), _as_text(raw, context)
     if kind == "int":
-        return _coerce_int(raw, context), str(raw)
+        return _coerce_int(raw, context), _as_text(raw, context)
     if kind == "bool":
-        return _coerce_bool(raw, context), str(raw)
+        return _coerce_bool(raw, context), _as_text(raw, context)
     if kind == "path":
         path = _coerce_path(raw, context, path_exists, cwd)
         return path, path
     if kind == "uri":
-        return _coerce_uri(raw, context), str(raw)
-    return str(raw), str(raw)
+        return _coerce_uri(raw, context), _as_text(raw, context)
+    text = _as_text(raw, context)
+    return text, text
+
+
+def _shown(raw: object, limit: int = 200) -> str:
+    """``repr(raw)`` for a message, shortened; never fails (huge ints refuse ``repr``)."""
+    try:
+        text = repr(raw)
+    except ValueError:
+        return f"<{type(raw).__name__} too large to show>"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
 
 
 def _type_error(kind: str, raw: object, context: _Context) -> ParameterError:
     return ParameterError(
         f"Parameter {context.parameter!r} of entry point {context.entry_point!r} expects "
-        f"{_EXPECTED[kind]}, got {raw!r}"
+        f"{_EXPECTED[kind]}, got {_shown(raw)}"
         + (" (its default in the MLproject)" if context.is_default else "")
     )
 
@@ -190,7 +238,10 @@ def _coerce_float(raw: object, context: _Context) -> float:
     if isinstance(raw, bool):
         raise _type_error("float", raw, context)
     if isinstance(raw, numbers.Real):
-        return float(raw)
+        try:
+            return float(raw)
+        except OverflowError:
+            raise _type_error("float", raw, context) from None
     if isinstance(raw, str) and "_" not in raw:
         try:
             return float(raw)
@@ -205,7 +256,10 @@ def _coerce_int(raw: object, context: _Context) -> int:
     if isinstance(raw, numbers.Integral):
         return int(raw)
     if isinstance(raw, str) and _INT_TEXT.fullmatch(raw.strip()):
-        return int(raw)
+        try:
+            return int(raw)
+        except ValueError:  # more digits than Python converts
+            pass
     raise _type_error("int", raw, context)
 
 
@@ -261,7 +315,9 @@ def local_path_of(value: str) -> str | None:
 def _coerce_uri(raw: object, context: _Context) -> str:
     if not isinstance(raw, str) or urllib.parse.urlparse(raw).scheme == "":
         raise ParameterError(
-            f"Expected URI for parameter {context.parameter} but got {raw}{context.suffix()}"
+            f"Expected URI for parameter {context.parameter} but got "
+            f"{raw if isinstance(raw, str) and len(raw) <= 200 else _shown(raw)}"
+            f"{context.suffix()}"
         )
     return raw
 
@@ -279,7 +335,9 @@ def render_command(
     """Fill ``template`` (``str.format`` syntax) with the already shell-quoted values.
 
     A placeholder must be exactly a declared parameter name (``{alpha}``); literal braces are
-    written ``{{`` and ``}}``.
+    written ``{{`` and ``}}``. A format spec applies to the quoted text, as in MLflow; the
+    ``!r`` and ``!a`` conversions apply to the value and their result is quoted again, so
+    the value stays one shell word.
 
     Raises:
         ParameterError: a placeholder is not a declared parameter.
@@ -305,8 +363,10 @@ def render_command(
                 f"which is not a declared parameter (declared: {sorted(quoted)})"
             )
         value: object = quoted[field]
-        if conversion is not None:
-            value = formatter.convert_field(value, conversion)
+        if conversion in ("r", "a"):
+            # repr() of shell-quoted text re-escapes its quotes and would let the value out
+            # of its shell word: convert the value itself, then quote the result.
+            value = shlex.quote(formatter.convert_field(shlex.split(quoted[field])[0], conversion))
         filled_spec = render_command(
             spec, quoted, entry_point=entry_point, mlproject_path=mlproject_path
         )
