@@ -141,6 +141,7 @@ class KubernetesExecution:
         self.detail: str | None = None
         self._announced: dict[str, str] = {}
         self._seen_job = False
+        self._job: Obj | None = None
         self._cancelled = False
         self._wake = anyio.Event()
         self._logs = _Logs()
@@ -184,6 +185,8 @@ class KubernetesExecution:
                         None if deadline is None else deadline - anyio.current_time()
                     ):
                         await self._wake.wait()
+                if self._final is not RunStatus.KILLED:
+                    await self._catch_up_logs(tg)
                 if self._logs.active:
                     with anyio.move_on_after(self._log_grace):
                         await self._logs.idle.wait()
@@ -194,6 +197,30 @@ class KubernetesExecution:
         assert self._final is not None
         return self._final
 
+    async def _catch_up_logs(self, tg: anyio.abc.TaskGroup) -> None:
+        """The Job and its pods come on two streams: once the Job has ended, wait (briefly)
+        for the pod events that lag behind, so that every pod's log is read."""
+        status = (self._job or {}).get("status") or {}
+        expected = int(status.get("succeeded") or 0) + int(status.get("failed") or 0)
+        if self._final is RunStatus.FINISHED:
+            expected = max(expected, 1)  # a pod succeeded, even if the count lags
+        with anyio.move_on_after(self._log_grace):
+            while len(self._logs.followed) < expected:
+                self._wake = anyio.Event()
+                self._start_followers(tg, self._watch.pods_of(self.job_name))
+                if len(self._logs.followed) >= expected:
+                    break
+                await self._wake.wait()
+
+    def _start_followers(self, tg: anyio.abc.TaskGroup, pods: list[Obj]) -> None:
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            if is_started(pod) and name not in self._logs.followed:
+                self._logs.followed.add(name)
+                self._logs.active += 1  # now: the task may start after wait() checks
+                containers = pod.get("spec", {}).get("containers") or [{}]
+                tg.start_soon(self._follow_log, name, str(containers[0].get("name", "")))
+
     def _evaluate(self, tg: anyio.abc.TaskGroup) -> RunStatus | None:
         if self._cancelled:
             return RunStatus.KILLED
@@ -201,11 +228,7 @@ class KubernetesExecution:
         pods = self._watch.pods_of(self.job_name)
         for pod in pods:
             self._announce(pod)
-            name = pod["metadata"]["name"]
-            if is_started(pod) and name not in self._logs.followed:
-                self._logs.followed.add(name)
-                containers = pod.get("spec", {}).get("containers") or [{}]
-                tg.start_soon(self._follow_log, name, str(containers[0].get("name", "")))
+        self._start_followers(tg, pods)
         if job is None:
             if self._seen_job and self._watch.synced:
                 self.detail = f"the Job {self.namespace}/{self.job_name} was deleted"
@@ -213,6 +236,7 @@ class KubernetesExecution:
                 return RunStatus.FAILED
             return None
         self._seen_job = True
+        self._job = job
         outcome = job_outcome(job)
         if outcome is not None:
             status, message = outcome
@@ -251,7 +275,6 @@ class KubernetesExecution:
                 logger.error("Could not delete Job %s: %s", self.job_name, exc)
 
     async def _follow_log(self, pod: str, container: str) -> None:
-        self._logs.active += 1
         try:
             for attempt in range(1, 30):
                 try:

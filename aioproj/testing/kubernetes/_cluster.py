@@ -609,8 +609,9 @@ class Cluster:
         return self.store.update(JOBS, namespace, name, change)
 
     def _add_condition(
-        self, namespace: str, name: str, kind: str, reason: str, message: str
+        self, namespace: str, name: str, kind: str, reason: str, message: str, **status: Any
     ) -> None:
+        """Append a True condition, with other status changes in the same update."""
         job = self.store.get(JOBS, namespace, name)
         conditions = list(job.get("status", {}).get("conditions") or [])
         now = now_rfc3339()
@@ -624,7 +625,7 @@ class Cluster:
                 "lastTransitionTime": now,
             }
         )
-        self._job_status(namespace, name, conditions=conditions)
+        self._job_status(namespace, name, conditions=conditions, **status)
 
     async def _run_job(self, namespace: str, name: str, uid: str) -> None:
         try:
@@ -672,12 +673,23 @@ class Cluster:
         if outcome == "success":
             message = "Reached expected number of succeeded pods"
             self._add_condition(
-                namespace, name, "SuccessCriteriaMet", "CompletionsReached", message
+                namespace,
+                name,
+                "SuccessCriteriaMet",
+                "CompletionsReached",
+                message,
+                succeeded=1,
+                active=0,
+                ready=0,
             )
-            self._job_status(
-                namespace, name, succeeded=1, active=0, ready=0, completionTime=now_rfc3339()
+            self._add_condition(
+                namespace,
+                name,
+                "Complete",
+                "CompletionsReached",
+                message,
+                completionTime=now_rfc3339(),
             )
-            self._add_condition(namespace, name, "Complete", "CompletionsReached", message)
             self._event(
                 self.store.get(JOBS, namespace, name), "Normal", "Completed", "Job completed"
             )
