@@ -528,3 +528,71 @@ async def test_build_image_uses_the_docker_cli_and_runs_by_digest(
     tags = (await read_run(tracking_uri, run.run_id)).data.tags
     assert tags["mlflow.docker.image.id"] == digest
     assert tags["mlflow.docker.image.uri"] == "registry.example.com/aioproj/demo"
+
+
+async def test_crash_looping_pod_is_visible_and_fails_at_the_backoff_limit(
+    kube: FakeKubernetes, tmp_path: Path, tracking_uri: str
+) -> None:
+    restarting = {**TEMPLATE, "spec": {**TEMPLATE["spec"], "backoffLimit": 2}}
+    restarting["spec"]["template"] = {
+        "spec": {**TEMPLATE["spec"]["template"]["spec"], "restartPolicy": "OnFailure"}
+    }
+    template = tmp_path / "on-failure.yaml"
+    await anyio.Path(template).write_text(yaml.safe_dump(restarting))
+    project = await amake_project(tmp_path / "proj", mlproject("echo crashing; exit 1"))
+    async with aioproj.Runner(echo="off") as runner:
+        run = await runner.run(
+            str(project),
+            backend="kubernetes",
+            synchronous=False,
+            backend_config=config(kube, template),
+        )
+        assert not await run.wait()
+        lines = [line async for line in run.logs()]
+    assert any("CrashLoopBackOff" in line for line in lines)
+    assert lines.count("crashing\n") >= 1
+    (pod,) = kube.objects("pods", "default")
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 2
+
+
+async def test_cli_runs_a_project_on_kubernetes(
+    kube: FakeKubernetes, template: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    import subprocess
+
+    project = await amake_project(tmp_path / "proj", mlproject("echo hello from {alpha}"))
+    config_file = tmp_path / "kube.json"
+    await anyio.Path(config_file).write_text(json.dumps(config(kube, template)))
+    argv = [
+        sys.executable,
+        "-m",
+        "aioproj",
+        "run",
+        "-b",
+        "kubernetes",
+        "-c",
+        str(config_file),
+        "-P",
+        "alpha=0.25",
+        str(project),
+    ]
+    result = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, env=dict(os.environ)
+        )
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hello from 0.25" in result.stdout
+    (record,) = await all_runs(tracking_uri)
+    assert record.info.status == "FINISHED"
+    missing = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [*argv[:6], str(project)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(os.environ),
+        )
+    )
+    assert missing.returncode != 0
+    assert "Specify 'backend_config' when using kubernetes mode." in missing.stderr
