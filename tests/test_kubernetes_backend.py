@@ -136,6 +136,8 @@ async def test_run_finishes_with_the_projects_own_tracking_and_logs(
 
     record = await read_run(tracking_uri, run.run_id)
     assert record.info.status == "FINISHED"
+    artifact = Path(record.info.artifact_uri.removeprefix("file://")) / "aioproj" / "output.log"
+    assert "training with alpha 0.7" in await anyio.Path(artifact).read_text()
     assert record.data.params["alpha"] == "0.7"
     assert record.data.params["seen_run"] == run.run_id
     assert record.data.metrics["score"] == pytest.approx(1.4)
@@ -596,3 +598,34 @@ async def test_cli_runs_a_project_on_kubernetes(
     )
     assert missing.returncode != 0
     assert "Specify 'backend_config' when using kubernetes mode." in missing.stderr
+
+
+async def test_without_a_kubeconfig_the_in_cluster_service_account_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import certifi
+    from kubernetes_asyncio.config import incluster_config
+
+    from aioproj.backends.kubernetes import _client
+
+    account = tmp_path / "serviceaccount"
+    await anyio.Path(account).mkdir()
+    await anyio.Path(account / "token").write_text("pod-token")
+    await anyio.Path(account / "namespace").write_text("ml-team\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(account / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", certifi.where())
+    monkeypatch.setattr(_client, "_SA_NAMESPACE", str(account / "namespace"))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    client = await _client.connect(None)
+    try:
+        assert client.host == "https://10.0.0.1:443"
+        assert client.default_namespace == "ml-team"
+        token = client.api.configuration.api_key["BearerToken"]
+        assert token.endswith("pod-token")
+    finally:
+        await client.aclose()
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    with pytest.raises(aioproj.BackendError, match="not a pod with a service account"):
+        await _client.connect(None)

@@ -451,3 +451,45 @@ def test_module_entry_point_serves_and_writes_a_kubeconfig(tmp_path: Path) -> No
             process.send_signal(2)
         assert process.wait(timeout=10) == 0
         assert process.stdout.read().strip().endswith("FakeKubernetes stopped")
+
+
+async def test_kubelet_materialises_configmap_and_secret_volumes_and_env(
+    kube: FakeKubernetes,
+) -> None:
+    async with await _api(kube) as api:
+        core = client.CoreV1Api(api)
+        batch = client.BatchV1Api(api)
+        await core.create_namespaced_config_map(
+            "default", {"metadata": {"name": "cfg"}, "data": {"a.txt": "from a configmap"}}
+        )
+        await core.create_namespaced_secret(
+            "default", {"metadata": {"name": "sec"}, "stringData": {"b.txt": "from a secret"}}
+        )
+        body = job_body(
+            "vols",
+            "cat /etc/cfg/a.txt; echo; cat /etc/sec/b.txt; echo; echo $FROM_SECRET $POD; pwd",
+        )
+        pod_spec = body["spec"]["template"]["spec"]
+        pod_spec["volumes"] = [
+            {"name": "c", "configMap": {"name": "cfg"}},
+            {"name": "s", "secret": {"secretName": "sec"}},
+            {"name": "w", "emptyDir": {}},
+        ]
+        container = pod_spec["containers"][0]
+        container["volumeMounts"] = [
+            {"name": "c", "mountPath": "/etc/cfg"},
+            {"name": "s", "mountPath": "/etc/sec"},
+            {"name": "w", "mountPath": "/work/dir"},
+        ]
+        container["workingDir"] = "/work/dir"
+        container["env"] = [
+            {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "b.txt"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ]
+        await batch.create_namespaced_job("default", body)
+        await wait_until(lambda: job_done(kube, "vols"))
+        (pod,) = kube.objects("pods", "default")
+        name = pod["metadata"]["name"]
+        log = (await core.read_namespaced_pod_log(name, "default")).splitlines()
+    assert log[:3] == ["from a configmap", "from a secret", f"from a secret {name}"]
+    assert log[3].endswith("/volumes/work/dir")  # the mount path, mapped under the pod
