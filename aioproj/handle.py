@@ -81,6 +81,8 @@ class SubmittedRun:
         self._final: RunStatus | None = None
         self._done = anyio.Event()
         self._cancel_requested = False
+        self._stop_requested = anyio.Event()
+        self._stop_accepted = anyio.Event()
         self._cleanup_timeout = cleanup_timeout
         #: The error that stopped aioproj from following the run, if any (then FAILED).
         self.error: Exception | None = None
@@ -135,10 +137,15 @@ class SubmittedRun:
         if self._done.is_set():
             return
         self._cancel_requested = True
-        await self._stop_bounded()
-        if self._execution.waits_for_stop:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
+        # The run's supervisor does the stop, so no cancellation of this task can cut it
+        # short, not even asyncio's own (Task.cancel(), asyncio.timeout), which anyio's
+        # shields do not hold back: here we only wait for it.
+        self._stop_requested.set()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
+            if self._execution.waits_for_stop:
                 await self._done.wait()
+            else:
+                await self._stop_accepted.wait()
 
     def logs(self) -> AsyncIterator[str]:
         """Iterate over the run's output lines, from the start, live until the run ends."""
@@ -183,7 +190,16 @@ class SubmittedRun:
         """
         status = RunStatus.FAILED
         try:
-            status = await self._execution.wait()
+            error: Exception | None = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._stop_when_asked)
+                try:
+                    status = await self._execution.wait()
+                except Exception as exc:  # handled below, outside the task group
+                    error = exc
+                tg.cancel_scope.cancel()
+            if error is not None:
+                raise error
             if self._cancel_requested and status is not RunStatus.FINISHED:
                 status = RunStatus.KILLED
         except anyio.get_cancelled_exc_class():
@@ -196,6 +212,16 @@ class SubmittedRun:
             await self._stop_bounded()
         finally:
             await self._record(status)
+
+    async def _stop_when_asked(self) -> None:
+        """Stop the run when :meth:`cancel` asks; part of :meth:`_supervise`."""
+        await self._stop_requested.wait()
+        try:
+            await self._stop_bounded()
+        except Exception as exc:
+            logger.error("Run %s: stopping it failed: %r", self._run_id, exc)
+        finally:
+            self._stop_accepted.set()
 
     async def _stop_bounded(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout) as scope:
@@ -233,6 +259,7 @@ class SubmittedRun:
             logger.error("Run %s: could not update the run journal: %s", self._run_id, exc)
         finally:
             self._done.set()
+            self._stop_accepted.set()  # a cancel() waiting for a stop that the end made moot
             if self._on_done is not None:
                 self._on_done(self)
 

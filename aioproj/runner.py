@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -301,25 +301,25 @@ class Runner:
                         "The Runner was closed while this run was being prepared; "
                         "no run was created."
                     )
-                # From here the run exists in tracking: no cancellation until it has a
-                # supervisor that will record its end, whatever happens.
-                with anyio.CancelScope(shield=True):
-                    handle = await self._track_and_start(
-                        store,
-                        launch,
-                        source,
-                        ep,
-                        resolved,
-                        exp_id,
-                        the_backend.name,
-                        run_id=run_id,
-                        run_name=run_name,
-                    )
-                self._held[handle] = held  # released when the run is done
             except BaseException:
                 for slots in held:
                     slots.release()
                 raise
+            handle = await self._start_in_runner(
+                functools.partial(
+                    self._track_and_start,
+                    store,
+                    launch,
+                    source,
+                    ep,
+                    resolved,
+                    exp_id,
+                    the_backend.name,
+                    run_id=run_id,
+                    run_name=run_name,
+                ),
+                held,
+            )
             try:
                 if synchronous:
                     if not await handle.wait():
@@ -427,6 +427,65 @@ class Runner:
                 run_id,
                 exc,
             )
+
+    async def _start_in_runner(
+        self, start: Callable[[], Awaitable[SubmittedRun]], held: list[anyio.Semaphore]
+    ) -> SubmittedRun:
+        """Track and start a run in a task of the runner, and return its handle.
+
+        From the moment the run exists in tracking until it has a supervisor that will
+        record its end, nothing may interrupt: not a cancellation of the caller by anyio,
+        nor asyncio's own ``Task.cancel()`` or ``asyncio.timeout``, which anyio's shields
+        do not hold back. So the work runs in the runner's task group, shielded, and the
+        caller only waits for it. If the caller is cancelled meanwhile, the run is stopped
+        once it has started (and recorded KILLED) by another runner task, and the
+        cancellation propagates. ``held`` (concurrency slots) is released if the start
+        fails, else when the run is done.
+        """
+        done = anyio.Event()
+        outcome: list[SubmittedRun] = []
+        failure: list[BaseException] = []
+
+        async def body() -> None:
+            try:
+                with anyio.CancelScope(shield=True):
+                    handle = await start()
+                self._held[handle] = held  # released by _run_done
+                outcome.append(handle)
+            except BaseException as exc:
+                for slots in held:
+                    slots.release()
+                failure.append(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                done.set()
+
+        async def stop_once_started() -> None:
+            await done.wait()
+            if outcome:
+                await outcome[0].cancel()
+
+        assert self._tg is not None
+        self._tg.start_soon(body)
+        try:
+            await done.wait()
+        except anyio.get_cancelled_exc_class():
+            stopped = anyio.Event()
+
+            async def stop_and_signal() -> None:
+                try:
+                    await stop_once_started()
+                finally:
+                    stopped.set()
+
+            self._tg.start_soon(stop_and_signal)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2 * self._grace + 10):
+                await stopped.wait()
+            raise
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
     def _run_done(self, handle: SubmittedRun) -> None:
         self._live.discard(handle)

@@ -239,3 +239,27 @@ async def test_cancelling_the_canceller_still_stops_and_records(
         with anyio.fail_after(10):
             assert await run is RunStatus.KILLED
     await _assert_killed(tracking_uri, run.run_id, pids)
+
+
+async def test_asyncio_task_cancel_at_any_moment_leaves_nothing_behind(
+    project: Path, pids: Path, tracking_uri: str
+) -> None:
+    # asyncio's own cancellation (Task.cancel, asyncio.timeout, wait_for) is not held back
+    # by anyio's shields: the start and the stop must still never be cut in half.
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    async with Runner(echo="off", grace_period=1) as runner:
+        tasks = [
+            asyncio.ensure_future(
+                runner.run(str(project), parameters={"pids": str(pids)}, env_manager="local")
+            )
+            for _ in range(30)
+        ]
+        for i, task in enumerate(tasks):  # cancellations spread over the start burst
+            loop.call_later(0.01 * i, task.cancel)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    assert await survivors(pids) == []
+    statuses = [r.info.status for r in await all_runs(tracking_uri)]
+    assert set(statuses) <= {"KILLED"}, statuses
