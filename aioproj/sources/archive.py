@@ -3,8 +3,9 @@
 An archive is identified by the sha256 of its bytes: it is extracted once into
 ``archives/<sha256>`` and reused by every later fetch of the same bytes. Remote archives are
 streamed to a temp file with httpx (never held in memory). Extraction checks every member
-before writing any: absolute paths, ``..`` escapes, links, special files and a total size
-over the limit (``AIOPROJ_MAX_ARCHIVE_BYTES``, default 1 GiB) are refused.
+before writing any: absolute paths, ``..`` escapes, links, special files, a total size
+over the limit (``AIOPROJ_MAX_ARCHIVE_BYTES``, default 1 GiB) and more members than
+``AIOPROJ_MAX_ARCHIVE_MEMBERS`` (default 100,000) are refused.
 """
 
 from __future__ import annotations
@@ -32,16 +33,32 @@ from aioproj.sources.uri import ArchiveKind, ProjectURI, redact_text, redact_url
 
 __all__ = [
     "DEFAULT_MAX_ARCHIVE_BYTES",
+    "DEFAULT_MAX_ARCHIVE_MEMBERS",
     "download",
     "extract_archive",
     "fetch_archive",
     "max_archive_bytes",
+    "max_archive_members",
     "new_http_client",
 ]
 
 DEFAULT_MAX_ARCHIVE_BYTES = 1 << 30
+DEFAULT_MAX_ARCHIVE_MEMBERS = 100_000
 _CHUNK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _positive_setting(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SourceError(f"{name} must be a positive integer, not {raw!r}.")
+    return value
 
 
 def max_archive_bytes() -> int:
@@ -50,16 +67,16 @@ def max_archive_bytes() -> int:
     Raises:
         SourceError: ``AIOPROJ_MAX_ARCHIVE_BYTES`` is not a positive integer.
     """
-    raw = os.environ.get("AIOPROJ_MAX_ARCHIVE_BYTES")
-    if raw is None or not raw.strip():
-        return DEFAULT_MAX_ARCHIVE_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise SourceError(f"AIOPROJ_MAX_ARCHIVE_BYTES must be a positive integer, not {raw!r}.")
-    return value
+    return _positive_setting("AIOPROJ_MAX_ARCHIVE_BYTES", DEFAULT_MAX_ARCHIVE_BYTES)
+
+
+def max_archive_members() -> int:
+    """The largest number of members (files and directories) an archive may have.
+
+    Raises:
+        SourceError: ``AIOPROJ_MAX_ARCHIVE_MEMBERS`` is not a positive integer.
+    """
+    return _positive_setting("AIOPROJ_MAX_ARCHIVE_MEMBERS", DEFAULT_MAX_ARCHIVE_MEMBERS)
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,14 @@ def _safe_path(name: str, archive: str) -> PurePosixPath:
     return path
 
 
+def _check_count(count: int, limit: int, archive: str) -> None:
+    if count > limit:
+        raise SourceError(
+            f"Refusing to extract {archive}: it has more than {limit} members. Raise "
+            "AIOPROJ_MAX_ARCHIVE_MEMBERS if this is expected."
+        )
+
+
 def _check_total(total: int, limit: int, archive: str) -> None:
     if total > limit:
         raise SourceError(
@@ -92,7 +117,8 @@ def _check_total(total: int, limit: int, archive: str) -> None:
         )
 
 
-def _zip_members(zf: zipfile.ZipFile, archive: str, limit: int) -> list[_Member]:
+def _zip_members(zf: zipfile.ZipFile, archive: str, limit: int, max_members: int) -> list[_Member]:
+    _check_count(len(zf.infolist()), max_members, archive)
     members: list[_Member] = []
     for info in zf.infolist():
         path = _safe_path(info.filename, archive)
@@ -111,18 +137,22 @@ def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[b
     return lambda: zf.open(info)
 
 
-def _tar_members(tf: tarfile.TarFile, archive: str, limit: int) -> list[_Member]:
+def _tar_members(tf: tarfile.TarFile, archive: str, limit: int, max_members: int) -> list[_Member]:
     members: list[_Member] = []
-    for info in tf.getmembers():
+    total = 0
+    for info in tf:  # one header at a time: a huge member list is refused as it is read
+        _check_count(len(members) + 1, max_members, archive)
         path = _safe_path(info.name, archive)
         if not (info.isfile() or info.isdir()):
             raise SourceError(
                 f"Refusing to extract {archive}: member {info.name!r} is a link or a special "
                 "file; only regular files and directories are allowed."
             )
+        if info.isfile():
+            total += info.size
+            _check_total(total, limit, archive)
         opener = _tar_opener(tf, info)
         members.append(_Member(path, info.isdir(), bool(info.mode & 0o111), opener))
-    _check_total(sum(info.size for info in tf.getmembers() if info.isfile()), limit, archive)
     return members
 
 
@@ -164,17 +194,21 @@ def extract_archive(path: Path, kind: ArchiveKind, dest: Path, limit: int, archi
     """Check every member of the archive, then extract it into ``dest`` (blocking).
 
     ``archive`` names the archive in messages. Raises SourceError on an unsafe member, a
-    size over ``limit`` or a corrupt archive (nothing is written when a member is refused);
-    ``CancelledError`` when the awaiting task was cancelled.
+    size over ``limit``, more members than :func:`max_archive_members` or a corrupt
+    archive (nothing is written when a member is refused); ``CancelledError`` when the
+    awaiting task was cancelled.
     """
+    max_members = max_archive_members()
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if kind == "zip":
             with zipfile.ZipFile(path) as zf:
-                _write_members(_zip_members(zf, archive, limit), dest, limit, archive)
+                members = _zip_members(zf, archive, limit, max_members)
+                _write_members(members, dest, limit, archive)
         else:
             with tarfile.open(path, "r:*") as tf:
-                _write_members(_tar_members(tf, archive, limit), dest, limit, archive)
+                members = _tar_members(tf, archive, limit, max_members)
+                _write_members(members, dest, limit, archive)
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError) as exc:
         raise SourceError(f"Cannot extract the archive {archive}: {exc}") from exc
 

@@ -1,0 +1,284 @@
+"""Hostile input: every case is refused with a clear error and leaves nothing behind.
+
+Each test goes through :class:`aioproj.Runner` (the path users take) and then checks the
+three places a half-done run could leave something: the tracking store (no run at all,
+so no RUNNING record), the source cache (no entry, no temp dir) and the file system
+outside the cache (nothing written where an archive or URL pointed).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import pytest
+
+import aioproj
+from aioproj import Runner
+from aioproj.project.spec import MAX_MLPROJECT_BYTES, MAX_MLPROJECT_NESTING
+
+from .gitserver import GitServer
+from .support import all_runs
+from .test_sources import entries, git, init_repo, make_super_repo, temp_leftovers
+
+pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
+
+MLPROJECT = """\
+name: hostile
+entry_points:
+  main:
+    parameters:
+      alpha: {type: float, default: 0.5}
+    command: "echo alpha={alpha}"
+"""
+
+
+async def inspect(check: Callable[[], T]) -> T:
+    """Run a blocking check off the event loop."""
+    return await anyio.to_thread.run_sync(check)
+
+
+@pytest.fixture
+def sources_cache() -> Path:
+    """The source cache the runner uses (conftest points AIOPROJ_CACHE_DIR at a temp dir)."""
+    return Path(os.environ["AIOPROJ_CACHE_DIR"]) / "sources"
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Work in tmp_path, where an injected ``touch PWNED`` would leave its file."""
+    return tmp_path
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """Where escapes would land; it must stay empty."""
+    path = tmp_path / "outside"
+    path.mkdir()
+    return path
+
+
+def _cache_is_clean(cache: Path) -> None:
+    assert entries(cache, "archives") == []
+    assert entries(cache, "git") == []
+    assert temp_leftovers(cache) == []
+
+
+async def refused(
+    error: type[Exception],
+    match: str,
+    uri: str,
+    *,
+    tracking_uri: str,
+    cache: Path,
+    **kwargs: Any,
+) -> str:
+    """Run ``uri``; expect ``error`` (message matching ``match``), no run, a clean cache."""
+    kwargs.setdefault("env_manager", "local")
+    async with Runner(echo="off") as runner:
+        with pytest.raises(error, match=match) as caught:
+            await runner.run(uri, **kwargs)
+        assert runner.active_runs == frozenset()
+    assert await all_runs(tracking_uri) == []
+    await inspect(lambda: _cache_is_clean(cache))
+    return str(caught.value)
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def _zip(path: Path, members: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("MLproject", MLPROJECT)
+        for info, data in members:
+            zf.writestr(info, data)
+    return path
+
+
+def _symlink_info(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16) | 0x20  # S_IFLNK: the data is the target
+    return info
+
+
+def _tar(path: Path, build: Callable[[tarfile.TarFile], None]) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        data = MLPROJECT.encode()
+        info = tarfile.TarInfo("MLproject")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        build(tf)
+    return path
+
+
+def _tar_file(name: str, data: bytes = b"x") -> Callable[[tarfile.TarFile], None]:
+    def build(tf: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    return build
+
+
+def _tar_link(name: str, kind: bytes, target: str) -> Callable[[tarfile.TarFile], None]:
+    def build(tf: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = target
+        tf.addfile(info)
+
+    return build
+
+
+def _escaping_zips(root: Path, outside: Path) -> Iterator[tuple[Path, str]]:
+    yield _zip(root / "dotdot.zip", [("../outside/x.txt", b"x")]), "outside the target"
+    yield _zip(root / "deep.zip", [("a/b/../../../outside/x", b"x")]), "outside the target"
+    yield _zip(root / "abs.zip", [(str(outside / "x.txt"), b"x")]), "outside the target"
+    yield _zip(root / "backslash.zip", [("..\\outside\\x.txt", b"x")]), "outside the target"
+    yield _zip(root / "link.zip", [(_symlink_info("l"), str(outside).encode())]), "symbolic link"
+
+
+@pytest.mark.parametrize("case", range(5))
+async def test_zip_slip_and_links(
+    tmp_path: Path, outside: Path, sources_cache: Path, tracking_uri: str, case: int
+) -> None:
+    archive, message = await inspect(lambda: list(_escaping_zips(tmp_path, outside))[case])
+    await refused(
+        aioproj.SourceError, message, str(archive), tracking_uri=tracking_uri, cache=sources_cache
+    )
+    assert await inspect(lambda: list(outside.iterdir())) == []
+
+
+def _escaping_tars(root: Path, outside: Path) -> list[tuple[Path, str]]:
+    link = "is a link or a special file"
+    fifo = tarfile.TarInfo("pipe")
+    fifo.type = tarfile.FIFOTYPE
+    device = tarfile.TarInfo("disk")
+    device.type = tarfile.BLKTYPE
+    return [
+        (_tar(root / "dotdot.tgz", _tar_file("../outside/x")), "outside the target"),
+        (_tar(root / "abs.tgz", _tar_file(str(outside / "x"))), "outside the target"),
+        (_tar(root / "sym.tgz", _tar_link("etc", tarfile.SYMTYPE, "/etc")), link),
+        (_tar(root / "symout.tgz", _tar_link("o", tarfile.SYMTYPE, str(outside))), link),
+        (_tar(root / "hard.tgz", _tar_link("pw", tarfile.LNKTYPE, "/etc/passwd")), link),
+        (_tar(root / "fifo.tgz", lambda tf: tf.addfile(fifo)), link),
+        (_tar(root / "device.tgz", lambda tf: tf.addfile(device)), link),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+async def test_tar_slip_links_and_special_files(
+    tmp_path: Path, outside: Path, sources_cache: Path, tracking_uri: str, case: int
+) -> None:
+    archive, message = await inspect(lambda: _escaping_tars(tmp_path, outside)[case])
+    await refused(
+        aioproj.SourceError, message, str(archive), tracking_uri=tracking_uri, cache=sources_cache
+    )
+    assert await inspect(lambda: list(outside.iterdir())) == []
+
+
+def _zero_bomb_zip(path: Path, size: int) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("MLproject", MLPROJECT)
+        with zf.open("zeros.bin", "w", force_zip64=True) as member:
+            chunk = bytes(1 << 20)
+            for _ in range(size >> 20):
+                member.write(chunk)
+    return path
+
+
+def _zero_bomb_tar(path: Path, size: int) -> Path:
+    class Zeros(io.RawIOBase):
+        def __init__(self) -> None:
+            self.left = size
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            n = min(len(buffer), self.left)
+            buffer[:n] = bytes(n)
+            self.left -= n
+            return n
+
+    def build(tf: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = size
+        tf.addfile(info, io.BufferedReader(Zeros()))
+
+    return _tar(path, build)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tgz"])
+async def test_archive_bomb_is_refused_by_size(
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    make = _zero_bomb_zip if kind == "zip" else _zero_bomb_tar
+    archive = await inspect(lambda: make(tmp_path / f"bomb.{kind}", 32 << 20))
+    assert (await anyio.Path(archive).stat()).st_size < 1 << 20  # small on the wire
+    monkeypatch.setenv("AIOPROJ_MAX_ARCHIVE_BYTES", str(4 << 20))
+    await refused(
+        aioproj.SourceError,
+        "over the limit of 4194304 bytes",
+        str(archive),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+
+
+def _many_members(path: Path, kind: str, count: int) -> Path:
+    if kind == "zip":
+        return _zip(path, [(f"f{i}", b"") for i in range(count)])
+
+    def build(tf: tarfile.TarFile) -> None:
+        for i in range(count):
+            _tar_file(f"f{i}", b"")(tf)
+
+    return _tar(path, build)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tgz"])
+async def test_archive_bomb_is_refused_by_member_count(
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    archive = await inspect(lambda: _many_members(tmp_path / f"many.{kind}", kind, 300))
+    monkeypatch.setenv("AIOPROJ_MAX_ARCHIVE_MEMBERS", "100")
+    await refused(
+        aioproj.SourceError,
+        "more than 100 members.*AIOPROJ_MAX_ARCHIVE_MEMBERS",
+        str(archive),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+
+
+async def test_bad_archive_limit_setting_is_a_clear_error(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = await inspect(lambda: _zip(tmp_path / "ok.zip", []))
+    monkeypatch.setenv("AIOPROJ_MAX_ARCHIVE_MEMBERS", "lots")
+    await refused(
+        aioproj.SourceError,
+        "AIOPROJ_MAX_ARCHIVE_MEMBERS must be a positive integer",
+        str(archive),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
