@@ -282,3 +282,87 @@ async def test_bad_archive_limit_setting_is_a_clear_error(
         tracking_uri=tracking_uri,
         cache=sources_cache,
     )
+
+
+# --------------------------------------------------------------------------- git URLs
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("ssh://-oProxyCommand=touch%20PWNED/repo.git", "begins with '-'"),
+        ("ssh://git@-oProxyCommand=x/repo.git", "begins with '-'"),
+        ("git@host:-upload-pack=touch.PWNED", "begins with '-'"),
+        ("ext::sh -c touch% PWNED", "remote helpers"),
+        ("fd::3", "remote helpers"),
+        ("https://127.0.0.1:9/r.git\n--upload-pack=touch PWNED", "control character"),
+        ("--upload-pack=touch PWNED", "does not exist"),
+        ("-oProxyCommand=touch PWNED", "does not exist"),
+    ],
+)
+async def test_git_urls_with_injected_options_are_refused(
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    in_tmp: Path,
+    uri: str,
+    message: str,
+) -> None:
+    await refused(aioproj.SourceError, message, uri, tracking_uri=tracking_uri, cache=sources_cache)
+    assert not await anyio.Path(tmp_path / "PWNED").exists()
+
+
+async def test_version_with_injected_option_is_just_an_unknown_version(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str, in_tmp: Path
+) -> None:
+    repo = tmp_path / "repo"
+    await inspect(lambda: init_repo(repo, {"MLproject": MLPROJECT}))
+    await refused(
+        aioproj.SourceError,
+        "Unable to checkout version '--upload-pack=touch PWNED'",
+        str(repo),
+        version="--upload-pack=touch PWNED",
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert not await anyio.Path(tmp_path / "PWNED").exists()
+
+
+HOSTILE_SUBMODULES = {
+    "sub-ext": "ext::sh -c touch% PWNED",
+    "sub-proxy": "ssh://-oProxyCommand=touch%20PWNED/x.git",
+    "sub-option": "--upload-pack=touch PWNED",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
+    root = tmp_path_factory.mktemp("hostile-served")
+    with GitServer(root) as server:
+        lib = init_repo(root / "lib", {"lib.py": "VALUE = 1\n"})
+        for name, url in HOSTILE_SUBMODULES.items():
+            make_super_repo(root / name, url, lib)
+            (root / name / "MLproject").write_text(MLPROJECT)
+            git(root / name, "add", "MLproject")
+            git(root / name, "commit", "-q", "-m", "project")
+        yield server
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_SUBMODULES))
+async def test_hostile_submodule_urls_are_refused(
+    hostile_server: GitServer,
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    in_tmp: Path,
+    name: str,
+) -> None:
+    message = "does not exist|Refusing git URL" if "option" in name else "Refusing git URL"
+    await refused(
+        aioproj.SourceError,
+        message,
+        hostile_server.url(name),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert not await anyio.Path(tmp_path / "PWNED").exists()

@@ -20,6 +20,7 @@ from aioproj.sources._store import CacheDir, FetchedProject, in_thread
 from aioproj.sources.uri import (
     ProjectURI,
     archive_kind,
+    check_git_url,
     is_file_uri,
     is_git_uri,
     is_http_uri,
@@ -167,6 +168,8 @@ class SourceCache:
             git_module = await _fetcher("git")
             fetched = await git_module.fetch_git(store, project, version)
         else:
+            if "::" in project.base:
+                check_git_url(project.base)  # names ext:: and other remote helpers
             raise _not_found(project)
         assert isinstance(fetched, FetchedProject)
         return fetched

@@ -46,7 +46,7 @@ from dulwich.submodule import iter_cached_submodules
 from aioproj.errors import SourceError
 from aioproj.sources._store import CacheDir, FetchedProject, find_subdirectory, in_thread
 from aioproj.sources.local import safe_tree_path
-from aioproj.sources.uri import ProjectURI, redact_text, redact_url
+from aioproj.sources.uri import ProjectURI, check_git_url, redact_text, redact_url
 
 __all__ = ["fetch_git", "resolve_submodule_url"]
 
@@ -361,6 +361,7 @@ def _update_submodules(repo: Repo, dest: Path, url: str, depth: int) -> None:
 
 
 def _clone_submodule(url: str, dest: Path, commit: str, depth: int) -> None:
+    check_git_url(url)  # .gitmodules comes from the repository: it may be hostile
     remote = _ls_remote(url)
     want = commit if remote.advertises(commit) else None
     _clone(url, dest, _Wanted(commit, want, commit, None), depth)
@@ -413,11 +414,13 @@ async def fetch_git(cache: CacheDir, project: ProjectURI, version: str | None) -
     """Fetch ``project.base`` at ``version`` through the clone cache.
 
     Raises SourceError for unreachable hosts, missing repositories, refused credentials,
-    unknown versions and missing subdirectories, with credentials redacted. When cancelled,
+    unknown versions and missing subdirectories, with credentials redacted, and for URLs
+    (the project's or a submodule's) that could smuggle in options or commands. When cancelled,
     the partial clone is removed before ``CancelledError`` propagates (the fetch stops at
     the next step: the network exchange in progress is finished first).
     """
     url = project.base
+    check_git_url(url)
     entry, branch = await _cached_full_sha(cache, url, version), None
     if entry is None:
         remote = await cache.shared.run(

@@ -19,6 +19,7 @@ __all__ = [
     "ArchiveKind",
     "ProjectURI",
     "archive_kind",
+    "check_git_url",
     "file_uri_to_path",
     "is_file_uri",
     "is_git_uri",
@@ -37,6 +38,9 @@ ArchiveKind = Literal["zip", "tar"]
 
 _FILE_URI = re.compile(r"^file://.+")
 _SCP_LIKE = re.compile(r"^[\w.+-]+@[\w.-]+:(?!//)")
+# git's remote-helper syntax (``ext::<command>``, ``fd::<n>``, ``<transport>::<address>``).
+_REMOTE_HELPER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _GIT_SCHEMES = frozenset({"http", "https", "ssh", "git", "git+ssh", "ssh+git", "file"})
 _ARCHIVE_SUFFIXES: tuple[tuple[str, ArchiveKind], ...] = (
     (".zip", "zip"),
@@ -134,6 +138,55 @@ def is_git_uri(uri: str) -> bool:
         return True
     scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
     return scheme in _GIT_SCHEMES
+
+
+def check_git_url(url: str) -> None:
+    """Refuse a git URL that could make git, ssh or a remote helper run something else.
+
+    It is checked before anything is fetched, for a project's URL and for every submodule
+    URL a repository's ``.gitmodules`` names.
+
+    Raises:
+        SourceError: the URL uses git's remote-helper syntax (``ext::``, ``fd::``), holds a
+            control character (a newline, NUL), or its host, user or path begins with
+            ``-`` (which ssh and git would read as a command-line option, e.g.
+            ``ssh://-oProxyCommand=...`` or ``--upload-pack=...``).
+    """
+    shown = redact_url(url)
+    if _REMOTE_HELPER.match(url):
+        raise SourceError(
+            f"Refusing git URL {shown!r}: remote helpers ('<transport>::<address>', such as "
+            "ext::) can run commands. Use an https, ssh, git or file URL."
+        )
+    if _CONTROL.search(url):
+        raise SourceError(
+            f"Refusing git URL {shown!r}: it contains a control character (newline, tab or NUL)."
+        )
+    parts = _git_url_parts(url)
+    if parts is None:
+        raise SourceError(f"Refusing git URL {shown!r}: it is not a well-formed URL.")
+    for part in parts:
+        if part.startswith("-"):
+            raise SourceError(
+                f"Refusing git URL {shown!r}: {part!r} begins with '-', which git or ssh "
+                "would read as a command-line option."
+            )
+
+
+def _git_url_parts(url: str) -> tuple[str, ...] | None:
+    """The user, host and path of a git URL (scp-like or with a scheme); None if malformed."""
+    if "://" in url:
+        try:
+            parts = urlsplit(url)
+            host, user = parts.hostname or "", parts.username or ""
+        except ValueError:
+            return None
+        return user, host, parts.path.lstrip("/") if parts.scheme == "file" else parts.path
+    if _SCP_LIKE.match(url):
+        address, _, path = url.partition(":")
+        user, _, host = address.rpartition("@")
+        return user, host, path
+    return (url,)
 
 
 def looks_like_local_path(uri: str) -> bool:
