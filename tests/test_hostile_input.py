@@ -366,3 +366,112 @@ async def test_hostile_submodule_urls_are_refused(
         cache=sources_cache,
     )
     assert not await anyio.Path(tmp_path / "PWNED").exists()
+
+
+# --------------------------------------------------------------------------- MLproject
+
+
+async def _project(root: Path, text: str) -> Path:
+    def write() -> Path:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "MLproject").write_text(text)
+        return root
+
+    return await inspect(write)
+
+
+async def test_enormous_mlproject_is_refused_before_parsing(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str
+) -> None:
+    padding = "# " + "x" * 1000 + "\n"
+    text = MLPROJECT + padding * (MAX_MLPROJECT_BYTES // len(padding) + 1)
+    project = await _project(tmp_path / "big", text)
+    await refused(
+        aioproj.MLprojectError,
+        f"MLproject: the MLproject file is larger than {MAX_MLPROJECT_BYTES} bytes",
+        str(project),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        "[" * 200_000 + "]" * 200_000,  # crashed the process in libyaml before the guard
+        "{a: " * 5_000 + "1" + "}" * 5_000,
+        "\n" + "- " * 200_000 + "x",
+    ],
+    ids=["flow-lists", "flow-maps", "block-lists"],
+)
+async def test_deeply_nested_yaml_is_refused(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str, nested: str
+) -> None:
+    project = await _project(tmp_path / "deep", f"name: deep\nextra: {nested}\n")
+    started = time.monotonic()
+    await refused(
+        aioproj.MLprojectError,
+        f"nests deeper than {MAX_MLPROJECT_NESTING} levels",
+        str(project),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    print(f"refused in {time.monotonic() - started:.3f}s")
+
+
+BILLION_LAUGHS = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+name: *i
+entry_points: *i
+"""
+
+
+async def test_alias_bomb_is_a_schema_error_not_a_memory_blowup(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str
+) -> None:
+    """Aliases are shared, never expanded: 9**9 'lol's cost nine lists, and the error
+    describes the value without printing it."""
+    project = await _project(tmp_path / "laughs", BILLION_LAUGHS)
+    message = await refused(
+        aioproj.MLprojectError,
+        "must be a string, got a list",
+        str(project),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert len(message) < 500
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ('command: "echo \\0 hi"', "NUL character"),
+        ("docker_env: {image: x, environment: [['A=B', v]]}", "not an environment variable"),
+        ("docker_env: {image: x, environment: ['-e']}", "not an environment variable"),
+        ("docker_env: {image: x, environment: ['X Y']}", "not an environment variable"),
+        ('docker_env: {image: x, environment: [[A, "\\0"]]}', "NUL character"),
+    ],
+)
+async def test_mlproject_values_no_process_can_take(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str, snippet: str, message: str
+) -> None:
+    if snippet.startswith("command"):
+        text = f"entry_points:\n  main:\n    {snippet}\n"
+    else:
+        text = f"{snippet}\nentry_points:\n  main:\n    command: echo hi\n"
+    project = await _project(tmp_path / "p", text)
+    await refused(
+        aioproj.MLprojectError,
+        message,
+        str(project),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )

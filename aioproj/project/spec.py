@@ -14,6 +14,7 @@ import enum
 import functools
 import io
 import os
+import re
 import shlex
 import string
 import types
@@ -25,7 +26,8 @@ from typing import TypeAlias
 
 import yaml
 
-from aioproj.errors import EntryPointError, MLprojectError, SourceError
+from aioproj.errors import EntryPointError, InvalidArgumentError, MLprojectError, SourceError
+from aioproj.tracking.base import validate_key
 
 __all__ = [
     "SUPPORTED_SCRIPT_EXTENSIONS",
@@ -44,6 +46,12 @@ MLPROJECT_FILE_NAME = "mlproject"
 PYTHON_ENV_FILE_NAME = "python_env.yaml"
 CONDA_ENV_FILE_NAME = "conda.yaml"
 SUPPORTED_SCRIPT_EXTENSIONS = (".py", ".sh")
+#: Real MLproject files are a few hundred bytes; one this large is a mistake or an attack.
+MAX_MLPROJECT_BYTES = 1 << 20
+#: Deeper YAML nesting is refused before a loader builds it: libyaml recurses on the C
+#: stack (a few hundred thousand ``[`` crash the process) and scans flow nesting in
+#: quadratic time. Real files nest five or six levels.
+MAX_MLPROJECT_NESTING = 100
 
 # Type names accepted in an MLproject (lowercased) and the type aioproj treats them as.
 _TYPE_ALIASES: Mapping[str, str] = types.MappingProxyType(
@@ -196,7 +204,10 @@ def load_project(directory: Path) -> Project:
     text: str | None = None
     if mlproject_path is not None:
         try:
-            text = mlproject_path.read_text(encoding="utf-8")
+            with mlproject_path.open("rb") as f:
+                data = f.read(MAX_MLPROJECT_BYTES + 1)
+            _check_size(len(data), str(mlproject_path))
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise MLprojectError(
                 f"cannot read MLproject file: {exc}", path=str(mlproject_path)
@@ -265,8 +276,58 @@ def _parse_yaml(text: str, path: str) -> object:
     """The YAML data of an MLproject text, parsed once per distinct text.
 
     A sweep runs one project hundreds of times; the data is only read, never mutated.
+
+    Raises:
+        MLprojectError: the text is over the size limit or nests too deeply.
+        yaml.YAMLError: the text is not YAML.
     """
+    _check_size(len(text.encode("utf-8", "surrogatepass")), path)
+    _check_nesting(text, path)
     return yaml.load(_NamedText(text, path), Loader=_SafeLoader)
+
+
+def _check_size(size: int, path: str) -> None:
+    if size > MAX_MLPROJECT_BYTES:
+        raise MLprojectError(
+            f"the MLproject file is larger than {MAX_MLPROJECT_BYTES} bytes; an MLproject "
+            "declares entry points and an environment, data belongs in other files",
+            path=path,
+        )
+
+
+_BRACKETS = re.compile(r"[\[\]{}]")
+_OPENING = frozenset("[{")
+_DEPTH_EVENTS = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_END_EVENTS = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+
+
+def _check_nesting(text: str, path: str) -> None:
+    """Refuse YAML nested deeper than :data:`MAX_MLPROJECT_NESTING`, in linear time.
+
+    Flow brackets are counted first without parsing (an over-count from brackets inside
+    strings only matters past the limit), then the event stream, which libyaml produces
+    without recursion, gives the true depth of block collections.
+    """
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        depth = depth + 1 if match.group() in _OPENING else max(depth - 1, 0)
+        if depth > MAX_MLPROJECT_NESTING:
+            break
+    else:
+        depth = 0
+        try:
+            for event in yaml.parse(text, Loader=_SafeLoader):
+                if isinstance(event, _DEPTH_EVENTS):
+                    depth += 1
+                    if depth > MAX_MLPROJECT_NESTING:
+                        break
+                elif isinstance(event, _END_EVENTS):
+                    depth -= 1
+            else:
+                return
+        except yaml.YAMLError:
+            return  # the loader reports it, with its line
+    raise MLprojectError(f"the YAML nests deeper than {MAX_MLPROJECT_NESTING} levels", path=path)
 
 
 class _Document:
@@ -460,7 +521,7 @@ def _parse_docker_environment(value: object, doc: _Document) -> tuple[str | tupl
     items: list[str | tuple[str, str]] = []
     for item in value:
         if isinstance(item, str) and item:
-            items.append(item)
+            items.append(_env_name(item, doc))
         elif (
             isinstance(item, list)
             and len(item) == 2
@@ -468,10 +529,31 @@ def _parse_docker_environment(value: object, doc: _Document) -> tuple[str | tupl
             and item[0]
             and _is_scalar(item[1])
         ):
-            items.append((item[0], str(item[1])))
+            defined = str(item[1])
+            if "\0" in defined:
+                raise doc.error(
+                    ["docker_env", "environment"],
+                    f"the value of {item[0]!r} contains a NUL character, which no environment "
+                    "variable can hold",
+                )
+            items.append((_env_name(item[0], doc), defined))
         else:
             raise doc.error(["docker_env", "environment"], message)
     return tuple(items)
+
+
+_BAD_ENV_NAME = re.compile(r"^-|[=\s\x00]")
+
+
+def _env_name(name: str, doc: _Document) -> str:
+    """An environment variable name as ``docker run -e NAME`` and the OS can take it."""
+    if _BAD_ENV_NAME.search(name):
+        raise doc.error(
+            ["docker_env", "environment"],
+            f"{name!r} is not an environment variable name: a name has no '=', whitespace "
+            "or NUL and does not begin with '-'",
+        )
+    return name
 
 
 # --------------------------------------------------------------------------- entry points
@@ -498,6 +580,8 @@ def _parse_entry_point(name: str, spec: object, doc: _Document) -> EntryPoint:
         raise doc.error(keys, "has no command")
     if not isinstance(command, str):
         raise doc.error([*keys, "command"], f"must be a string, got {_kind(command)}")
+    if "\0" in command:
+        raise doc.error([*keys, "command"], "contains a NUL character, which no shell can run")
     try:
         parse_command_template(command)
     except ValueError as exc:
@@ -521,6 +605,13 @@ def _parse_parameters(entry_point: str, value: object, doc: _Document) -> Mappin
     parameters: dict[str, Parameter] = {}
     for raw_name, spec in value.items():
         name = str(raw_name)
+        try:
+            validate_key("param", name)
+        except InvalidArgumentError as exc:
+            raise doc.error(
+                [*keys, name],
+                f"cannot be a parameter name: runs record parameters under their names. {exc}",
+            ) from None
         parameters[name] = _parse_parameter(entry_point, name, spec, doc)
     return types.MappingProxyType(parameters)
 
