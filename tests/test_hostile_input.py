@@ -475,3 +475,77 @@ async def test_mlproject_values_no_process_can_take(
         tracking_uri=tracking_uri,
         cache=sources_cache,
     )
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["--alpha", "a b", "a;b", "$(touch PWNED)", "`id`", "", "-", "1a", "a\nb", "é", "k" * 251],
+)
+async def test_parameter_keys_that_are_not_identifiers(
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    in_tmp: Path,
+    key: str,
+) -> None:
+    project = await _project(tmp_path / "p", MLPROJECT)
+    await refused(
+        aioproj.ParameterError,
+        "cannot be passed as an extra option",
+        str(project),
+        parameters={key: "1"},
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert not await anyio.Path(tmp_path / "PWNED").exists()
+
+
+async def test_declared_parameter_names_that_are_not_tracking_keys(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str
+) -> None:
+    text = (
+        'entry_points:\n  main:\n    parameters:\n      "a*b": {default: 1}\n'
+        '    command: "echo {a*b}"\n'
+    )
+    project = await _project(tmp_path / "p", text)
+    await refused(
+        aioproj.MLprojectError,
+        r"MLproject:4: entry_points.main.parameters.a\*b: cannot be a parameter name",
+        str(project),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+
+
+async def test_parameter_value_with_nul_creates_no_run(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str
+) -> None:
+    project = await _project(tmp_path / "p", MLPROJECT)
+    await refused(
+        aioproj.ParameterError,
+        "NUL character",
+        str(project),
+        parameters={"extra": "a\0b"},
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+
+
+async def test_hostile_parameter_values_arrive_as_data(
+    tmp_path: Path, tracking_uri: str, in_tmp: Path
+) -> None:
+    """The run works and the shell never interprets what a value holds."""
+    text = (
+        "entry_points:\n  main:\n    parameters:\n      v: string\n"
+        '    command: "printf %s {v} > out.txt"\n'
+    )
+    project = await _project(tmp_path / "p", text)
+    value = "$(touch PWNED)`touch PWNED`'; touch PWNED; '\n\"$HOME\""
+    async with Runner(echo="off") as runner:
+        await runner.run(str(project), parameters={"v": value}, env_manager="local")
+    assert await anyio.Path(project / "out.txt").read_text() == value
+    assert not await anyio.Path(project / "PWNED").exists()
+    assert not await anyio.Path(tmp_path / "PWNED").exists()

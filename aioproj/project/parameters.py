@@ -23,6 +23,7 @@ from pathlib import Path
 
 from aioproj.errors import MLprojectError, ParameterError
 from aioproj.project.spec import EntryPoint, Parameter, Project, parse_command_template
+from aioproj.tracking.base import MAX_KEY_LENGTH
 
 __all__ = ["ResolvedParameters", "render_command", "resolve_parameters"]
 
@@ -144,10 +145,11 @@ def _check_missing(entry_point: EntryPoint, given: Mapping[str, object]) -> None
 
 
 def _check_extra_key(key: str, entry_point: str) -> None:
-    if _EXTRA_KEY.fullmatch(key) is None:
+    if _EXTRA_KEY.fullmatch(key) is None or len(key) > MAX_KEY_LENGTH:
         raise ParameterError(
             f"Parameter name {key!r} is not declared by entry point {entry_point!r} and cannot "
-            "be passed as an extra option: extra names must match [A-Za-z_][A-Za-z0-9_.-]*"
+            "be passed as an extra option: extra names must match [A-Za-z_][A-Za-z0-9_.-]* "
+            f"and have at most {MAX_KEY_LENGTH} characters"
         )
 
 
