@@ -549,3 +549,33 @@ async def test_hostile_parameter_values_arrive_as_data(
     assert await anyio.Path(project / "out.txt").read_text() == value
     assert not await anyio.Path(project / "PWNED").exists()
     assert not await anyio.Path(tmp_path / "PWNED").exists()
+
+
+# --------------------------------------------------------------------------- backend_config
+
+
+async def test_unknown_backend_config_keys_for_the_local_backend_are_warned(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """MLflow drops them silently; aioproj runs the project and says which keys it ignored
+    (never their values, which may be tokens)."""
+    project = await _project(tmp_path / "p", MLPROJECT)
+    async with Runner(echo="off") as runner:
+        with pytest.warns(UserWarning, match=r"ignoring the keys \['new_cluster', 'token'\]") as w:
+            run = await runner.run(
+                str(project),
+                env_manager="local",
+                backend_config={"new_cluster": {"x": 1}, "token": "s3cr3t-value"},
+            )
+    assert "s3cr3t-value" not in str(w[0].message)
+    (record,) = await all_runs(tracking_uri)
+    assert record.info.run_id == run.run_id
+    assert record.info.status == "FINISHED"
+
+
+async def test_empty_backend_config_for_the_local_backend_is_silent(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    project = await _project(tmp_path / "p", MLPROJECT)
+    async with Runner(echo="off") as runner:
+        await runner.run(str(project), env_manager="local", backend_config={})

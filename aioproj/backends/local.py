@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,20 @@ class LocalBackend:
         self._shell_path: str | None = None
 
     async def prepare(self, request: LaunchRequest) -> LocalLaunch:
-        """Choose and prepare the environment. Raises EnvironmentBuildError."""
+        """Choose and prepare the environment. Raises EnvironmentBuildError.
+
+        Warns (UserWarning) when ``backend_config`` has keys: the local backend has no
+        settings, and MLflow drops them without a word, which hides typos and configs
+        meant for another backend.
+        """
+        if request.backend_config:
+            warnings.warn(
+                "The local backend takes no backend_config; ignoring the keys "
+                f"{sorted(map(str, request.backend_config))}. Pass backend_config only to "
+                "backends that read it (databricks, kubernetes, plugins).",
+                UserWarning,
+                stacklevel=2,
+            )
         manager = select_env_manager(request.project, request.env_manager)
         # The run does not exist yet while its environment builds: keep the build's
         # output and replay it at the start of the run's log.
