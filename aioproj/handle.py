@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from aioproj._output import RunOutput
+from aioproj._threads import run_short
 
 if TYPE_CHECKING:
     from aioproj.backends.base import Execution
@@ -267,9 +268,9 @@ class SubmittedRun:
         """Recorded: forget the run. Not recorded: keep its status for `aioproj recover`."""
         with anyio.CancelScope(shield=True):
             if recorded:
-                await anyio.to_thread.run_sync(journal.remove, self._run_id)
+                await run_short(journal.remove, self._run_id)
                 return
-            await anyio.to_thread.run_sync(journal.keep_final_status, self._run_id, status.value)
+            await run_short(journal.keep_final_status, self._run_id, status.value)
         logger.error(
             "Run %s: its final status %s is kept in %s; run `aioproj recover` once the"
             " tracking store is reachable.",

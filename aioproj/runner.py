@@ -29,6 +29,7 @@ import anyio.abc
 from aioproj._output import EchoMode, RunOutput
 from aioproj._paths import cache_root
 from aioproj._shared import SharedCalls
+from aioproj._threads import run_short
 from aioproj.backends import (
     Backend,
     Execution,
@@ -410,7 +411,7 @@ class Runner:
         run_id, experiment_id = record.run_id, record.experiment_id
         state = getattr(execution, "journal_state", None) or {}
         try:
-            await anyio.to_thread.run_sync(
+            await run_short(
                 functools.partial(
                     self._journal.record_start,
                     run_id=run_id,

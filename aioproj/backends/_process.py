@@ -20,6 +20,8 @@ from pathlib import Path
 
 import anyio
 
+from aioproj._threads import run_short
+
 __all__ = ["ProcessGroup"]
 
 #: Signals Python ignores that a child should get with their default action, as
@@ -144,7 +146,7 @@ class ProcessGroup:
     ) -> ProcessGroup:
         """Start the group (in a worker thread; not interrupted by cancellation, so a
         started process is never lost). Raises OSError if the shell cannot be started."""
-        pid, read_fd = await anyio.to_thread.run_sync(_spawn, shell, command, cwd, env)
+        pid, read_fd = await run_short(_spawn, shell, command, cwd, env)
         return cls(pid, read_fd, on_output)
 
     async def pump_output(self) -> None:
@@ -189,7 +191,7 @@ class ProcessGroup:
 
     async def _wait_empty(self) -> None:
         # Members other than the leader are not our children: no event says they are gone.
-        while await anyio.to_thread.run_sync(_live_members, self.pid):  # noqa: ASYNC110
+        while await run_short(_live_members, self.pid):  # noqa: ASYNC110
             await anyio.sleep(_POLL)
         self.empty = True
         _LIVE_GROUPS.discard(self.pid)
@@ -220,7 +222,7 @@ class ProcessGroup:
 
     async def reap_stragglers(self, grace_period: float) -> None:
         """After the leader exited: stop whatever it left running in its group."""
-        if self._has_members() and await anyio.to_thread.run_sync(_live_members, self.pid):
+        if self._has_members() and await run_short(_live_members, self.pid):
             await self.stop(grace_period)
         else:
             self.empty = True

@@ -41,6 +41,7 @@ import anyio
 import anyio.to_thread
 import yaml
 
+from aioproj._threads import run_short
 from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.tracking.base import (
     DEFAULT_EXPERIMENT_ID,
@@ -619,7 +620,7 @@ class FileStore:
     async def _call(self, func: Callable[..., _T], *args: Any) -> _T:
         """Run ``func`` in a worker thread; OSError and YAML errors become TrackingError."""
         try:
-            return await anyio.to_thread.run_sync(functools.partial(func, *args))
+            return await run_short(functools.partial(func, *args))
         except (OSError, yaml.YAMLError) as exc:
             raise TrackingError(f"File store {self.uri}: {exc}") from exc
 
