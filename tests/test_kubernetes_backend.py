@@ -629,3 +629,43 @@ async def test_without_a_kubeconfig_the_in_cluster_service_account_is_used(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     with pytest.raises(aioproj.BackendError, match="not a pod with a service account"):
         await _client.connect(None)
+
+
+async def test_transient_api_errors_on_submission_are_retried(
+    kube: FakeKubernetes, template: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    kube.faults.fail_next(1, status=503, path_contains="/configmaps")
+    kube.faults.fail_next(1, status=429, path_contains="/jobs")
+    project = await amake_project(tmp_path / "proj", mlproject("echo ok"))
+    async with aioproj.Runner(echo="off") as runner:
+        run = await runner.run(
+            str(project), backend="kubernetes", backend_config=config(kube, template)
+        )
+    assert await run.get_status() is aioproj.RunStatus.FINISHED
+    assert kube.count(verb="create", resource="configmaps") == 2
+    assert len(kube.objects("jobs", "default")) == 1
+
+
+async def test_a_job_the_api_refuses_fails_before_tracking(
+    kube: FakeKubernetes, tmp_path: Path, tracking_uri: str
+) -> None:
+    bad = {
+        **TEMPLATE,
+        "spec": {
+            **TEMPLATE["spec"],
+            "template": {
+                "spec": {**TEMPLATE["spec"]["template"]["spec"], "restartPolicy": "Always"}
+            },
+        },
+    }
+    template = tmp_path / "bad.yaml"
+    await anyio.Path(template).write_text(yaml.safe_dump(bad))
+    project = await amake_project(tmp_path / "proj", mlproject("echo never"))
+    async with aioproj.Runner(echo="off") as runner:
+        with pytest.raises(aioproj.BackendError, match="restartPolicy: Unsupported value"):
+            await runner.run(
+                str(project), backend="kubernetes", backend_config=config(kube, template)
+            )
+    assert our_objects(kube) == {"jobs": [], "pods": [], "configmaps": [], "secrets": []}
+    assert await all_runs(tracking_uri) == []  # refused by a dry run, before tracking
+    assert [r.query for r in kube.requests if r.verb == "create"] == ["dryRun=All"]

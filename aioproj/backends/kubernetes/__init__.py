@@ -146,7 +146,7 @@ class KubernetesBackend:
             tags["mlflow.docker.image.uri"] = image
         name = job_name(project.name, uuid.uuid4().hex[:10])
         tags.update({"aioproj.kubernetes.job": name, "aioproj.kubernetes.namespace": namespace})
-        return KubernetesLaunch(
+        launch = KubernetesLaunch(
             backend=self,
             config=config,
             client=client,
@@ -161,6 +161,8 @@ class KubernetesBackend:
             tracking_uri=request.tracking_uri,
             launch_tags=tags,
         )
+        await launch.validate()
+        return launch
 
     async def _client(self, config: KubeBackendConfig) -> KubeClient:
         from ._client import connect
@@ -235,36 +237,57 @@ class KubernetesLaunch:
     def tags(self) -> Mapping[str, str]:
         return self.launch_tags
 
-    async def start(self, request: StartRequest) -> Execution:
-        """Create the Job (and its ConfigMap and Secret) and follow it through the
-        namespace's shared watch. Raises :class:`BackendError` if the API refuses it;
-        then nothing is left in the cluster."""
-        from ._execution import KubernetesExecution, create_run_objects
-
-        uri = request.tracking_env.get("MLFLOW_TRACKING_URI", self.tracking_uri)
+    def plan(self, run_id: str, tracking_env: Mapping[str, str]) -> JobPlan:
+        """The Job of this launch for run ``run_id``. Raises :class:`BackendError` if a
+        copied docker_env variable is not set."""
+        uri = tracking_env.get("MLFLOW_TRACKING_URI", self.tracking_uri)
         credentials: tuple[str, ...] = ()
         if uri.startswith("databricks"):
             credentials = _DATABRICKS_NAMES
         elif uri.startswith(("http://", "https://")):
             credentials = _HTTP_NAMES
         env = plan_env(
-            request.tracking_env,
-            self.docker_environment,
-            os.environ,
-            credential_names=credentials,
+            tracking_env, self.docker_environment, os.environ, credential_names=credentials
         )
-        plan = JobPlan(
+        return JobPlan(
             name=self.job_name,
             namespace=self.namespace,
             project_name=self.project_name,
             image=self.image,
             command=self.command,
             env=env,
-            run_id=request.run_id,
+            run_id=run_id,
             docker_volumes=self.docker_volumes,
             bundle_configmap=f"{self.job_name}-code" if self.bundle is not None else None,
             env_secret=f"{self.job_name}-env" if env.secret else None,
         )
+
+    async def validate(self) -> None:
+        """Let the API server check the Job (a dry run) before anything is tracked.
+        Raises :class:`BackendError` with the server's reason."""
+        from ._client import KubeApiError
+        from ._execution import validate_job
+
+        placeholder = {
+            "MLFLOW_RUN_ID": "0" * 32,
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_EXPERIMENT_ID": "0",
+        }
+        try:
+            await validate_job(self.client, self.config.template, self.plan("0" * 32, placeholder))
+        except KubeApiError as exc:
+            raise BackendError(
+                f"The Job made from {self.config.template_path} was refused by the Kubernetes "
+                f"API ({self.namespace}): {exc}"
+            ) from exc
+
+    async def start(self, request: StartRequest) -> Execution:
+        """Create the Job (and its ConfigMap and Secret) and follow it through the
+        namespace's shared watch. Raises :class:`BackendError` if the API refuses it;
+        then nothing is left in the cluster."""
+        from ._execution import KubernetesExecution, create_run_objects
+
+        plan = self.plan(request.run_id, request.tracking_env)
         watch = self.backend.watch_for(self.client, self.namespace)
         execution = KubernetesExecution(
             client=self.client,

@@ -17,11 +17,11 @@ from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
 
 from ._client import KubeApiError, KubeClient
-from ._spec import BUNDLE_KEY, JobPlan, build_job, labels_for, owner_reference
+from ._spec import BUNDLE_KEY, LABEL_RUN_ID, JobPlan, build_job, labels_for, owner_reference
 from ._state import is_started, job_outcome, pod_problem, run_status
 from ._watch import NamespaceWatch
 
-__all__ = ["KubernetesExecution", "create_run_objects"]
+__all__ = ["KubernetesExecution", "create_run_objects", "validate_job"]
 
 logger = logging.getLogger("aioproj.kubernetes")
 
@@ -47,6 +47,33 @@ async def _delete(client: KubeClient, path: str) -> None:
             raise
 
 
+async def validate_job(client: KubeClient, template: Mapping[str, Any], plan: JobPlan) -> None:
+    """Have the API server validate the Job without creating it (``dryRun=All``), so a bad
+    template fails before the run is tracked. Raises :class:`KubeApiError`."""
+    await client.request(
+        "POST",
+        _jobs_path(plan.namespace),
+        query=[("dryRun", "All")],
+        body=build_job(template, plan),
+    )
+
+
+async def _create(client: KubeClient, path: str, body: Obj, run_id: str) -> Obj:
+    """POST ``body``. A 409 for an object of this run (a retried POST that had reached the
+    server) returns the stored object; any other conflict raises."""
+    try:
+        return await client.request("POST", path, body=body)
+    except KubeApiError as exc:
+        if exc.code != 409:
+            raise
+        name = body["metadata"]["name"]
+        existing = await client.request("GET", f"{path}/{name}")
+        labels = (existing.get("metadata") or {}).get("labels") or {}
+        if labels.get(LABEL_RUN_ID) != body["metadata"]["labels"].get(LABEL_RUN_ID):
+            raise
+        return existing
+
+
 async def create_run_objects(
     client: KubeClient, template: Mapping[str, Any], plan: JobPlan, bundle: bytes | None
 ) -> Obj:
@@ -67,7 +94,7 @@ async def create_run_objects(
                 "metadata": {"name": plan.bundle_configmap, "labels": labels},
                 "binaryData": {BUNDLE_KEY: base64.b64encode(bundle).decode()},
             }
-            await client.request("POST", path, body=body)
+            await _create(client, path, body, plan.run_id)
             created.append(f"{path}/{plan.bundle_configmap}")
         if plan.env_secret is not None:
             path = _core_path(plan.namespace, "secrets")
@@ -80,10 +107,10 @@ async def create_run_objects(
                     k: base64.b64encode(v.encode()).decode() for k, v in plan.env.secret.items()
                 },
             }
-            await client.request("POST", path, body=body)
+            await _create(client, path, body, plan.run_id)
             created.append(f"{path}/{plan.env_secret}")
-        job = await client.request(
-            "POST", _jobs_path(plan.namespace), body=build_job(template, plan)
+        job = await _create(
+            client, _jobs_path(plan.namespace), build_job(template, plan), plan.run_id
         )
         created.append(_jobs_path(plan.namespace, plan.name))
         patch = {"metadata": {"ownerReferences": [owner_reference(job)]}}

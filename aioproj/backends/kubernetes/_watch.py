@@ -19,7 +19,7 @@ import anyio.abc
 
 from aioproj.tracking._http import backoff_delay
 
-from ._client import ExpiredError, KubeApiError, KubeClient
+from ._client import ExpiredError, KubeClient
 
 __all__ = ["NamespaceWatch"]
 
@@ -185,7 +185,7 @@ class NamespaceWatch:
                     "watch of %s in %s expired at %s: listing again", kind, self.namespace, rv
                 )
                 rv = None
-            except (KubeApiError, KeyError, TypeError) as exc:
+            except Exception as exc:  # API errors, lost connections, malformed objects
                 self.errors += 1
                 failures += 1
                 delay = backoff_delay(failures, base=0.2, cap=10.0)

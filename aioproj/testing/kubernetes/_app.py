@@ -498,7 +498,9 @@ class ApiServer:
                 return self._list(request, resource, namespace)
             if method == "POST" and namespace is not None:
                 body = await self._body(request)
-                return _json(self.cluster.create(resource, namespace, body), 201)
+                dry_run = request.query.get("dryRun") == "All"
+                created = self.cluster.create(resource, namespace, body, dry_run=dry_run)
+                return _json(created, 201)
             raise StatusError(405, "MethodNotAllowed", f"{method} is not supported here")
         if namespace is None:
             raise StatusError(404, "NotFound", "the server could not find the requested resource")

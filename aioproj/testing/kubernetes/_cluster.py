@@ -207,8 +207,11 @@ class Cluster:
 
     # -- create ------------------------------------------------------------------------
 
-    def create(self, resource: Resource, namespace: str, body: Any) -> Obj:
-        """Validate, default and store a new object. Raises StatusError."""
+    def create(
+        self, resource: Resource, namespace: str, body: Any, *, dry_run: bool = False
+    ) -> Obj:
+        """Validate, default and store a new object (``dry_run``: validate and default
+        only, as ``?dryRun=All``). Raises StatusError."""
         if not isinstance(body, dict):
             raise StatusError.bad_request("the request body must be a JSON object")
         obj = copy.deepcopy(body)
@@ -260,6 +263,11 @@ class Cluster:
         elif resource is PODS:
             obj.setdefault("spec", {})
             obj.setdefault("status", {"phase": "Pending"})
+        if dry_run:
+            if self.store.find(resource, namespace, name) is not None:
+                raise StatusError.already_exists(resource, name)
+            obj["kind"], obj["apiVersion"] = resource.kind, resource.api_version
+            return obj
         stored = self.store.add(resource, obj)
         if resource is JOBS:
             self._event(stored, "Normal", "Created", "Job created")
