@@ -493,3 +493,30 @@ async def test_kubelet_materialises_configmap_and_secret_volumes_and_env(
         log = (await core.read_namespaced_pod_log(name, "default")).splitlines()
     assert log[:3] == ["from a configmap", "from a secret", f"from a secret {name}"]
     assert log[3].endswith("/volumes/work/dir")  # the mount path, mapped under the pod
+
+
+async def test_job_deadline_and_ttl(kube: FakeKubernetes) -> None:
+    async with await _api(kube) as api:
+        batch = client.BatchV1Api(api)
+        slow = job_body("slow", "exec sleep 30")
+        slow["spec"]["activeDeadlineSeconds"] = 1
+        await batch.create_namespaced_job("default", slow)
+        quick = job_body("quick", "echo done")
+        quick["spec"]["ttlSecondsAfterFinished"] = 0
+        await batch.create_namespaced_job("default", quick)
+        await wait_until(lambda: bool(kube.container_pids()))
+        await wait_until(lambda: job_done(kube, "slow", "Failed"))
+        job = kube.get("jobs", "default", "slow")
+        assert job is not None
+        reasons = [(c["type"], c["reason"]) for c in job["status"]["conditions"]]
+        assert reasons == [("FailureTarget", "DeadlineExceeded"), ("Failed", "DeadlineExceeded")]
+        assert job["status"]["failed"] == 1
+        assert "completionTime" not in job["status"]
+        await wait_until(lambda: not kube.container_pids())
+        # ttlSecondsAfterFinished: 0 deletes the finished Job and its pod.
+        await wait_until(lambda: kube.get("jobs", "default", "quick") is None)
+        await wait_until(
+            lambda: all(
+                not p["metadata"]["name"].startswith("quick-") for p in kube.objects("pods")
+            )
+        )
