@@ -538,9 +538,12 @@ async def test_build_that_raises_leaves_nothing(
     async with anyio.create_task_group() as tg:
         for _ in range(3):
             tg.start_soon(prepare)
-    # Each waiter tries in turn after a failure (a failure is not cached); none sees a dir.
-    assert calls == 3
+    # The callers that queued behind the failed build share its error: one build, not three.
+    assert calls == 1
     assert await list_env_dirs(cache_dir) == []
+    # A failure is not cached: a later caller builds anew.
+    await prepare()
+    assert calls == 2
 
 
 _CHILD = """

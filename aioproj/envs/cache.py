@@ -28,6 +28,8 @@ from pathlib import Path
 
 import anyio
 
+from aioproj.errors import EnvironmentBuildError
+
 __all__ = [
     "ENV_ROOT_VAR",
     "MARKER_NAME",
@@ -55,6 +57,8 @@ _LOCK_POLL_MAX = 0.25
 class _Flight:
     lock: anyio.Lock
     users: int = 0
+    #: Why the build failed, for the callers that queued behind it.
+    failure: str | None = None
 
 
 #: In-process single flight: env directory → the lock its builders queue on.
@@ -102,7 +106,9 @@ async def ensure_env_dir(
     """Return ``directory`` complete, calling ``build(directory)`` only if nobody built it.
 
     ``build`` fills the (absent) directory and returns what to record in the marker.
-    Its exceptions propagate after the directory is removed. Cancellation while waiting
+    Its exceptions propagate after the directory is removed; callers that were waiting
+    for that build meanwhile get an :class:`EnvironmentBuildError` with the same message
+    rather than building again (later callers build anew). Cancellation while waiting
     for a lock simply stops waiting; cancellation during a build removes the partial
     directory (shielded) and propagates.
     """
@@ -115,7 +121,15 @@ async def ensure_env_dir(
     flight.users += 1
     try:
         async with flight.lock:
-            return await _build_once(directory, build)
+            if flight.failure is not None:
+                # The build these callers queued behind failed: a sweep's hundred runs
+                # get its error at once instead of failing the same build in turn.
+                raise EnvironmentBuildError(flight.failure)
+            try:
+                return await _build_once(directory, build)
+            except Exception as exc:
+                flight.failure = str(exc)
+                raise
     finally:
         flight.users -= 1
         if flight.users == 0:
