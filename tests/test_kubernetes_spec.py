@@ -185,6 +185,7 @@ def test_plan_env_honours_kube_tracking_uri_and_keeps_copied_values_secret() -> 
     assert dict(env.secret) == {"COPIED": "s3cr3t", "MLFLOW_TRACKING_TOKEN": "tok"}
     job = build_job(TEMPLATE, plan(env=env, env_secret="proj-abc-env"))
     assert "s3cr3t" not in str(job)
+    assert "s3cr3t" not in repr(plan(env=env))
     assert "tok" not in str(job)
     with pytest.raises(BackendError, match="but COPIED was not set"):
         plan_env({}, ("COPIED",), {}, credential_names=())

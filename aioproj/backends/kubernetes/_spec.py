@@ -15,7 +15,7 @@ import re
 import shlex
 import tarfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +244,8 @@ class EnvPlan:
     """The container's variables: plain values, and names whose values go in a Secret."""
 
     values: Sequence[tuple[str, str]]
-    secret: Mapping[str, str]
+    #: Values copied from the host (credentials among them): never in a repr.
+    secret: Mapping[str, str] = field(repr=False)
 
 
 def plan_env(
