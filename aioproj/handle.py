@@ -112,6 +112,14 @@ class SubmittedRun:
         """True once the final status is known and recorded."""
         return self._done.is_set()
 
+    @property
+    def status_detail(self) -> str | None:
+        """What the backend knows beyond the status, without I/O: why a remote run has
+        not started (``ImagePullBackOff``, ``Unschedulable``) or why it failed; None when
+        there is nothing to say."""
+        detail = getattr(self._execution, "detail", None)
+        return detail if isinstance(detail, str) else None
+
     async def wait(self) -> bool:
         """Wait until the run ends; return True if it FINISHED.
 
