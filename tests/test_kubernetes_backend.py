@@ -203,6 +203,9 @@ async def test_failure_detail_and_logs_reach_the_handle(
             backend_config=config(kube, template),
         )
         assert not await run.wait()
+        assert run.status_detail == (
+            "BackoffLimitExceeded: Job has reached the specified backoff limit"
+        )
         lines = [line async for line in run.logs()]
     assert "about to fail\n" in lines
     assert any("BackoffLimitExceeded" in line for line in lines)
@@ -284,9 +287,10 @@ async def test_pods_that_cannot_start_are_visible_and_fail_after_pending_timeout
             synchronous=False,
             backend_config=config(kube, template, **{"pending-timeout": 1.5}),
         )
-        await wait_until(lambda: expected in (run._execution.detail or ""))
+        await wait_until(lambda: expected in (run.status_detail or ""))
         assert await run.get_status() is aioproj.RunStatus.SCHEDULED
         assert not await run.wait()
+        assert "pending-timeout" in (run.status_detail or "")
         lines = [line async for line in run.logs()]
     assert any(expected in line for line in lines)
     assert any("pending-timeout" in line for line in lines)
