@@ -110,7 +110,8 @@ class Watch:
 
 class Poller:
     """Follows the runs of one workspace. ``rounds`` and ``round_requests`` are kept for
-    benchmarks: the number of rounds so far and the requests each one sent."""
+    benchmarks: the number of rounds so far and the requests each one sent (retries of
+    one request not counted)."""
 
     def __init__(
         self,
@@ -129,6 +130,7 @@ class Poller:
         self._watermark_ms = 0
         self._failures = 0
         self._since_sweep = 0
+        self._sent = 0
         self.rounds = 0
         self.round_requests: list[int] = []
 
@@ -175,7 +177,7 @@ class Poller:
             with anyio.move_on_after(self._interval):
                 await self._nudged.wait()
             self._nudged = anyio.Event()
-            before = self._client.request_count
+            self._sent = 0
             try:
                 changed = await self._round()
                 self._failures = 0
@@ -192,7 +194,7 @@ class Poller:
                     return
                 self._interval = self.max_interval
             self.rounds += 1
-            self.round_requests.append(self._client.request_count - before)
+            self.round_requests.append(self._sent)
             if changed:
                 self._interval = self.min_interval
             else:
@@ -214,6 +216,7 @@ class Poller:
         return changed
 
     async def _list(self, params: dict[str, str]) -> list[Mapping[str, Any]]:
+        self._sent += 1
         body = await self._client.call("GET", _LIST, params=params)
         runs = body.get("runs") or []
         token = body.get("next_page_token")
@@ -271,6 +274,7 @@ class Poller:
         # Neither listed as active nor seen ending: read it (it ended between lists).
         for watch in watches:
             if watch.run_id not in seen and not watch.done.is_set():
+                self._sent += 1
                 run = await self._client.call(
                     "GET", "/api/2.2/jobs/runs/get", params={"run_id": str(watch.run_id)}
                 )

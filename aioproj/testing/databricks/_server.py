@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import itertools
 import json
 import logging
@@ -71,7 +72,8 @@ class Fault:
     """A fault FakeDatabricks injects into the next ``times`` requests matching ``endpoint``.
 
     ``endpoint`` is matched against ``"<METHOD> <path>"`` with the ``/api/2.x/`` prefix
-    removed (``"GET jobs/runs/list"``); a plain substring (``"jobs/runs/"``) or ``"*"``.
+    removed (``"GET jobs/runs/list"``): a substring (``"jobs/runs/"``), a key ending in
+    ``$`` to match only keys ending there (``"GET jobs/runs/get$"``), or ``"*"``.
     ``status`` answers with that HTTP status (429 carries ``Retry-After`` when
     ``retry_after`` is set); ``drop`` closes the connection without an answer before the
     request is handled, ``drop_after`` after it was handled (the client never learns
@@ -87,7 +89,11 @@ class Fault:
     times: int = 1
 
     def matches(self, key: str) -> bool:
-        return self.endpoint == "*" or self.endpoint in key
+        if self.endpoint == "*":
+            return True
+        if self.endpoint.endswith("$"):
+            return key.endswith(self.endpoint[:-1]) and self.endpoint[:-1] in key
+        return self.endpoint in key
 
 
 class FakeDatabricks:
@@ -170,7 +176,9 @@ class FakeDatabricks:
     async def start(self) -> None:
         """Start serving; ``host`` is set when this returns."""
         if self._workdir_arg is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="fake-databricks-")
+            self._tmp = await anyio.to_thread.run_sync(
+                functools.partial(tempfile.TemporaryDirectory, prefix="fake-databricks-")
+            )
             self.workdir = Path(self._tmp.name)
         else:
             self.workdir = self._workdir_arg
