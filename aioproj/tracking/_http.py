@@ -61,7 +61,8 @@ def resolve_creds(uri: str) -> HostCreds:
     """The host and credentials for an ``http(s)://`` or ``databricks[://profile]`` URI.
 
     http(s): MLFLOW_TRACKING_TOKEN (Bearer), MLFLOW_TRACKING_USERNAME and
-    MLFLOW_TRACKING_PASSWORD (Basic), MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_PASSWORD (Basic; else the user and password of the URI, which the
+    returned host no longer holds), MLFLOW_TRACKING_INSECURE_TLS,
     MLFLOW_TRACKING_SERVER_CERT_PATH and MLFLOW_TRACKING_CLIENT_CERT_PATH.
 
     Databricks, in the databricks-sdk's order for personal access tokens: the profile of
@@ -85,11 +86,19 @@ def resolve_creds(uri: str) -> HostCreds:
             "MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH cannot both"
             " be set: one turns certificate checks off, the other configures them."
         )
+    # Credentials in the URI (http://user:pw@host) are Basic auth, as requests makes them
+    # for MLflow; the host keeps none, so request URLs (which httpx logs) carry no secret.
+    username = os.environ.get("MLFLOW_TRACKING_USERNAME") or None
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or None
+    if parsed.username is not None and not (username and password):
+        username = urllib.parse.unquote(parsed.username)
+        password = urllib.parse.unquote(parsed.password or "") or None
+    host = urllib.parse.urlunparse(parsed._replace(netloc=parsed.netloc.rpartition("@")[2]))
     return HostCreds(
-        host=uri.rstrip("/"),
+        host=host.rstrip("/"),
         token=os.environ.get("MLFLOW_TRACKING_TOKEN") or None,
-        username=os.environ.get("MLFLOW_TRACKING_USERNAME") or None,
-        password=os.environ.get("MLFLOW_TRACKING_PASSWORD") or None,
+        username=username,
+        password=password,
         verify=not insecure,
         server_cert_path=cert,
         client_cert_path=os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
