@@ -579,3 +579,28 @@ async def test_empty_backend_config_for_the_local_backend_is_silent(
     project = await _project(tmp_path / "p", MLPROJECT)
     async with Runner(echo="off") as runner:
         await runner.run(str(project), env_manager="local", backend_config={})
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"run_id": "../../outside"},
+        {"run_id": "0" * 32 + "\n"},
+        {"experiment_id": "../0"},
+        {"experiment_id": "0\n"},
+        {"experiment_name": "x" * 1000},
+    ],
+    ids=["run-id-dotdot", "run-id-newline", "exp-id-dotdot", "exp-id-newline", "exp-name-long"],
+)
+async def test_tracking_arguments_that_would_name_other_files(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str, kwargs: dict[str, str]
+) -> None:
+    project = await _project(tmp_path / "p", MLPROJECT)
+    async with Runner(echo="off") as runner:
+        with pytest.raises(aioproj.InvalidArgumentError, match="Invalid"):
+            await runner.run(str(project), env_manager="local", **kwargs)  # type: ignore[arg-type]
+    assert await all_runs(tracking_uri) == []
+    assert not await anyio.Path(tmp_path / "outside").exists()
