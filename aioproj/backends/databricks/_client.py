@@ -170,7 +170,7 @@ class DatabricksClient:
                 )
             lifetime = float(body.get("expires_in") or 3600)
             self._oauth_token = token
-            self._oauth_expiry = time.monotonic() + min(lifetime - 60, lifetime * 0.9)
+            self._oauth_expiry = time.monotonic() + lifetime - min(60.0, lifetime * 0.1)
             return
 
     # -- requests ---------------------------------------------------------------------
