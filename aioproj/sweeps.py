@@ -677,6 +677,11 @@ class Sweep:
     ) -> None:
         try:
             result = await self._trial(runner, state)
+        except anyio.get_cancelled_exc_class():
+            if not state.is_done:  # its run (if it had one) was cancelled: KILLED
+                state.ended = time.monotonic()
+                self._changed(state, "KILLED", "the sweep was stopped")
+            raise
         finally:
             slots.release()
         self.results.append(result)

@@ -229,6 +229,7 @@ def test_ctrl_c_in_a_terminal_kills_every_trial(project: Path, tmp_path: Path) -
         os.close(leader)
     assert "Interrupted: every trial was cancelled and recorded KILLED" in screen
     assert "Sweep KILLED" in screen
+    assert "killed 3" in screen  # the summary counts the trials it stopped
     assert all(process_gone(pid) for pid in pids_in(pids))
     client = mlflow_client((tmp_path / "mlruns").as_uri())
     runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])

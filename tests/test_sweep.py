@@ -246,6 +246,7 @@ async def test_cancelling_the_consumer_kills_every_trial(
     assert len(await anyio.to_thread.run_sync(pids_in, pids)) == 4
     assert await survivors(pids) == []
     assert sweep.status is aioproj.RunStatus.KILLED
+    assert [t.status for t in sweep.trials] == ["KILLED"] * 4 + ["QUEUED"] * 2
     records = await all_runs(tracking_uri)
     assert len(records) == 5  # parent + 4 trials; the queued 2 never started
     assert {r.info.status for r in records} == {"KILLED"}
