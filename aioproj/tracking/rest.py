@@ -22,6 +22,7 @@ connect. Error messages name the host, the method and URL path, the server's
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import math
@@ -61,6 +62,8 @@ MAX_ITEMS_PER_BATCH = 1000
 _MAX_BATCH_BYTES = 900_000
 
 _API = "/api/2.0/mlflow"
+#: The DBFS API takes at most 1 MiB of data per request.
+_DBFS_BLOCK = 1024 * 1024
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _UNSENT_STATUSES = frozenset({429, 503})
@@ -666,13 +669,14 @@ class RestStore:
         """Write ``data`` as the artifact ``artifact_path`` of a run.
 
         ``mlflow-artifacts:`` locations (``mlflow server`` with artifact serving) are
-        written with a PUT through the server's proxy; ``file:`` locations directly, in
-        a worker thread. ``append`` on the proxy reads the current file and writes it
+        written with a PUT through the server's proxy; ``dbfs:`` locations of a
+        Databricks workspace with the DBFS API; ``file:`` locations directly, in a
+        worker thread. ``append`` on the proxy reads the current file and writes it
         back longer (not atomic against another writer).
 
         Raises:
             InvalidArgumentError: a malformed run id or artifact path.
-            TrackingError: the run's artifact store is not one of those two (the message
+            TrackingError: the run's artifact store is not one of those (the message
                 names it), or writing failed.
         """
         _check_run_id(run_id)
@@ -693,6 +697,12 @@ class RestStore:
                 data = await self._read_proxied(url_path, base) + data
             await self._request("PUT", url_path, content=data, base=base)
             return
+        if scheme == "dbfs" and self.uri.lower().startswith("databricks"):
+            target = f"/{parsed.path.strip('/')}/{path}"
+            if append:
+                data = await self._read_dbfs(target) + data
+            await self._write_dbfs(target, data)
+            return
         if scheme == "file" or (not scheme and artifact_uri.startswith("/")):
             local = Path(urllib.parse.unquote(parsed.path)) / path
             try:
@@ -708,6 +718,46 @@ class RestStore:
             f" to local paths (file:); the {scheme or 'unknown'!r} artifact store is not"
             " supported."
         )
+
+    async def _write_dbfs(self, path: str, data: bytes) -> None:
+        """Write a DBFS file of the workspace: one ``put``, or ``create``/``add-block``/
+        ``close`` past the API's 1 MiB per request."""
+        if len(data) <= _DBFS_BLOCK:
+            contents = base64.b64encode(data).decode("ascii")
+            await self._request(
+                "POST",
+                "/api/2.0/dbfs/put",
+                json={"path": path, "contents": contents, "overwrite": True},
+            )
+            return
+        answer = await self._request(
+            "POST", "/api/2.0/dbfs/create", json={"path": path, "overwrite": True}
+        )
+        handle = answer.json()["handle"]
+        for start in range(0, len(data), _DBFS_BLOCK):
+            block = base64.b64encode(data[start : start + _DBFS_BLOCK]).decode("ascii")
+            await self._request(
+                "POST", "/api/2.0/dbfs/add-block", json={"handle": handle, "data": block}
+            )
+        await self._request("POST", "/api/2.0/dbfs/close", json={"handle": handle})
+
+    async def _read_dbfs(self, path: str) -> bytes:
+        out = bytearray()
+        while True:
+            try:
+                response = await self._request(
+                    "GET",
+                    "/api/2.0/dbfs/read",
+                    params={"path": path, "offset": str(len(out)), "length": str(_DBFS_BLOCK)},
+                )
+            except RestError as exc:
+                if exc.status_code == 404 or exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return bytes(out)
+                raise
+            body = response.json()
+            if not body.get("bytes_read"):
+                return bytes(out)
+            out += base64.b64decode(body.get("data") or "")
 
     async def _read_proxied(self, url_path: str, base: str) -> bytes:
         try:
