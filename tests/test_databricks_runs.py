@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import anyio
@@ -14,6 +15,7 @@ import pytest
 import aioproj
 from aioproj.backends.databricks import DatabricksBackend
 from aioproj.testing.databricks import FakeDatabricks, RunScript
+from aioproj.tracking.rest import RestStore
 
 from .databricks_support import CLUSTER, backend, fast_backend, project, ws  # noqa: F401
 from .support import all_runs, process_gone, read_run
@@ -48,6 +50,23 @@ async def test_run_finishes_and_logs_through_the_workspace(
     fake = ws.runs[int(db_run_id)]
     assert fake.result_state == "SUCCESS"
     assert fake.exit_code == 0
+    # The run's output is saved among its artifacts, in the workspace's DBFS.
+    log = ws.mlflow.root / record.info.experiment_id / run.run_id / "artifacts" / "aioproj"
+    assert "training with alpha 0.25" in await anyio.Path(log / "output.log").read_text()
+
+
+async def test_rest_store_writes_dbfs_artifacts_of_any_size(ws: FakeDatabricks) -> None:
+    store = RestStore("databricks")
+    try:
+        record = await store.create_run("0", run_name="r", tags={}, params={})
+        big = os.urandom(2 * 1024 * 1024 + 100)
+        await store.log_artifact_bytes(record.run_id, "blobs/big.bin", big)
+        await store.log_artifact_bytes(record.run_id, "blobs/big.bin", b"tail", append=True)
+    finally:
+        await store.aclose()
+    local = ws.mlflow.root / "0" / record.run_id / "artifacts" / "blobs" / "big.bin"
+    assert await anyio.Path(local).read_bytes() == big + b"tail"
+    assert ws.count("POST dbfs/add-block") == 6  # 3 blocks, written twice
 
 
 async def test_failing_project_is_failed_with_its_output(

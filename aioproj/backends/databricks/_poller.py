@@ -35,7 +35,7 @@ _LIST = "/api/2.2/jobs/runs/list"
 _PAGE = 25
 #: End times this much older than the newest seen are still listed again (clock jitter,
 #: runs that become visible late).
-_WATERMARK_MARGIN_MS = 5_000
+_WATERMARK_MARGIN_MS = 2_000
 _START_MARGIN_MS = 60_000
 
 _SCHEDULED = frozenset({"QUEUED", "PENDING", "BLOCKED", "WAITING_FOR_RETRY", "WAITING"})
@@ -133,6 +133,8 @@ class Poller:
         self._sent = 0
         self.rounds = 0
         self.round_requests: list[int] = []
+        #: Runs followed in each round: what one request per run per round would cost.
+        self.round_active: list[int] = []
 
     @property
     def active(self) -> int:
@@ -204,15 +206,25 @@ class Poller:
         watches = [w for w in self._watches.values() if not w.done.is_set()]
         if not watches:
             return False
-        changed = await self._completed(watches)
-        watches = [w for w in watches if not w.done.is_set()]
-        if not watches:
-            return changed
+        self.round_active.append(len(watches))
+        changed = False
         pages = math.ceil(len(watches) / _PAGE)
         self._since_sweep += 1
+        swept: set[int] | None = None
         if self._since_sweep >= max(3, pages):
+            # Active runs first: a run that ends meanwhile is then in the completed list.
             self._since_sweep = 0
-            changed |= await self._sweep(watches)
+            swept, changed = await self._sweep(watches)
+        changed |= await self._completed(watches)
+        if swept is not None:
+            # Neither listed as active nor seen ending (deleted, or listed late): read it.
+            for watch in watches:
+                if watch.run_id not in swept and not watch.done.is_set():
+                    self._sent += 1
+                    run = await self._client.call(
+                        "GET", "/api/2.2/jobs/runs/get", params={"run_id": str(watch.run_id)}
+                    )
+                    changed |= watch.update(run)
         return changed
 
     async def _list(self, params: dict[str, str]) -> list[Mapping[str, Any]]:
@@ -251,7 +263,7 @@ class Poller:
         self._watermark_ms = newest
         return changed
 
-    async def _sweep(self, watches: list[Watch]) -> bool:
+    async def _sweep(self, watches: list[Watch]) -> tuple[set[int], bool]:
         params = {
             "active_only": "true",
             "run_type": "SUBMIT_RUN",
@@ -271,12 +283,4 @@ class Poller:
                     changed |= watch.update(run)
             if "page_token" not in params:
                 break
-        # Neither listed as active nor seen ending: read it (it ended between lists).
-        for watch in watches:
-            if watch.run_id not in seen and not watch.done.is_set():
-                self._sent += 1
-                run = await self._client.call(
-                    "GET", "/api/2.2/jobs/runs/get", params={"run_id": str(watch.run_id)}
-                )
-                changed |= watch.update(run)
-        return changed
+        return seen, changed
