@@ -5,6 +5,7 @@ The SDK is synchronous: every call runs in a worker thread, the emulator on the 
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import signal
@@ -29,6 +30,8 @@ from databricks.sdk.service.jobs import (
 )
 
 from aioproj.testing.databricks import FakeDatabricks, RunScript
+
+from .support import process_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -262,3 +265,22 @@ async def test_command_line_server_prints_its_host_and_stops_on_ctrl_c() -> None
     assert host.startswith("http://127.0.0.1:")
     assert code == 0
     assert "DATABRICKS_HOST=" in err
+
+
+async def test_leaving_the_emulator_stops_its_runs_and_processes() -> None:
+    async with FakeDatabricks(script=RunScript(pending=0.01)) as ws:
+        sleeper = b"import time\nprint('up', flush=True)\ntime.sleep(600)\n"
+        await ws.dbfs.put("/x/sleep.py", base64.b64encode(sleeper).decode(), True)
+
+        def submit(w: WorkspaceClient) -> int:
+            return w.jobs.submit(run_name="s", tasks=[task(python_file="dbfs:/x/sleep.py")]).run_id
+
+        run_id = await sdk(ws, submit)
+        fake = ws.runs[run_id]
+        with anyio.fail_after(30):
+            while b"up" not in fake.logs:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        pid = fake.pid
+    assert pid is not None
+    assert process_gone(pid)
+    assert not fake.active
