@@ -42,6 +42,8 @@ RUNS: dict[str, dict[str, list[list[str]]]] = {
     "env_sweep": {"small": [["--runs", "5"]], "full": [["--runs", "20"]]},
     "sweep_overhead": {"small": [["-n", "20"]], "full": [["-n", "100"]]},
     "load": {"small": [["-n", "50", "--sweep", "200"]], "full": [[]]},
+    "databricks_sweep": {"small": [["-n", "50"]], "full": [[]]},
+    "kubernetes_sweep": {"small": [["-n", "20"]], "full": [[]]},
 }
 #: MLflow's own runs take ~3 s each: its comparison uses smaller N.
 MLFLOW_RUNS = {
