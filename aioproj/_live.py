@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -230,9 +231,18 @@ async def show_progress(sweep: Sweep, finished: anyio.Event, mode: ProgressMode)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(60):
                 await finished.wait()
-                await anyio.to_thread.run_sync(console.print, summary_renderable(sweep))
+                await _output(console, console.print, summary_renderable(sweep))
     except Exception:  # a broken display must not break the sweep
         logger.exception("The sweep's progress display failed")
+
+
+async def _output(console: Console, func: Callable[..., object], *args: Any) -> None:
+    """Write to the console: in a worker thread (a terminal or pipe can block), except in
+    Jupyter, whose display messages must come from the kernel's own thread."""
+    if console.is_jupyter:
+        func(*args)
+    else:
+        await anyio.to_thread.run_sync(func, *args)
 
 
 def _redraw(display: Any, renderable: RenderableType) -> None:
@@ -251,18 +261,18 @@ async def _live(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
         vertical_overflow="visible",
         transient=True,  # the summary table replaces it
     )
-    await anyio.to_thread.run_sync(display.start)
+    await _output(console, display.start)
     try:
         while not finished.is_set():
-            await anyio.to_thread.run_sync(_redraw, display, live_renderable(sweep))
+            await _output(console, _redraw, display, live_renderable(sweep))
             with anyio.move_on_after(_REFRESH):
                 await finished.wait()
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(60):
             await finished.wait()
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_redraw, display, live_renderable(sweep))
-            await anyio.to_thread.run_sync(display.stop)
+            await _output(console, _redraw, display, live_renderable(sweep))
+            await _output(console, display.stop)
 
 
 async def _lines(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
@@ -291,7 +301,7 @@ async def _lines(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
             if pending:
                 batch, pending[:] = list(pending), []
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(write, batch)
+                    await _output(console, write, batch)
             if done:
                 return
             wake = anyio.Event()
@@ -302,4 +312,4 @@ async def _lines(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
             with anyio.move_on_after(60):
                 await finished.wait()  # the KILLED lines of a cancelled sweep come last
             if pending:
-                await anyio.to_thread.run_sync(write, list(pending))
+                await _output(console, write, list(pending))
