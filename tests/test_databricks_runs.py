@@ -287,14 +287,16 @@ async def test_concurrent_runs_upload_the_code_once_and_share_one_poller(
     assert statuses == [aioproj.RunStatus.FINISHED] * count
     assert len(ws.runs) == count
     assert ws.count("POST dbfs/create") == 1  # the tarball, streamed once
-    assert ws.count("POST dbfs/put") == 1  # the bootstrap script
-    assert ws.count("GET dbfs/get-status") == 2
+    assert ws.count("GET dbfs/get-status") == 2  # one existence check per file
+    listing = await ws.dbfs.list("/mlflow-experiments/0/projects-code")
+    assert len(listing["files"]) == 2  # the tarball and the bootstrap script
     # Per run: one submit, one read-back, one output; status comes from list requests only.
     assert ws.count("POST jobs/runs/submit") == count
     assert ws.count("GET jobs/runs/get") == count + ws.count("GET jobs/runs/get-output")
     assert ws.count("GET jobs/runs/get-output") == count
     workspace = backend.workspace(ws.host)
     assert workspace is not None
+    assert workspace.uploads == 2
     assert max(workspace.poller.round_requests) <= 2 * (1 + count // 25)
 
 
