@@ -96,9 +96,7 @@ async def one_sweep(n: int, execute: bool, interval: tuple[float, float]) -> dic
             finally:
                 await backend.aclose()
             finished = sum(1 for s in statuses if s == aioproj.RunStatus.FINISHED)
-            lifetimes = [
-                (r.end_time - r.start_time) / 1000 for r in ws.runs.values() if r.end_time
-            ]
+            lifetimes = [(r.end_time - r.start_time) / 1000 for r in ws.runs.values() if r.end_time]
             return {
                 "n": n,
                 "finished": finished,
