@@ -109,6 +109,10 @@ def _file_runs(root: Path, name: str | None, experiment_id: str | None) -> list[
 
 
 def _mlflow_client(uri: str) -> Any:
+    if uri.startswith("sqlite:///"):  # reading must not create an empty database
+        path = Path(uri[len("sqlite:///") :])
+        if not path.exists():
+            raise TrackingError(f"No tracking store at {path}: nothing has been run here yet.")
     try:
         from mlflow import MlflowClient
     except ImportError as exc:
@@ -193,6 +197,8 @@ def _file_output(root: Path, run_id: str) -> bytes:
 def _mlflow_output(uri: str, run_id: str) -> bytes:
     from mlflow.exceptions import MlflowException
 
+    # The log goes to stdout; mlflow's download progress bar would clutter the terminal.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = _mlflow_client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
