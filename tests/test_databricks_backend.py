@@ -409,3 +409,22 @@ async def test_poller_sends_no_request_per_run(
     assert rounds
     assert max(rounds) <= 2 * (1 + count // 25)
     assert sum(rounds) / len(rounds) < 3
+
+
+async def test_a_run_deleted_on_the_workspace_fails_alone(
+    ws: FakeDatabricks, project: Path, backend: DatabricksBackend
+) -> None:
+    ws.script = RunScript(pending=0.05, running=1.5, terminating=0.02, outcome="SUCCESS")
+    async with aioproj.Runner(echo="off") as runner:
+        doomed = await runner.run(
+            str(project), backend=backend, backend_config=CLUSTER, synchronous=False
+        )
+        other = await runner.run(
+            str(project), backend=backend, backend_config=CLUSTER, synchronous=False
+        )
+        first = min(ws.runs)
+        ws.runs[first].deleted = True  # purged by an admin while running
+        assert await doomed == RunStatus.FAILED
+        assert isinstance(doomed.error, DatabricksApiError)
+        assert "does not exist" in str(doomed.error)
+        assert await other == RunStatus.FINISHED

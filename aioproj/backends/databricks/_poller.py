@@ -221,9 +221,16 @@ class Poller:
             for watch in watches:
                 if watch.run_id not in swept and not watch.done.is_set():
                     self._sent += 1
-                    run = await self._client.call(
-                        "GET", "/api/2.2/jobs/runs/get", params={"run_id": str(watch.run_id)}
-                    )
+                    try:
+                        run = await self._client.call(
+                            "GET", "/api/2.2/jobs/runs/get", params={"run_id": str(watch.run_id)}
+                        )
+                    except DatabricksApiError as exc:
+                        if exc.status_code not in (400, 404):
+                            raise
+                        watch.finish(exc)  # deleted: this run alone cannot be followed
+                        changed = True
+                        continue
                     changed |= watch.update(run)
         return changed
 
