@@ -27,9 +27,10 @@ import anyio.to_thread
 
 from aioproj._shared import SharedCalls
 from aioproj.backends.base import Execution, LaunchRequest, StartRequest
-from aioproj.errors import AioprojError, BackendError
+from aioproj.errors import AioprojError, BackendError, InvalidArgumentError
 from aioproj.handle import RunStatus
 from aioproj.project import EnvType
+from aioproj.tracking import TrackingStore
 
 from ._auth import WorkspaceAuth, resolve_workspace
 from ._client import DatabricksClient
@@ -215,7 +216,10 @@ class DatabricksBackend:
     DATABRICKS_CLIENT_SECRET) and ``~/.databrickscfg``; ``host``, ``token`` and
     ``profile`` override that. ``poll_interval`` is the (shortest, longest) seconds
     between status rounds of the shared poller; ``retry_timeout`` bounds the retries of
-    one request and ``request_timeout`` one attempt.
+    one request and ``request_timeout`` one attempt; ``sleep`` waits between retries
+    (tests may pass a fake).
+
+    Raises InvalidArgumentError for a bad ``poll_interval``.
     """
 
     name = "databricks"
@@ -233,7 +237,7 @@ class DatabricksBackend:
     ) -> None:
         low, high = poll_interval
         if not 0 < low <= high:
-            raise BackendError(
+            raise InvalidArgumentError(
                 f"poll_interval must be (shortest, longest) seconds with 0 < shortest <="
                 f" longest, got {poll_interval!r}."
             )
@@ -247,7 +251,7 @@ class DatabricksBackend:
         self._workspaces: dict[tuple[str, str, str], _Workspace] = {}
         self._archives = SharedCalls()
         self._tmp: Path | None = None
-        self._tag_stores: dict[str, Any] = {}
+        self._tag_stores: dict[str, TrackingStore] = {}
 
     def __repr__(self) -> str:
         return f"DatabricksBackend(workspaces={[k[0] for k in self._workspaces]!r})"
