@@ -321,3 +321,26 @@ async def test_backend_by_name_with_environment_credentials(
     assert spec["env"]["MLFLOW_RUN_ID"] == run.run_id
     assert fake.idempotency_token == f"aioproj-{run.run_id}"
     assert fake.run_name.startswith("MLflow Run for ")
+
+
+async def test_profile_tracking_uri_names_the_workspace(
+    ws: FakeDatabricks,
+    project: Path,
+    backend: DatabricksBackend,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ws.script = RunScript(pending=0.01, terminating=0.01, outcome="SUCCESS")
+    config = tmp_path / "databrickscfg"
+    await anyio.Path(config).write_text(f"[emu]\nhost = {ws.host}\ntoken = {ws.token}\n")
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("DATABRICKS_HOST")
+    monkeypatch.delenv("DATABRICKS_TOKEN")
+    async with aioproj.Runner(echo="off", tracking_uri="databricks://emu") as runner:
+        run = await runner.run(str(project), backend=backend, backend_config=CLUSTER)
+    (fake,) = ws.runs.values()
+    spec = json.loads(fake.task["spark_python_task"]["parameters"][1])
+    assert spec["env"]["MLFLOW_TRACKING_URI"] == "databricks"  # as MLflow passes it on
+    (record,) = await all_runs(ws.tracking_uri)
+    assert record.info.run_id == run.run_id
+    assert record.info.status == "FINISHED"
