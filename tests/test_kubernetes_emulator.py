@@ -520,3 +520,18 @@ async def test_job_deadline_and_ttl(kube: FakeKubernetes) -> None:
                 not p["metadata"]["name"].startswith("quick-") for p in kube.objects("pods")
             )
         )
+
+
+async def test_closing_the_emulator_kills_running_containers() -> None:
+    from tests.support import process_gone
+
+    async with FakeKubernetes() as fake:
+        assert fake._cluster is not None
+        from aioproj.testing.kubernetes._store import RESOURCES
+
+        fake._cluster.create(RESOURCES["jobs"], "default", job_body("long", "exec sleep 60"))
+        await wait_until(lambda: bool(fake.container_pids()))
+        pids = list(fake.container_pids().values())
+        root = fake.kubeconfig.parent
+    assert all([await anyio.to_thread.run_sync(process_gone, pid) for pid in pids])
+    assert not await anyio.Path(root).exists()

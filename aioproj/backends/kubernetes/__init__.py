@@ -98,7 +98,9 @@ class KubernetesBackend:
 
         Raises :class:`BackendError` (MLflow's messages for backend_config, a clear one
         for a project without ``docker_env``, the cluster configuration, a project too
-        large for a ConfigMap) or :class:`EnvironmentBuildError` (docker build/push).
+        large for a ConfigMap, a Job the API server's dry run refuses) or
+        :class:`EnvironmentBuildError` (docker build/push). Cancellation kills a docker
+        build or push in progress; nothing is created in the cluster before ``start``.
         """
         config = await anyio.to_thread.run_sync(parse_backend_config, request.backend_config)
         project = request.project
