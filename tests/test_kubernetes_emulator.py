@@ -535,3 +535,21 @@ async def test_closing_the_emulator_kills_running_containers() -> None:
         root = fake.kubeconfig.parent
     assert all([await anyio.to_thread.run_sync(process_gone, pid) for pid in pids])
     assert not await anyio.Path(root).exists()
+
+
+@needs_kubectl
+async def test_kubectl_wait_and_foreground_delete(kube: FakeKubernetes, tmp_path: Path) -> None:
+    manifest = tmp_path / "job.yaml"
+    await anyio.Path(manifest).write_text(
+        JOB_YAML.replace("echo hello from the pod; echo second line", "sleep 0.5; echo ok")
+    )
+    cache = tmp_path / "cache"
+    await kubectl(kube, cache, "apply", "-f", str(manifest))
+    waited = await kubectl(
+        kube, cache, "wait", "--for=condition=complete", "job/hello", "--timeout=30s"
+    )
+    assert waited.stdout.strip() == "job.batch/hello condition met"
+    deleted = await kubectl(kube, cache, "delete", "job", "hello", "--cascade=foreground")
+    assert deleted.stdout.strip() == 'job.batch "hello" deleted'
+    assert kube.get("jobs", "default", "hello") is None
+    assert kube.objects("pods", "default") == []
