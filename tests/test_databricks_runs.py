@@ -344,3 +344,27 @@ async def test_profile_tracking_uri_names_the_workspace(
     (record,) = await all_runs(ws.tracking_uri)
     assert record.info.run_id == run.run_id
     assert record.info.status == "FINISHED"
+
+
+async def test_submits_beyond_the_workspace_rate_limit_wait_their_turn(
+    ws: FakeDatabricks, project: Path, backend: DatabricksBackend
+) -> None:
+    ws.script = RunScript(pending=0.01, terminating=0.01, outcome="SUCCESS")
+    ws.rate_limit("POST jobs/runs/submit", per_second=5)
+    count = 12
+    handles: list[aioproj.SubmittedRun] = []
+    async with aioproj.Runner(echo="off") as runner:
+
+        async def start() -> None:
+            handles.append(
+                await runner.run(
+                    str(project), backend=backend, backend_config=CLUSTER, synchronous=False
+                )
+            )
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(start)
+        assert [await h for h in handles] == [aioproj.RunStatus.FINISHED] * count
+    assert ws.throttled["POST jobs/runs/submit"] > 0
+    assert len(ws.runs) == count

@@ -8,6 +8,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -68,6 +69,26 @@ def _error(
 
 
 @dataclass
+class _Bucket:
+    """A token bucket: ``rate`` requests a second, bursts of ``burst``."""
+
+    endpoint: str
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    def take(self, now: float) -> float:
+        """0 if a request may pass now, else the seconds until one may."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
 class Fault:
     """A fault FakeDatabricks injects into the next ``times`` requests matching ``endpoint``.
 
@@ -103,8 +124,9 @@ class FakeDatabricks:
     and ``ws.token`` are what a client needs (``DATABRICKS_HOST``/``DATABRICKS_TOKEN``).
     Submitted ``spark_python_task`` runs execute for real as local subprocesses with this
     Python. ``script`` is the default :class:`RunScript` of runs; :meth:`script_next`
-    queues scripts for the next submits. :meth:`inject` adds faults. ``requests`` counts
-    requests by ``"<METHOD> <endpoint>"``.
+    queues scripts for the next submits. :meth:`inject` adds faults and
+    :meth:`rate_limit` token-bucket limits. ``requests`` counts requests by
+    ``"<METHOD> <endpoint>"``.
 
     ``client_id``/``client_secret`` enable OAuth M2M (``/oidc/v1/token``) with tokens that
     live ``oauth_token_ttl`` seconds. ``workdir`` holds DBFS, the tracking store and the
@@ -141,6 +163,9 @@ class FakeDatabricks:
         #: Every request as (monotonic time, "<METHOD> <endpoint>"), in order.
         self.request_log: list[tuple[float, str]] = []
         self.faults: list[Fault] = []
+        self._buckets: list[_Bucket] = []
+        #: Requests refused by a rate limit (429), by endpoint key.
+        self.throttled: collections.Counter[str] = collections.Counter()
         self._scripts: collections.deque[RunScript] = collections.deque()
         self._port = port
         self._workdir_arg = Path(workdir) if workdir is not None else None
@@ -259,6 +284,15 @@ class FakeDatabricks:
 
     def clear_faults(self) -> None:
         self.faults.clear()
+        self._buckets.clear()
+
+    def rate_limit(self, endpoint: str, per_second: float, burst: int | None = None) -> None:
+        """Throttle requests matching ``endpoint`` (as :class:`Fault` matches) to
+        ``per_second``, allowing bursts of ``burst`` (default: one second's worth). Refused
+        requests get 429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After`` in whole seconds,
+        as the service does."""
+        size = float(burst if burst is not None else max(1.0, per_second))
+        self._buckets.append(_Bucket(endpoint, per_second, size, size, time.monotonic()))
 
     def count(self, endpoint: str) -> int:
         """Requests so far whose key contains ``endpoint`` (``"jobs/runs/get"``...)."""
@@ -288,6 +322,17 @@ class FakeDatabricks:
         self.request_log.append((time.monotonic(), key))
         if path == "/.well-known/databricks-config":
             return web.json_response({})  # never faulted: the SDK would retry for minutes
+        for bucket in self._buckets:
+            if Fault(bucket.endpoint).matches(key):
+                wait = bucket.take(time.monotonic())
+                if wait > 0:
+                    self.throttled[key] += 1
+                    return _error(
+                        429,
+                        "REQUEST_LIMIT_EXCEEDED",
+                        f"Too many requests for {endpoint}; the limit is {bucket.rate:g}/s.",
+                        {"Retry-After": str(max(1, math.ceil(wait)))},
+                    )
         fault = self._take_fault(key)
         if fault is not None:
             if fault.delay:
