@@ -209,7 +209,7 @@ def write_report(outcomes: list[Outcome], size: str, skipped: list[str]) -> None
             f"`python benchmarks/{o.script}.py {' '.join(o.args)}`".replace(" `", "`"),
             "",
             "```",
-            o.output.strip() or "(no output)",
+            o.output.strip("\n") or "(no output)",
             "```",
         ]
     REPORT.write_text("\n".join(lines) + "\n")
