@@ -266,10 +266,11 @@ async def test_kubernetes_asyncio_crud_and_status_errors(kube: FakeKubernetes) -
 async def test_kubernetes_asyncio_watch_stream_events_and_bookmarks(kube: FakeKubernetes) -> None:
     async with await _api(kube) as api:
         batch = client.BatchV1Api(api)
+        await batch.create_namespaced_job("default", job_body("other", "exit 0"))
         listed = await batch.list_namespaced_job("default", label_selector="app=w")
         rv = listed.metadata.resource_version
+        assert rv != "0"  # "0" would mean "any version": synthetic ADDED events
         await batch.create_namespaced_job("default", job_body("w1", "exit 0", labels={"app": "w"}))
-        await batch.create_namespaced_job("default", job_body("other", "exit 0"))
         seen: list[tuple[str, str]] = []
         async with watch.Watch() as w:
             async for event in w.stream(
