@@ -45,6 +45,10 @@ entry_points:
       x: float
       pids: string
     command: "echo $$ >> {pids}; sleep 60"
+  say:
+    parameters:
+      x: float
+    command: "echo training with x={x}"
 """
 
 
@@ -235,3 +239,28 @@ def test_ctrl_c_in_a_terminal_kills_every_trial(project: Path, tmp_path: Path) -
     runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
     assert len(runs) == 4  # the parent and three trials; the fourth never started
     assert {r.info.status for r in runs} == {"KILLED"}
+
+
+@pytest.mark.slow
+def test_runs_and_logs_read_a_sqlite_store(project: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    missing = aioproj_cli("runs", "--tracking-uri", uri, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "nothing has been run here yet" in missing.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # reading created nothing
+    done = subprocess.run(
+        [sys.executable, "-m", "aioproj", "sweep", str(project), "-e", "say",
+         "-P", "x=0.1,0.2", "--env-manager", "local"],
+        cwd=tmp_path, env={**_env(tmp_path), "MLFLOW_TRACKING_URI": uri},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listing = aioproj_cli("runs", "--tracking-uri", uri, "--json", cwd=tmp_path)
+    rows = json.loads(listing.stdout)
+    assert [row["status"] for row in rows] == ["FINISHED"] * 3
+    [parent] = [row for row in rows if row["parent_run_id"] is None]
+    trial = next(row for row in rows if row["parent_run_id"] == parent["run_id"])
+    logs = aioproj_cli("logs", trial["run_id"], "--tracking-uri", uri, cwd=tmp_path)
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout.startswith("training with x=0.")
+    assert logs.stderr == ""
