@@ -70,6 +70,7 @@ class SubmittedRun:
         cleanup_timeout: float = 30.0,
         metrics: MetricsPoller | None = None,
         journal: Journal | None = None,
+        leave_remote_running: bool = False,
     ) -> None:
         self._run_id = run_id
         self._experiment_id = experiment_id
@@ -79,6 +80,9 @@ class SubmittedRun:
         self._on_done = on_done
         self._metrics = metrics
         self._journal = journal
+        #: Loop-end of the default runner: a remote run goes on, recorded by `aioproj recover`.
+        self._leave_remote_running = leave_remote_running
+        self._left_running = False
         self._final: RunStatus | None = None
         self._done = anyio.Event()
         self._cancel_requested = False
@@ -212,6 +216,20 @@ class SubmittedRun:
             if self._cancel_requested and status is not RunStatus.FINISHED:
                 status = RunStatus.KILLED
         except anyio.get_cancelled_exc_class():
+            if (
+                self._leave_remote_running
+                and not self._execution.waits_for_stop
+                and not self._cancel_requested
+            ):
+                # The caller's event loop ends; the run does not depend on it. Its journal
+                # entry stays, so `aioproj recover` records its end.
+                self._left_running = True
+                logger.warning(
+                    "Run %s goes on on its backend after this event loop ends; run "
+                    "`aioproj recover` later to record how it ended.",
+                    self._run_id,
+                )
+                raise
             status = RunStatus.KILLED
             await self._stop_bounded()
             raise
@@ -220,7 +238,8 @@ class SubmittedRun:
             logger.error("Run %s: following it on its backend failed: %r", self._run_id, exc)
             await self._stop_bounded()
         finally:
-            await self._record(status)
+            if not self._left_running:
+                await self._record(status)
 
     async def _stop_when_asked(self) -> None:
         """Stop the run when :meth:`cancel` asks; part of :meth:`_supervise`."""

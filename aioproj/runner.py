@@ -147,7 +147,8 @@ class Runner:
             # run() calls still preparing see the runner closing and create nothing.
             with anyio.move_on_after(2 * self._grace + 10):
                 await self._idle.wait()
-        left = len(self._live)
+        left = sum(1 for run in self._live if run._execution.waits_for_stop)
+        remote = len(self._live) - left
         try:
             if exc is not None:
                 # Leaving by an exception (or cancellation): stop the runs; each records
@@ -161,9 +162,17 @@ class Runner:
             self._state = "closed"
             if self._is_default and left:
                 warnings.warn(
-                    f"{left} aioproj run(s) were still going when their event loop ended; "
-                    "they were cancelled and recorded KILLED. To let runs finish, await "
-                    "them (`await run` or `await run.wait()`) before the loop ends.",
+                    f"{left} local aioproj run(s) were still going when their event loop "
+                    "ended; they were cancelled and recorded KILLED. To let runs finish, "
+                    "await them (`await run` or `await run.wait()`) before the loop ends.",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
+            if self._is_default and remote:
+                warnings.warn(
+                    f"{remote} remote aioproj run(s) were still going when their event loop "
+                    "ended; they go on on their backend. Run `aioproj recover` later to "
+                    "record how they ended.",
                     RuntimeWarning,
                     stacklevel=1,
                 )
@@ -394,6 +403,7 @@ class Runner:
             cleanup_timeout=2 * self._grace + 10,
             metrics=self._metrics_poller(store),
             journal=self._journal,
+            leave_remote_running=self._is_default,
         )
         self._live.add(handle)
         assert self._tg is not None
@@ -661,8 +671,9 @@ async def _host(runner: Runner, ready: anyio.Event) -> None:
 async def default_runner() -> Runner:
     """The runner that module-level :func:`run` uses on the running event loop.
 
-    It lives as long as the loop: when the loop ends (``asyncio.run`` returns), runs
-    still going are cancelled and recorded KILLED, with a warning saying how many.
+    It lives as long as the loop: when the loop ends (``asyncio.run`` returns), local
+    runs still going are cancelled and recorded KILLED, with a warning saying how many;
+    remote runs (Databricks, Kubernetes) go on, and ``aioproj recover`` records their end.
     """
     loop = asyncio.get_running_loop()
     runner = _default_runners.get(loop)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import aioproj
+from aioproj.journal import RECOVERED_TAG
 from aioproj.testing.kubernetes import FakeKubernetes
 from tests.support import all_runs, amake_project, process_gone, read_run, wait_for_file
 
@@ -673,3 +674,70 @@ async def test_a_job_the_api_refuses_fails_before_tracking(
     assert our_objects(kube) == {"jobs": [], "pods": [], "configmaps": [], "secrets": []}
     assert await all_runs(tracking_uri) == []  # refused by a dry run, before tracking
     assert [r.query for r in kube.requests if r.verb == "create"] == ["dryRun=All"]
+
+
+# --- the event loop ends, the Job goes on, `aioproj recover` records its end ---
+
+# The default runner: the run is started, then the event loop ends at once.
+RECOVER_DRIVER = """\
+import asyncio, json, sys
+import aioproj
+
+async def main():
+    run = await aioproj.run(sys.argv[1], backend="kubernetes",
+                            backend_config=json.loads(sys.argv[2]), synchronous=False)
+    print(run.run_id)
+
+asyncio.run(main())
+"""
+
+
+async def _journal_entries() -> list[dict[str, object]]:
+    folder = anyio.Path(os.environ["AIOPROJ_CACHE_DIR"]) / "journal"
+    if not await folder.is_dir():
+        return []
+    return [json.loads(await p.read_text()) async for p in folder.glob("*.json")]
+
+
+async def test_a_kubernetes_run_outlives_its_loop_and_recover_records_its_end(
+    kube: FakeKubernetes, template: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    go = tmp_path / "go"
+    project = await amake_project(
+        tmp_path / "proj",
+        mlproject(f"sh -c 'while [ ! -e {go} ]; do sleep 0.05; done; echo done'"),
+    )
+    driver = tmp_path / "driver.py"
+    await anyio.Path(driver).write_text(RECOVER_DRIVER)
+    result = await anyio.run_process(
+        [sys.executable, str(driver), str(project), json.dumps(config(kube, template))],
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"remote aioproj run(s) were still going" in result.stderr
+    run_id = result.stdout.decode().split()[-1]
+    # The Job was not deleted with the loop; the run waits, RUNNING, for its end.
+    (entry,) = await _journal_entries()
+    assert entry["run_id"] == run_id
+    assert [j["metadata"]["name"] for j in kube.objects("jobs", "default")] == [
+        entry["state"]["job"]  # type: ignore[index]
+    ]
+    assert (await read_run(tracking_uri, run_id)).info.status == "RUNNING"
+    (still,) = await aioproj.recover()
+    assert (still.status, still.action) == (None, "still running on its backend; left as is")
+    assert len(await _journal_entries()) == 1
+
+    await anyio.Path(go).touch()
+    await wait_until(
+        lambda: any(
+            c.get("type") == "Complete"
+            for j in kube.objects("jobs", "default")
+            for c in (j.get("status") or {}).get("conditions") or []
+        )
+    )
+    (done,) = await aioproj.recover()
+    assert done.status == "FINISHED"
+    record = await read_run(tracking_uri, run_id)
+    assert record.info.status == "FINISHED"
+    assert "kubernetes run ended FINISHED" in record.data.tags[RECOVERED_TAG]
+    assert await _journal_entries() == []

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from aioproj.errors import BackendError
+from aioproj.handle import RunStatus
 
 from ._spec import (
     MANAGED_SELECTOR,
@@ -201,6 +202,37 @@ class KubernetesBackend:
         """The namespace watches started so far (for monitoring and benchmarks)."""
         return list(self._watches.values())
 
+    async def recover(self, state: Mapping[str, object]) -> RunStatus | None:
+        """The real end of a run whose driver died (see :func:`aioproj.recover`).
+
+        ``state`` is the run's journal entry (context, kubeconfig, namespace, Job). Returns
+        FINISHED or FAILED from the Job's conditions, FAILED if the Job is gone (deleted
+        or expired by its TTL, so its outcome cannot be read), None while it runs.
+        Raises BackendError if the cluster cannot be reached.
+        """
+        from ._client import KubeApiError, connect
+        from ._execution import _jobs_path
+        from ._state import job_outcome
+
+        context = state.get("kube_context")
+        config_path = state.get("kube_config_path")
+        client = await connect(
+            context if isinstance(context, str) else None,
+            config_path if isinstance(config_path, str) else None,
+        )
+        try:
+            job = await client.request(
+                "GET", _jobs_path(str(state["namespace"]), str(state["job"]))
+            )
+        except KubeApiError as exc:
+            if exc.code == 404:
+                return RunStatus.FAILED
+            raise
+        finally:
+            await client.aclose()
+        outcome = job_outcome(job)
+        return None if outcome is None else outcome[0]
+
     async def aclose(self) -> None:
         """Stop the watches and close the API clients. Jobs keep running."""
         import asyncio
@@ -300,6 +332,13 @@ class KubernetesLaunch:
             pending_timeout=self.config.pending_timeout,
             log_grace=self.backend._log_grace,
         )
+        # What `aioproj recover` needs to find the Job if this process dies.
+        execution.journal_state = {
+            "kube_context": self.config.kube_context,
+            "kube_config_path": self.config.kube_config_path,
+            "namespace": self.namespace,
+            "job": self.job_name,
+        }
         logger.info("=== Creating Job %s in namespace %s ===", self.job_name, self.namespace)
         try:
             await create_run_objects(self.client, self.config.template, plan, self.bundle)

@@ -166,6 +166,8 @@ class KubernetesExecution:
         self._final: RunStatus | None = None
         #: What the run is waiting on or why it ended (pod problems, Job conditions).
         self.detail: str | None = None
+        #: What the run journal keeps to find the Job again (set by the launch).
+        self.journal_state: dict[str, object] = {}
         self._announced: dict[str, str] = {}
         self._seen_job = False
         self._job: Obj | None = None
