@@ -676,27 +676,28 @@ class Sweep:
         tg: anyio.abc.TaskGroup,
     ) -> None:
         try:
-            result = await self._trial(runner, state)
-        except anyio.get_cancelled_exc_class():
-            if not state.is_done:  # its run (if it had one) was cancelled: KILLED
-                state.ended = time.monotonic()
-                self._changed(state, "KILLED", "the sweep was stopped")
-            raise
+            try:
+                result = await self._trial(runner, state)
+            except anyio.get_cancelled_exc_class():
+                if not state.is_done:  # its run (if it had one) was cancelled: KILLED
+                    state.ended = time.monotonic()
+                    self._changed(state, "KILLED", "the sweep was stopped")
+                raise
+            self.results.append(result)
+            if self._tuner is not None:  # told before the next ask takes this slot
+                told = self._tuner.tell(result)
+                if inspect.isawaitable(told):
+                    await told
+            assert self._send is not None
+            self._send.send_nowait(result)
+            if self._fail_fast and result.status is RunStatus.FAILED and not self._halted:
+                # Stop starting trials and cancel the running ones; they end KILLED and
+                # their results are still reported.
+                self._halted = True
+                for handle in list(self._handles.values()):
+                    tg.start_soon(handle.cancel)
         finally:
             slots.release()
-        self.results.append(result)
-        if self._tuner is not None:
-            told = self._tuner.tell(result)
-            if inspect.isawaitable(told):
-                await told
-        assert self._send is not None
-        self._send.send_nowait(result)
-        if self._fail_fast and result.status is RunStatus.FAILED and not self._halted:
-            # Stop starting trials and cancel the running ones; they end KILLED and
-            # their results are still reported.
-            self._halted = True
-            for handle in list(self._handles.values()):
-                tg.start_soon(handle.cancel)
 
     async def _trial(self, runner: Runner, state: TrialState) -> TrialResult:
         """Run one trial to its end, retrying infrastructure failures."""
