@@ -25,6 +25,14 @@ entry_points:
 """
 
 
+@pytest.fixture(autouse=True)
+def file_store_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs go to ./mlruns of the test's directory (with no URI set, the installed
+    MLflow's default would be ./mlflow.db, which tests/test_tracking_default_uri.py
+    covers)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "proj", MLPROJECT)
