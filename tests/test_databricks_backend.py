@@ -98,6 +98,8 @@ def test_backend_config_forms() -> None:
         ({"new_cluster": CLUSTER, "libraries": "six"}, "'libraries' must be a list"),
         ({"new_cluster": CLUSTER, "timeout_seconds": -1}, "'timeout_seconds' must be"),
         ({"new_cluster": CLUSTER, "cluster_spec": {}}, "Unknown key\\(s\\) \\['cluster_spec'\\]"),
+        ({"new_cluster": CLUSTER, "code_volume": "/dbfs/x"}, "'code_volume' must be a Unity"),
+        ({"new_cluster": CLUSTER, "code_volume": "/Volumes/a/b"}, "'code_volume' must be a Unity"),
     ],
 )
 def test_backend_config_errors(config: dict[str, object] | None, message: str) -> None:

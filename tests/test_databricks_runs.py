@@ -368,3 +368,24 @@ async def test_submits_beyond_the_workspace_rate_limit_wait_their_turn(
         assert [await h for h in handles] == [aioproj.RunStatus.FINISHED] * count
     assert ws.throttled["POST jobs/runs/submit"] > 0
     assert len(ws.runs) == count
+
+
+async def test_code_in_a_unity_catalog_volume(
+    ws: FakeDatabricks, project: Path, backend: DatabricksBackend
+) -> None:
+    volume = "/Volumes/main/default/vol/aioproj"
+    async with aioproj.Runner(echo="off") as runner:
+        run = await runner.run(
+            str(project),
+            backend=backend,
+            backend_config={"new_cluster": CLUSTER, "code_volume": volume},
+            parameters={"alpha": 0.75},
+        )
+        text = "".join([line async for line in run.logs()])
+    assert "training with alpha 0.75" in text
+    (fake,) = ws.runs.values()
+    task = fake.task["spark_python_task"]
+    assert task["python_file"].startswith(f"{volume}/mlflow-experiments/0/projects-code/")
+    assert task["parameters"][0].endswith(".tar.gz")
+    assert ws.count("PUT fs/files/Volumes/") == 2
+    assert ws.count("POST dbfs/create") == 0

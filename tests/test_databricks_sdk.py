@@ -284,3 +284,16 @@ async def test_leaving_the_emulator_stops_its_runs_and_processes() -> None:
     assert pid is not None
     assert process_gone(pid)
     assert not fake.active
+
+
+async def test_files_api_on_unity_catalog_volumes(ws: FakeDatabricks) -> None:
+    path = "/Volumes/main/default/vol/dir/a.txt"
+
+    def go(w: WorkspaceClient) -> tuple[bytes, int | None]:
+        w.files.upload(path, io.BytesIO(b"volume data"), overwrite=True)
+        data = w.files.download(path).contents.read(-1)
+        return data, w.files.get_metadata(path).content_length
+
+    assert await sdk(ws, go) == (b"volume data", 11)
+    with pytest.raises(NotFound):
+        await sdk(ws, lambda w: w.files.download("/Volumes/main/default/vol/missing"))

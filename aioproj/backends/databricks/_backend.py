@@ -42,6 +42,10 @@ from ._code import (
     exists,
     upload_bytes,
     upload_file,
+    upload_volume_bytes,
+    upload_volume_file,
+    volume_code_dir,
+    volume_file_exists,
 )
 from ._poller import Poller, Watch
 
@@ -50,7 +54,7 @@ __all__ = ["DatabricksBackend", "DatabricksExecution", "DatabricksLaunch", "pars
 logger = logging.getLogger("aioproj.databricks")
 
 _JOBS = "/api/2.2/jobs"
-_CONFIG_KEYS = frozenset({"new_cluster", "libraries", "timeout_seconds", "run_name"})
+_CONFIG_KEYS = frozenset({"new_cluster", "libraries", "timeout_seconds", "run_name", "code_volume"})
 _TASK_KEY = "mlflow_project"
 
 RUN_URL_TAG = "mlflow.databricks.runURL"
@@ -76,6 +80,9 @@ class ClusterConfig:
     libraries: tuple[Mapping[str, Any], ...]
     timeout_seconds: int = 0
     run_name: str | None = None
+    #: A Unity Catalog volume (``/Volumes/<catalog>/<schema>/<volume>[/dir]``) for the
+    #: code, instead of DBFS.
+    code_volume: str | None = None
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -99,7 +106,8 @@ def parse_backend_config(config: Mapping[str, Any] | None) -> ClusterConfig:
     """The cluster config of a backend config, in the forms MLflow accepts.
 
     ``{"new_cluster": {...}, "libraries": [...]}`` (plus aioproj's optional
-    ``timeout_seconds`` and ``run_name``), or a bare cluster spec (the whole dict is the
+    ``timeout_seconds``, ``run_name`` and ``code_volume``, a Unity Catalog volume to keep
+    the code in instead of DBFS), or a bare cluster spec (the whole dict is the
     ``new_cluster``).
 
     Raises:
@@ -142,7 +150,25 @@ def parse_backend_config(config: Mapping[str, Any] | None) -> ClusterConfig:
     run_name = config.get("run_name")
     if run_name is not None and not isinstance(run_name, str):
         raise BackendError("The Databricks backend config's 'run_name' must be a string.")
-    return ClusterConfig(dict(cluster), tuple(dict(lib) for lib in libraries), timeout, run_name)
+    volume = config.get("code_volume")
+    if volume is not None and (
+        not isinstance(volume, str)
+        or not volume.startswith("/Volumes/")
+        or len([p for p in volume.split("/") if p]) < 4
+        or ".." in volume.split("/")
+    ):
+        raise BackendError(
+            "The Databricks backend config's 'code_volume' must be a Unity Catalog volume"
+            f" path, /Volumes/<catalog>/<schema>/<volume>[/<dir>], got {volume!r}."
+        )
+    return ClusterConfig(
+        dict(cluster), tuple(dict(lib) for lib in libraries), timeout, run_name, volume
+    )
+
+
+def _location(path: str) -> str:
+    """How a task names a file: volumes by their path, DBFS files as ``dbfs:/...``."""
+    return path if path.startswith("/Volumes/") else f"dbfs:{path}"
 
 
 def _names_mlflow(library: Mapping[str, Any]) -> bool:
@@ -189,15 +215,21 @@ class _Workspace:
         #: DBFS uploads made (not counting files found already there), for tests.
         self.uploads = 0
 
-    async def ensure(self, path: str, upload: Callable[[], Awaitable[None]]) -> None:
-        """Make sure ``path`` exists in DBFS, uploading it at most once at a time."""
+    async def ensure(
+        self,
+        path: str,
+        upload: Callable[[], Awaitable[None]],
+        present: Callable[[DatabricksClient, str], Awaitable[bool]] = exists,
+    ) -> None:
+        """Make sure ``path`` exists (DBFS, or a volume with ``present``), uploading it at
+        most once at a time."""
         if path in self._present:
             return
 
         async def once() -> None:
             if path in self._present:
                 return
-            if not await exists(self.client, path):
+            if not await present(self.client, path):
                 logger.info("=== Uploading project to DBFS path %s ===", path)
                 await upload()
                 self.uploads += 1
@@ -386,8 +418,8 @@ class DatabricksLaunch:
             "task_key": _TASK_KEY,
             "new_cluster": dict(self.cluster.new_cluster),
             "spark_python_task": {
-                "python_file": f"dbfs:{bootstrap_path}",
-                "parameters": [f"dbfs:{code_path}", json.dumps(spec, sort_keys=True)],
+                "python_file": _location(bootstrap_path),
+                "parameters": [_location(code_path), json.dumps(spec, sort_keys=True)],
             },
         }
         if self.libraries:
@@ -413,17 +445,34 @@ class DatabricksLaunch:
         """
         ws = self.workspace
         client = ws.client
-        folder = dbfs_code_dir(request.experiment_id)
+        volume = self.cluster.code_volume
+        if volume:
+            folder = volume_code_dir(volume, request.experiment_id)
+        else:
+            folder = dbfs_code_dir(request.experiment_id)
         code_path = f"{folder}/{self.archive.sha256}.tar.gz"
         boot = BOOTSTRAP.encode()
         bootstrap_path = f"{folder}/{hashlib.sha256(boot).hexdigest()}.py"
         try:
-            await ws.ensure(
-                code_path, functools.partial(upload_file, client, self.archive.path, code_path)
-            )
-            await ws.ensure(
-                bootstrap_path, functools.partial(upload_bytes, client, bootstrap_path, boot)
-            )
+            if volume:
+                await ws.ensure(
+                    code_path,
+                    functools.partial(upload_volume_file, client, self.archive.path, code_path),
+                    volume_file_exists,
+                )
+                await ws.ensure(
+                    bootstrap_path,
+                    functools.partial(upload_volume_bytes, client, bootstrap_path, boot),
+                    volume_file_exists,
+                )
+            else:
+                await ws.ensure(
+                    code_path,
+                    functools.partial(upload_file, client, self.archive.path, code_path),
+                )
+                await ws.ensure(
+                    bootstrap_path, functools.partial(upload_bytes, client, bootstrap_path, boot)
+                )
         except OSError as exc:
             raise BackendError(
                 f"Could not read the project tarball {self.archive.path}: {exc}"

@@ -195,20 +195,50 @@ class DatabricksClient:
 
         Cancellation abandons the request in flight.
         """
+        response = await self.send(method, path, params=params, json=json, repeatable=repeatable)
+        try:
+            body = response.json() if response.content else {}
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise DatabricksApiError(
+                f"{self.host}: {method} {path} returned an answer that is not a JSON"
+                " object; is this a Databricks workspace?",
+                status_code=response.status_code,
+                error_code="INVALID_RESPONSE",
+            )
+        return body
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        repeatable: bool | None = None,
+    ) -> httpx.Response:
+        """Send one request with retries; return the successful (< 300) response.
+
+        Same retries, errors and cancellation as :meth:`call`; ``content`` sends raw
+        bytes (the Files API).
+        """
         if repeatable is None:
-            repeatable = method == "GET"
+            repeatable = method in ("GET", "HEAD")
         waited = 0.0
         attempt = 0
         refreshed = False
         while True:
             attempt += 1
             self.request_count += 1
-            headers = {"Authorization": await self._authorization()}
+            sent = {**(headers or {}), "Authorization": await self._authorization()}
             delay: float
             failure: str
             try:
                 response = await self._client.request(
-                    method, path, params=params, json=json, headers=headers
+                    method, path, params=params, json=json, content=content, headers=sent
                 )
             except httpx.TransportError as exc:
                 unsent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
@@ -223,18 +253,7 @@ class DatabricksClient:
                 continue
             status = response.status_code
             if status < 300:
-                try:
-                    body = response.json() if response.content else {}
-                except ValueError:
-                    body = None
-                if not isinstance(body, dict):
-                    raise DatabricksApiError(
-                        f"{self.host}: {method} {path} returned an answer that is not a JSON"
-                        " object; is this a Databricks workspace?",
-                        status_code=status,
-                        error_code="INVALID_RESPONSE",
-                    )
-                return body
+                return response
             if status == 401 and self.auth.kind == "oauth-m2m" and not refreshed:
                 refreshed = True
                 await self._authorization(refresh=True)

@@ -16,6 +16,7 @@ import hashlib
 import os
 import stat
 import tarfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ import tempfile
 
 
 def fuse_path(path):
+    if path.startswith("/Volumes/"):  # Unity Catalog volumes are mounted as they are named
+        return os.environ.get("AIOPROJ_VOLUMES_FUSE_ROOT", "") + path
     root = os.environ.get("AIOPROJ_DBFS_FUSE_ROOT", "/dbfs")
     if path.startswith("dbfs:"):
         path = path[len("dbfs:"):]
@@ -216,6 +219,47 @@ async def build_archive(directory: Path, target_dir: Path) -> CodeArchive:
     Raises OSError if the project cannot be read or the archive written.
     """
     return await anyio.to_thread.run_sync(_build, directory, target_dir)
+
+
+def volume_code_dir(volume: str, experiment_id: str) -> str:
+    """MLflow's layout for an experiment's project code, under a Unity Catalog volume."""
+    return f"{volume.rstrip('/')}/mlflow-experiments/{experiment_id}/projects-code"
+
+
+def _files_api(path: str) -> str:
+    return "/api/2.0/fs/files" + urllib.parse.quote(path)
+
+
+async def volume_file_exists(client: DatabricksClient, path: str) -> bool:
+    """Whether the volume file ``path`` exists (Files API ``HEAD``)."""
+    try:
+        await client.send("HEAD", _files_api(path))
+    except DatabricksApiError as exc:
+        if exc.status_code == 404:
+            return False
+        raise
+    return True
+
+
+async def upload_volume_file(client: DatabricksClient, local: Path, path: str) -> None:
+    """Write ``local`` to the volume file ``path`` with the Files API (one ``PUT``).
+
+    Raises DatabricksApiError, or OSError if ``local`` cannot be read.
+    """
+    data = await anyio.Path(local).read_bytes()
+    await upload_volume_bytes(client, path, data)
+
+
+async def upload_volume_bytes(client: DatabricksClient, path: str, data: bytes) -> None:
+    """Write ``data`` to the volume file ``path``, replacing it (content-addressed)."""
+    await client.send(
+        "PUT",
+        _files_api(path),
+        params={"overwrite": "true"},
+        content=data,
+        headers={"Content-Type": "application/octet-stream"},
+        repeatable=True,
+    )
 
 
 async def exists(client: DatabricksClient, path: str) -> bool:

@@ -118,7 +118,8 @@ class Fault:
 
 
 class FakeDatabricks:
-    """An emulated Databricks workspace: Jobs API 2.0/2.1/2.2 runs, DBFS, MLflow tracking.
+    """An emulated Databricks workspace: Jobs API 2.0/2.1/2.2 runs, DBFS, the Files API for
+    Unity Catalog volumes, MLflow tracking.
 
     Use it as an async context manager (``async with FakeDatabricks() as ws:``); ``ws.host``
     and ``ws.token`` are what a client needs (``DATABRICKS_HOST``/``DATABRICKS_TOKEN``).
@@ -401,6 +402,8 @@ class FakeDatabricks:
                 return web.json_response(await self._jobs(request, version, endpoint[5:]))
             if endpoint.startswith("dbfs/"):
                 return web.json_response(await self._dbfs(request, endpoint[5:]))
+            if endpoint.startswith("fs/files/"):
+                return await self._files(request, "/" + endpoint[len("fs/files/") :])
             for prefix in ("mlflow/", "preview/mlflow/"):
                 if endpoint.startswith(prefix):
                     return web.json_response(await self._mlflow(request, endpoint[len(prefix) :]))
@@ -686,8 +689,11 @@ class FakeDatabricks:
         python_file = run.task["spark_python_task"]["python_file"]
         script: Path | None
         try:
-            script = self.dbfs.local(self.dbfs.normalise(python_file))
-        except DbfsError:
+            if python_file.startswith("/Volumes/"):
+                script = self.volume_path(python_file)
+            else:
+                script = self.dbfs.local(self.dbfs.normalise(python_file))
+        except (DbfsError, _ApiError):
             script = None
         env = subprocess_env(
             os.environ,
@@ -696,6 +702,8 @@ class FakeDatabricks:
                 "DATABRICKS_TOKEN": self.token,
                 # The emulator's stand-in for the /dbfs FUSE mount of a cluster.
                 "AIOPROJ_DBFS_FUSE_ROOT": str(self.dbfs.root),
+                # ... and for the /Volumes mount of Unity Catalog volumes.
+                "AIOPROJ_VOLUMES_FUSE_ROOT": str(self.workdir / "uc"),
                 "DB_IS_DRIVER": "TRUE",
                 "DATABRICKS_RUNTIME_VERSION": "15.4",
             },
@@ -795,6 +803,57 @@ class FakeDatabricks:
             await dbfs.move(body.get("source_path"), body.get("destination_path"))
             return {}
         raise _ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for 'POST {request.path}'")
+
+    # -- Files API (Unity Catalog volumes) ---------------------------------------------
+
+    def volume_path(self, path: str) -> Path:
+        """The local file behind a ``/Volumes/...`` path."""
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if len(parts) < 5 or parts[0] != "Volumes" or ".." in parts:
+            raise _ApiError(
+                400,
+                "INVALID_PARAMETER_VALUE",
+                f"Invalid path {path}: expected /Volumes/<catalog>/<schema>/<volume>/<file>",
+            )
+        return self.workdir / "uc" / "/".join(parts)
+
+    async def _files(self, request: web.Request, path: str) -> web.StreamResponse:
+        local = anyio.Path(self.volume_path(path))
+        missing = _ApiError(404, "NOT_FOUND", f"The file {path} does not exist.")
+        if request.method == "PUT":
+            overwrite = request.query.get("overwrite", "false").lower() in ("true", "1")
+            if await local.exists() and not overwrite:
+                raise _ApiError(409, "ALREADY_EXISTS", f"The file {path} already exists.")
+            data = await request.read()
+            await local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".aioproj-tmp-{secrets.token_hex(6)}")
+            await tmp.write_bytes(data)
+            await tmp.replace(local)
+            return web.Response(status=204)
+        if request.method in ("GET", "HEAD"):
+            if not await local.is_file():
+                if request.method == "HEAD":
+                    return web.Response(status=404)
+                raise missing
+            stat = await local.stat()
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Last-Modified": time.strftime(
+                    "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(stat.st_mtime)
+                ),
+            }
+            if request.method == "HEAD":
+                headers["Content-Length"] = str(stat.st_size)
+                return web.Response(status=200, headers=headers)
+            return web.Response(body=await local.read_bytes(), headers=headers)
+        if request.method == "DELETE":
+            if not await local.is_file():
+                raise missing
+            await local.unlink()
+            return web.Response(status=204)
+        raise _ApiError(
+            405, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {request.path}'"
+        )
 
     # -- MLflow ------------------------------------------------------------------------
 
