@@ -1,9 +1,11 @@
-"""``python -m aioproj.testing.databricks [--port N] [--token T]``: serve until Ctrl-C."""
+"""``python -m aioproj.testing.databricks [--port N] [--token T]``: serve until Ctrl-C
+(SIGINT) or SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 
 import anyio
@@ -19,7 +21,10 @@ async def _serve(port: int, token: str | None) -> None:
             file=sys.stderr,
             flush=True,
         )
-        await anyio.sleep_forever()
+        # Ctrl-C or a polite kill: leave the context, which stops the runs' processes.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                return
 
 
 def main(argv: list[str] | None = None) -> int:
