@@ -248,7 +248,7 @@ asyncio.run(main())
     )
     run_ids = done.stdout.split()
     assert len(run_ids) == 3
-    assert "3 aioproj run(s) were still going when their event loop ended" in done.stderr
+    assert "3 local aioproj run(s) were still going when their event loop ended" in done.stderr
     client = mlflow_client(uri)
     assert {client.get_run(r).info.status for r in run_ids} == {"KILLED"}
     assert [pid for pid in pids_in(pids) if not process_gone(pid)] == []
