@@ -13,9 +13,7 @@ path, the service's ``error_code`` and message, and never a token.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import random
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -29,13 +27,6 @@ from aioproj.tracking._http import backoff_delay, parse_retry_after
 from ._auth import WorkspaceAuth
 
 __all__ = ["DatabricksApiError", "DatabricksClient"]
-
-# httpcore asks `import sniffio` on every pool operation; without sniffio installed (anyio
-# no longer needs it) each failed import searches sys.path again: ~1 ms a request, a
-# quarter of the CPU of 100 concurrent submits. A None entry makes the import fail at
-# once, and httpcore then assumes asyncio, which is what aioproj runs on.
-if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-    sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 Sleep = Callable[[float], Awaitable[None]]
 
