@@ -389,3 +389,47 @@ async def test_code_in_a_unity_catalog_volume(
     assert task["parameters"][0].endswith(".tar.gz")
     assert ws.count("PUT fs/files/Volumes/") == 2
     assert ws.count("POST dbfs/create") == 0
+
+
+# The default runner: the run is submitted, then the event loop ends at once.
+RECOVER_DRIVER = """\
+import asyncio, json, sys
+import aioproj
+
+async def main():
+    run = await aioproj.run(sys.argv[1], backend="databricks",
+                            backend_config={"new_cluster": json.loads(sys.argv[2])},
+                            parameters={"sleep": 2}, synchronous=False)
+    print(run.run_id)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_run_outlives_its_loop_and_recover_records_its_end(
+    ws: FakeDatabricks, project: Path, tmp_path: Path
+) -> None:
+    import sys
+
+    driver = tmp_path / "driver.py"
+    await anyio.Path(driver).write_text(RECOVER_DRIVER)
+    done = await anyio.run_process(
+        [sys.executable, str(driver), str(project), json.dumps(CLUSTER)], check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"remote aioproj run(s) were still going" in done.stderr
+    run_id = done.stdout.decode().split()[-1]
+    (fake,) = ws.runs.values()
+    assert fake.result_state is None  # not cancelled with the loop
+    assert (await read_run(ws.tracking_uri, run_id)).info.status == "RUNNING"
+    (still,) = await aioproj.recover()
+    assert (still.run_id, still.status) == (run_id, None)
+    with anyio.fail_after(30):
+        while fake.result_state is None:  # noqa: ASYNC110 (the emulator's state)
+            await anyio.sleep(0.1)
+    (ended,) = await aioproj.recover()
+    assert ended.status == "FINISHED"
+    record = await read_run(ws.tracking_uri, run_id)
+    assert record.info.status == "FINISHED"
+    assert "databricks run ended FINISHED" in record.data.tags["aioproj.recovered"]
+    assert await aioproj.recover() == []

@@ -47,7 +47,7 @@ from ._code import (
     volume_code_dir,
     volume_file_exists,
 )
-from ._poller import Poller, Watch
+from ._poller import Poller, Watch, map_state
 
 __all__ = ["DatabricksBackend", "DatabricksExecution", "DatabricksLaunch", "parse_backend_config"]
 
@@ -360,6 +360,40 @@ class DatabricksBackend:
             store = self._tag_stores[uri] = open_store(uri)
         await store.set_tags(run_id, tags)
 
+    async def recover(self, state: Mapping[str, Any]) -> RunStatus | None:
+        """The real end of a run whose driver died (see :func:`aioproj.recover`).
+
+        ``state`` is the run's journal entry (workspace host, ``databricks[://profile]``
+        URI, Jobs run id). Asks ``runs/get`` with the credentials the backend resolves
+        for that workspace now: FINISHED, FAILED or KILLED once the run has ended, None
+        while it runs. Raises BackendError if the workspace cannot be asked (no
+        credentials for that host, or it refuses).
+        """
+        uri = state.get("uri")
+        auth = await anyio.to_thread.run_sync(
+            functools.partial(
+                resolve_workspace,
+                uri if isinstance(uri, str) else None,
+                host=self._host or str(state["host"]),
+                token=self._token,
+                profile=self._profile,
+            )
+        )
+        if auth.host != state["host"]:
+            raise BackendError(
+                f"The run is on the Databricks workspace {state['host']}, but the"
+                f" credentials found are for {auth.host}: set DATABRICKS_HOST and its"
+                " credentials for that workspace to recover it."
+            )
+        workspace = self._workspaces.get(auth.key())
+        if workspace is None:
+            workspace = self._workspaces[auth.key()] = _Workspace(auth, self)
+        run = await workspace.client.call(
+            "GET", f"{_JOBS}/runs/get", params={"run_id": str(state["run_id"])}
+        )
+        status, final = map_state(run)
+        return status if final else None
+
     async def aclose(self) -> None:
         """Close the workspaces' clients and tracking stores, remove the local tarballs.
 
@@ -520,9 +554,13 @@ class DatabricksLaunch:
             logger.warning("Could not tag run %s with its Databricks run: %s", request.run_id, exc)
         watch = Watch(run_id=db_run_id, start_time_ms=int(run.get("start_time") or 0))
         watch.update(run)
-        return DatabricksExecution(
+        execution = DatabricksExecution(
             ws, watch, task_run_id, request.output.feed, request.output.close
         )
+        # What `aioproj recover` needs to ask the workspace if this process dies.
+        ws_uri = self.tracking_uri if self.tracking_uri.startswith("databricks") else None
+        execution.journal_state = {"host": client.host, "uri": ws_uri, "run_id": db_run_id}
+        return execution
 
 
 class DatabricksExecution:
@@ -547,6 +585,8 @@ class DatabricksExecution:
         self._cancel_sent = False
         #: Why a cancel request could not be sent, if it could not.
         self.cancel_error: Exception | None = None
+        #: What the run journal keeps to find the run again (set by the launch).
+        self.journal_state: dict[str, object] = {}
 
     def __repr__(self) -> str:
         return f"<DatabricksExecution run_id={self.run_id} status={self._watch.status.value}>"
