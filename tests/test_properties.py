@@ -346,7 +346,6 @@ def test_conversions_and_format_specs_never_split_a_value(a: str, template: str)
 BASH = shutil.which("bash")
 
 
-@pytest.mark.skipif(BASH is None, reason="bash is not installed")
 @_settings(120)
 @given(
     a=command_values,
