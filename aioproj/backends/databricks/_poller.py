@@ -45,6 +45,14 @@ _KILLED_RESULTS = frozenset({"CANCELED", "UPSTREAM_CANCELED"})
 _KILLED_CODES = frozenset({"USER_CANCELED", "CANCELED"})
 
 
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _word(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def map_state(run: Mapping[str, Any]) -> tuple[RunStatus, bool]:
     """The RunStatus of a Jobs run (``runs/get`` or a ``runs/list`` item), and whether
     it is final.
@@ -52,17 +60,17 @@ def map_state(run: Mapping[str, Any]) -> tuple[RunStatus, bool]:
     Decided on the life-cycle state (MLflow looks only at ``result_state`` and polls a
     result-less terminal run forever): TERMINATED + SUCCESS is FINISHED; CANCELED is
     KILLED; every other end (FAILED, TIMEDOUT, INTERNAL_ERROR, SKIPPED, ...) is FAILED.
-    The 2.2 ``status`` object is used when ``state`` is absent; unknown states count as
-    still running.
+    The 2.2 ``status`` object is used when ``state`` is absent; unknown states, and
+    fields of the wrong type, count as still running. Never raises.
     """
-    state = run.get("state") or {}
-    lcs = state.get("life_cycle_state")
-    result = state.get("result_state")
+    state = _mapping(run.get("state"))
+    lcs = _word(state.get("life_cycle_state"))
+    result = _word(state.get("result_state"))
     if lcs is None:
-        status = run.get("status") or {}
-        v2 = status.get("state")
+        status = _mapping(run.get("status"))
+        v2 = _word(status.get("state"))
         if v2 == "TERMINATED":
-            code = (status.get("termination_details") or {}).get("code")
+            code = _word(_mapping(status.get("termination_details")).get("code"))
             if code in ("SUCCESS", "SUCCESS_WITH_FAILURES"):
                 return RunStatus.FINISHED if code == "SUCCESS" else RunStatus.FAILED, True
             return RunStatus.KILLED if code in _KILLED_CODES else RunStatus.FAILED, True

@@ -36,14 +36,15 @@ def job_outcome(job: Obj) -> tuple[RunStatus, str] | None:
     conditions say so (``FailureTarget``/``SuccessCriteriaMet`` count: Kubernetes ≥ 1.31
     sets them first), else None."""
     conditions = _true_conditions(job)
-    for kind in ("Failed", "FailureTarget"):
+    for kind, status in (
+        ("Failed", RunStatus.FAILED),
+        ("FailureTarget", RunStatus.FAILED),
+        ("Complete", RunStatus.FINISHED),
+        ("SuccessCriteriaMet", RunStatus.FINISHED),
+    ):
         if kind in conditions:
             c = conditions[kind]
-            return RunStatus.FAILED, f"{c.get('reason', kind)}: {c.get('message', '')}".strip()
-    for kind in ("Complete", "SuccessCriteriaMet"):
-        if kind in conditions:
-            c = conditions[kind]
-            return RunStatus.FINISHED, f"{c.get('reason', kind)}: {c.get('message', '')}".strip()
+            return status, f"{c.get('reason') or kind}: {c.get('message') or ''}".strip()
     return None
 
 
@@ -51,7 +52,8 @@ def is_started(pod: Obj) -> bool:
     """True once a container of the pod runs or has run (its log can be read)."""
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         state = cs.get("state") or {}
-        if "running" in state or "terminated" in state or cs.get("lastState", {}).get("terminated"):
+        last = cs.get("lastState") or {}
+        if "running" in state or "terminated" in state or last.get("terminated"):
             return True
     return (pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")
 
