@@ -375,7 +375,9 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.backend == "kubernetes" and backend_config is None:
         raise UsageError("Specify 'backend_config' when using kubernetes mode.")
     synchronous = args.wait if args.wait is not None else args.backend in _SYNC_BY_DEFAULT
-    report_fd = os.environ.pop(_REPORT_FD_VAR, None)
+    from aioproj._detach import REPORT_FD_VAR
+
+    report_fd = os.environ.pop(REPORT_FD_VAR, None)
     if not synchronous and args.backend == "local" and report_fd is None:
         return _detach(argv)
 
@@ -467,10 +469,6 @@ async def _until_terminated(
     return result
 
 
-#: Set in a detached supervisor's environment: the pipe on which it reports its run id.
-_REPORT_FD_VAR = "_AIOPROJ_DETACHED_REPORT_FD"
-
-
 class _Report:
     """The detached supervisor's one message to the command that started it."""
 
@@ -490,41 +488,25 @@ def _detach(argv: Sequence[str]) -> int:
     """``--no-wait`` on the local backend: a detached aioproj process supervises the run.
 
     The run must outlive this command, so a new ``aioproj run --wait`` process in its own
-    session starts it, reports the run id (or the error) on a pipe, then waits for the run
-    and records its final status, as MLflow's asynchronous local runs do.
+    session starts it, reports the run id (or the error), then waits for the run and
+    records its final status, as MLflow's asynchronous local runs do.
     """
-    import subprocess
+    from aioproj._detach import SupervisorError, spawn_supervisor
 
     child_argv = ["--wait" if arg == "--no-wait" else arg for arg in argv]
-    read_fd, write_fd = os.pipe()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "aioproj", *child_argv],
-            env={**os.environ, _REPORT_FD_VAR: str(write_fd)},
-            pass_fds=(write_fd,),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    finally:
-        os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        kind, _, text = pipe.read().partition(" ")
-    if kind == "ok":
-        print(
-            f"=== Run (ID '{text}') submitted; aioproj process {proc.pid} supervises it ===",
-            file=sys.stderr,
-        )
-        print(text)
-        return 0
-    if kind == "usage":
-        raise UsageError(text)
-    if kind != "error":
-        proc.wait()
-        text = f"the detached aioproj process exited ({proc.returncode}) before starting the run"
-    print(f"=== {text} ===", file=sys.stderr)
-    return 1
+        pid, run_id = spawn_supervisor(child_argv, os.environ)
+    except SupervisorError as exc:
+        if exc.usage:
+            raise UsageError(str(exc)) from None
+        print(f"=== {exc} ===", file=sys.stderr)
+        return 1
+    print(
+        f"=== Run (ID '{run_id}') submitted; aioproj process {pid} supervises it ===",
+        file=sys.stderr,
+    )
+    print(run_id)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

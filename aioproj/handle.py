@@ -83,6 +83,10 @@ class SubmittedRun:
         #: Loop-end of the default runner: a remote run goes on, recorded by `aioproj recover`.
         self._leave_remote_running = leave_remote_running
         self._left_running = False
+        #: A detached run's supervisor process records its status; the handle only
+        #: follows it, from whichever task awaits it (no task of the runner).
+        self._drives_itself = bool(getattr(execution, "records_own_status", False))
+        self._drive_lock = anyio.Lock()
         self._final: RunStatus | None = None
         self._done = anyio.Event()
         self._cancel_requested = False
@@ -150,6 +154,11 @@ class SubmittedRun:
         if self._done.is_set():
             return
         self._cancel_requested = True
+        if self._drives_itself:  # its detached supervisor stops it and records KILLED
+            await self._stop_bounded()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
+                await self._final_status()
+            return
         # The run's supervisor does the stop, so no cancellation of this task can cut it
         # short, not even asyncio's own (Task.cancel(), asyncio.timeout), which anyio's
         # shields do not hold back: here we only wait for it.
@@ -186,6 +195,10 @@ class SubmittedRun:
         return self._final_status().__await__()
 
     async def _final_status(self) -> RunStatus:
+        if self._drives_itself and not self._done.is_set():
+            async with self._drive_lock:
+                if not self._done.is_set():
+                    await self._supervise()
         await self._done.wait()
         assert self._final is not None
         return self._final
@@ -202,6 +215,7 @@ class SubmittedRun:
         recorded FAILED and the error kept in :attr:`error`.
         """
         status = RunStatus.FAILED
+        self._left_running = False
         try:
             error: Exception | None = None
             async with anyio.create_task_group() as tg:
@@ -216,14 +230,16 @@ class SubmittedRun:
             if self._cancel_requested and status is not RunStatus.FINISHED:
                 status = RunStatus.KILLED
         except anyio.get_cancelled_exc_class():
-            if (
-                self._leave_remote_running
-                and not self._execution.waits_for_stop
-                and not self._cancel_requested
+            outlives = getattr(self._execution, "outlives_caller", False)
+            if not self._cancel_requested and (
+                outlives or (self._leave_remote_running and not self._execution.waits_for_stop)
             ):
-                # The caller's event loop ends; the run does not depend on it. Its journal
-                # entry stays, so `aioproj recover` records its end.
+                # A detached run goes on with its own supervisor. A remote run goes on when
+                # the caller's event loop ends; its journal entry stays, so
+                # `aioproj recover` records its end.
                 self._left_running = True
+                if outlives:
+                    raise
                 logger.warning(
                     "Run %s goes on on its backend after this event loop ends; run "
                     "`aioproj recover` later to record how it ended.",
@@ -268,6 +284,12 @@ class SubmittedRun:
         self._final = status
         end_time_ms = int(time.time() * 1000)
         recorded = False
+        if self._drives_itself:  # the detached supervisor has recorded it
+            self._done.set()
+            self._stop_accepted.set()
+            if self._on_done is not None:
+                self._on_done(self)
+            return
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
                 try:

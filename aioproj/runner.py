@@ -26,6 +26,13 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from aioproj._detach import (
+    DetachedExecution,
+    SupervisorError,
+    check_detach,
+    cli_args,
+    spawn_supervisor,
+)
 from aioproj._output import EchoMode, RunOutput
 from aioproj._paths import cache_root
 from aioproj._shared import SharedCalls
@@ -216,6 +223,8 @@ class Runner:
         env_manager: str | None = None,
         build_image: bool = False,
         docker_auth: Mapping[str, str] | None = None,
+        *,
+        detach: bool = False,
     ) -> SubmittedRun:
         """Run an MLflow project; the arguments are those of ``mlflow.projects.run``.
 
@@ -230,9 +239,18 @@ class Runner:
         :class:`BackendError`) when the project cannot be run; in those cases no tracking
         run is created.
 
+        ``detach=True`` (local backend, ``synchronous=False``) hands the run to a detached
+        aioproj process that outlives this one and records the final status itself, as
+        ``aioproj run --no-wait`` and MLflow's asynchronous local runs do. The handle
+        follows that process: awaiting it waits for the run, ``cancel()`` stops it. Its
+        ``logs()`` has one line saying where the output is saved (the run's artifact
+        ``aioproj/output.log``). Errors the detached process meets before the run starts
+        are raised as :class:`ExecutionError` with its message.
+
         Cancellation: if the calling task is cancelled while ``run()`` waits for a
         synchronous run, or before it returns the handle of an asynchronous one, the run
-        is stopped and recorded KILLED before the cancellation propagates.
+        is stopped and recorded KILLED before the cancellation propagates. A detached run
+        is never stopped by a cancellation of its caller.
         """
         if self._state != "open":
             raise RuntimeError(
@@ -255,6 +273,25 @@ class Runner:
                     f"{type(parameters).__name__}"
                 )
             validate_env_manager(env_manager)
+            if detach:
+                check_detach(backend, synchronous, docker_auth)
+                return await self._run_detached(
+                    cli_args(
+                        uri,
+                        entry_point=entry_point,
+                        version=version,
+                        parameters=parameters,
+                        docker_args=docker_args,
+                        experiment_name=experiment_name,
+                        experiment_id=experiment_id,
+                        backend_config=backend_config,
+                        storage_dir=storage_dir,
+                        run_id=run_id,
+                        run_name=run_name,
+                        env_manager=env_manager,
+                        build_image=build_image,
+                    )
+                )
             the_backend = await self._backend(backend)
             config = await _load_backend_config(backend_config)
             store = await self._store()
@@ -409,6 +446,35 @@ class Runner:
         assert self._tg is not None
         self._tg.start_soon(handle._supervise, name=f"aioproj run {record.run_id}")
         return handle
+
+    async def _run_detached(self, argv: list[str]) -> SubmittedRun:
+        """Start a detached supervisor for ``aioproj run <argv>``; a handle following it."""
+        store = await self._store()
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
+        if self._cache_dir is not None:
+            env["AIOPROJ_CACHE_DIR"] = str(self._cache_dir)
+        try:
+            pid, run_id = await anyio.to_thread.run_sync(spawn_supervisor, argv, env)
+        except SupervisorError as exc:
+            if exc.usage:
+                raise InvalidArgumentError(str(exc)) from None
+            raise
+        record = await store.get_run(run_id)
+        output = RunOutput(run_id[:8], echo="off")
+        output.feed(
+            f"=== Run {run_id} is supervised by the detached aioproj process {pid}; its"
+            " output is saved as the run's artifact aioproj/output.log ===\n".encode()
+        )
+        output.close()
+        return SubmittedRun(
+            run_id=run_id,
+            experiment_id=record.experiment_id,
+            execution=DetachedExecution(pid, run_id, store),
+            store=store,
+            output=output,
+            cleanup_timeout=2 * self._grace + 10,
+            metrics=self._metrics_poller(store),
+        )
 
     async def _journal_start(
         self,
@@ -705,6 +771,8 @@ async def run(
     env_manager: str | None = None,
     build_image: bool = False,
     docker_auth: Mapping[str, str] | None = None,
+    *,
+    detach: bool = False,
 ) -> SubmittedRun:
     """Run an MLflow project on the default runner of the running event loop.
 
@@ -730,4 +798,5 @@ async def run(
         env_manager=env_manager,
         build_image=build_image,
         docker_auth=docker_auth,
+        detach=detach,
     )
