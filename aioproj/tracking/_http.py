@@ -1,14 +1,14 @@
 """Credentials and retry policy of the REST store: what an MLflow client would send.
 
-Nothing here imports httpx; :mod:`aioproj.tracking.rest` builds the client from a
-:class:`HostCreds`. Reading ``~/.databrickscfg`` is file I/O, so :func:`resolve_creds`
-is meant to run in a worker thread.
+:mod:`aioproj.tracking.rest` builds the client from a :class:`HostCreds`; Databricks
+credentials are resolved by :mod:`aioproj._databricks_auth`, as for the Databricks
+backend. Reading ``~/.databrickscfg`` is file I/O, so :func:`resolve_creds` is meant to
+run in a worker thread.
 """
 
 from __future__ import annotations
 
 import base64
-import configparser
 import email.utils
 import os
 import random
@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+from aioproj._databricks_auth import DatabricksAuthError, resolve_workspace
 from aioproj.errors import InvalidArgumentError
 
 __all__ = ["HostCreds", "backoff_delay", "parse_retry_after", "resolve_creds"]
@@ -34,9 +35,14 @@ class HostCreds:
     verify: bool = True
     server_cert_path: str | None = None
     client_cert_path: str | None = None
+    #: A Databricks service principal (OAuth machine-to-machine): the REST store fetches
+    #: its access tokens with :class:`aioproj._databricks_auth.OAuthM2M`.
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
 
     def auth_header(self) -> str | None:
-        """The Authorization header value, as MLflow builds it (Basic wins over Bearer)."""
+        """The fixed Authorization header value, as MLflow builds it (Basic wins over
+        Bearer); None without credentials or with OAuth machine-to-machine."""
         if self.username and self.password:
             raw = f"{self.username}:{self.password}".encode()
             return "Basic " + base64.standard_b64encode(raw).decode("ascii")
@@ -46,7 +52,7 @@ class HostCreds:
 
     def secrets(self) -> tuple[str, ...]:
         """The strings an error message must never contain."""
-        out = [s for s in (self.token, self.password) if s]
+        out = [s for s in (self.token, self.password, self.client_secret) if s]
         header = self.auth_header()
         if header is not None:
             out.append(header.split(" ", 1)[1])
@@ -65,11 +71,12 @@ def resolve_creds(uri: str) -> HostCreds:
     returned host no longer holds), MLFLOW_TRACKING_INSECURE_TLS,
     MLFLOW_TRACKING_SERVER_CERT_PATH and MLFLOW_TRACKING_CLIENT_CERT_PATH.
 
-    Databricks, in the databricks-sdk's order for personal access tokens: the profile of
-    ``databricks://profile`` from the config file; else DATABRICKS_HOST and
-    DATABRICKS_TOKEN from the environment; else the profile DATABRICKS_CONFIG_PROFILE or
-    ``DEFAULT`` of DATABRICKS_CONFIG_FILE (default ``~/.databrickscfg``). A profile may
-    hold ``token``, or ``username`` and ``password``.
+    Databricks: as :func:`aioproj._databricks_auth.resolve_workspace` finds them (the
+    databricks-sdk's order): a personal access token, basic auth, or a service principal
+    (``client_id`` and ``client_secret``, OAuth machine-to-machine), from the profile of
+    ``databricks://profile``, else the environment and the profile
+    DATABRICKS_CONFIG_PROFILE, ``[__settings__] default_profile`` or ``DEFAULT`` of
+    DATABRICKS_CONFIG_FILE (default ``~/.databrickscfg``).
 
     Raises:
         InvalidArgumentError: both MLFLOW_TRACKING_INSECURE_TLS and a server certificate
@@ -78,7 +85,7 @@ def resolve_creds(uri: str) -> HostCreds:
     """
     parsed = urllib.parse.urlparse("databricks:" if uri == "databricks" else uri)
     if parsed.scheme.lower() == "databricks":
-        return _databricks_creds(uri, parsed)
+        return _databricks_creds(uri)
     insecure = _env_flag("MLFLOW_TRACKING_INSECURE_TLS")
     cert = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
     if insecure and cert:
@@ -105,59 +112,20 @@ def resolve_creds(uri: str) -> HostCreds:
     )
 
 
-def _databricks_creds(uri: str, parsed: urllib.parse.ParseResult) -> HostCreds:
-    profile = parsed.netloc or None
-    if profile is None and parsed.path not in ("", "/"):
-        profile = parsed.path.strip("/")  # databricks:profile
-    if profile is None:
-        host = os.environ.get("DATABRICKS_HOST")
-        token = os.environ.get("DATABRICKS_TOKEN")
-        if host and token:
-            return HostCreds(host=_normalise_host(host), token=token)
-        profile = os.environ.get("DATABRICKS_CONFIG_PROFILE") or "DEFAULT"
-    path = os.path.expanduser(os.environ.get("DATABRICKS_CONFIG_FILE") or "~/.databrickscfg")
-    config = configparser.ConfigParser(interpolation=None)
+def _databricks_creds(uri: str) -> HostCreds:
     try:
-        with open(path, encoding="utf-8") as handle:
-            config.read_file(handle)
-    except FileNotFoundError:
-        config = configparser.ConfigParser()
-    except (OSError, configparser.Error) as exc:
-        raise InvalidArgumentError(
-            f"Tracking URI {uri!r}: cannot read the Databricks config file {path}: {exc}"
-        ) from exc
-    if profile == "DEFAULT":
-        section = dict(config.defaults())
-    elif config.has_section(profile):
-        section = dict(config.items(profile))
-    else:
-        section = {}
-    host = section.get("host") or os.environ.get("DATABRICKS_HOST")
-    token = section.get("token") or None
-    username = section.get("username") or None
-    password = section.get("password") or None
-    if not host or not (token or (username and password)):
-        raise InvalidArgumentError(
-            f"Tracking URI {uri!r}: no Databricks credentials found. Set DATABRICKS_HOST and"
-            f" DATABRICKS_TOKEN, or add a profile [{profile}] with host and token to {path}."
-            " (aioproj's tracking store supports personal access tokens and basic auth;"
-            " OAuth and cloud-provider auth are not supported yet.)"
-        )
-    insecure = section.get("insecure", "").strip().lower() in _TRUE
+        workspace = resolve_workspace(uri)
+    except DatabricksAuthError as exc:
+        raise InvalidArgumentError(f"Tracking URI {uri!r}: {exc}") from None
     return HostCreds(
-        host=_normalise_host(host),
-        token=token,
-        username=username,
-        password=password,
-        verify=not insecure,
+        host=workspace.host,
+        token=workspace.token,
+        username=workspace.username,
+        password=workspace.password,
+        verify=workspace.verify,
+        client_id=workspace.client_id,
+        client_secret=workspace.client_secret,
     )
-
-
-def _normalise_host(host: str) -> str:
-    host = host.strip().rstrip("/")
-    if "://" not in host:
-        host = f"https://{host}"
-    return host
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -39,6 +39,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from aioproj._databricks_auth import DatabricksAuthError, OAuthM2M, WorkspaceAuth
 from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.tracking._http import HostCreds, backoff_delay, parse_retry_after, resolve_creds
 from aioproj.tracking.base import (
@@ -210,9 +211,10 @@ class RestStore:
 
     ``uri`` is ``http(s)://host[:port][/prefix]``, ``databricks`` or
     ``databricks://profile``. Credentials are resolved on first use (see
-    :func:`aioproj.tracking._http.resolve_creds`). ``sleep`` waits between retries
-    (tests pass a fake); ``max_tries`` bounds the attempts of one request and
-    ``max_wait`` the seconds spent waiting between them.
+    :func:`aioproj.tracking._http.resolve_creds`); a Databricks service principal's OAuth
+    access tokens are fetched and refreshed by :class:`aioproj._databricks_auth.OAuthM2M`.
+    ``sleep`` waits between retries (tests pass a fake); ``max_tries`` bounds the
+    attempts of one request and ``max_wait`` the seconds spent waiting between them.
 
     Every method raises :class:`~aioproj.errors.TrackingError` (a :class:`RestError`
     when the server answered) when the server cannot be reached or refuses, and
@@ -260,11 +262,21 @@ class RestStore:
                         f"Tracking URI {_display_host(creds.host)}: cannot load the TLS"
                         f" certificates: {exc}"
                     ) from exc
+                if creds.client_id and creds.client_secret:
+                    workspace = WorkspaceAuth(
+                        creds.host, client_id=creds.client_id, client_secret=creds.client_secret
+                    )
+                    client.auth = OAuthM2M(
+                        workspace, client, sleep=self._sleep, retry_timeout=self._max_wait
+                    )
                 self._client, self._creds = client, creds
             return self._client, self._creds
 
     def _scrub(self, text: str) -> str:
-        for secret in self._creds.secrets() if self._creds else ():
+        secrets = self._creds.secrets() if self._creds else ()
+        if self._client is not None and isinstance(self._client.auth, OAuthM2M):
+            secrets = (*secrets, *self._client.auth.secrets())
+        for secret in secrets:
             text = text.replace(secret, "***")
         return text
 
@@ -298,6 +310,13 @@ class RestStore:
                 response = await client.request(
                     method, url, json=json, params=params, content=content
                 )
+            except DatabricksAuthError as exc:
+                # The OAuth token source retried within its own budget already.
+                raise RestError(
+                    self._scrub(f"{method} {url_path}: {exc}"),
+                    status_code=exc.status_code,
+                    error_code=exc.error_code,
+                ) from None
             except httpx.TransportError as exc:
                 unsent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
                 failure = self._scrub(

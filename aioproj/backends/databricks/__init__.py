@@ -6,13 +6,15 @@ code goes to DBFS as a tarball, a small bootstrap script runs the entry point th
 
 from __future__ import annotations
 
-from ._auth import WorkspaceAuth, resolve_workspace
+from aioproj._databricks_auth import WorkspaceAuth
+
 from ._backend import (
     DatabricksBackend,
     DatabricksExecution,
     DatabricksLaunch,
     check_tracking_uri,
     parse_backend_config,
+    resolve_workspace,
 )
 from ._client import DatabricksApiError, DatabricksClient
 from ._poller import map_state

@@ -25,6 +25,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from aioproj._databricks_auth import DatabricksAuthError, WorkspaceAuth
+from aioproj._databricks_auth import resolve_workspace as _resolve_workspace
 from aioproj._shared import SharedCalls
 from aioproj.backends.base import Execution, LaunchRequest, StartRequest
 from aioproj.errors import AioprojError, BackendError, InvalidArgumentError
@@ -32,7 +34,6 @@ from aioproj.handle import RunStatus
 from aioproj.project import EnvType
 from aioproj.tracking import TrackingStore
 
-from ._auth import WorkspaceAuth, resolve_workspace
 from ._client import DatabricksClient
 from ._code import (
     BOOTSTRAP,
@@ -193,6 +194,27 @@ def _mlflow_library() -> dict[str, Any]:
     if any(tag in local for tag in ("dev", "rc", "+")):
         return {"pypi": {"package": f"mlflow<={local.split('+')[0]}"}}
     return {"pypi": {"package": f"mlflow=={local}"}}
+
+
+def resolve_workspace(
+    uri: str | None = None,
+    *,
+    host: str | None = None,
+    token: str | None = None,
+    profile: str | None = None,
+) -> WorkspaceAuth:
+    """The workspace and credentials for ``uri`` (``databricks[://profile]``), found as
+    :func:`aioproj._databricks_auth.resolve_workspace` finds them (the tracking store
+    uses the same). Reads the config file: call it in a worker thread.
+
+    Raises:
+        BackendError: no host or credentials found, a requested profile does not exist,
+            or the config file cannot be read. The message never contains a secret.
+    """
+    try:
+        return _resolve_workspace(uri, host=host, token=token, profile=profile)
+    except DatabricksAuthError as exc:
+        raise BackendError(str(exc)) from None
 
 
 class _Workspace:

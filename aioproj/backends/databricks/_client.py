@@ -12,19 +12,16 @@ path, the service's ``error_code`` and message, and never a token.
 
 from __future__ import annotations
 
-import base64
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
 import httpx
 
+from aioproj._databricks_auth import DatabricksAuthError, OAuthM2M, WorkspaceAuth
 from aioproj.errors import BackendError
 from aioproj.tracking._http import backoff_delay, parse_retry_after
-
-from ._auth import WorkspaceAuth
 
 __all__ = ["DatabricksApiError", "DatabricksClient"]
 
@@ -46,7 +43,8 @@ class DatabricksApiError(BackendError):
 
 
 class DatabricksClient:
-    """Requests to one workspace. ``request_count`` counts every attempt."""
+    """Requests to one workspace. ``request_count`` counts every attempt, OAuth token
+    requests included."""
 
     def __init__(
         self,
@@ -61,9 +59,13 @@ class DatabricksClient:
         self.host = auth.host
         self._sleep: Sleep = sleep if sleep is not None else anyio.sleep
         self._retry_timeout = retry_timeout
+        headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+        header = auth.header()
+        if header is not None:
+            headers["Authorization"] = header
         self._client = httpx.AsyncClient(
             base_url=auth.host,
-            headers={"User-Agent": _USER_AGENT, "Accept": "application/json"},
+            headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0), pool=None),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
@@ -71,98 +73,34 @@ class DatabricksClient:
             verify=auth.verify,
             trust_env=True,
         )
-        self._oauth_token: str | None = None
-        self._oauth_expiry = 0.0
-        self._oauth_lock = anyio.Lock()
-        self.request_count = 0
+        #: The service principal's token source (OAuth machine-to-machine), else None.
+        self.oauth: OAuthM2M | None = None
+        if header is None:
+            self.oauth = OAuthM2M(
+                auth, self._client, sleep=self._sleep, retry_timeout=retry_timeout
+            )
+            self._client.auth = self.oauth
+        self._sent = 0
+
+    @property
+    def request_count(self) -> int:
+        """Requests sent so far (every attempt counts), for tests and benchmarks."""
+        return self._sent + (self.oauth.fetch_count if self.oauth is not None else 0)
 
     def __repr__(self) -> str:
         return f"DatabricksClient(host={self.host!r}, auth={self.auth.kind!r})"
 
     def scrub(self, text: str) -> str:
         """``text`` without any secret of this client."""
-        for secret in (*self.auth.secrets(), self._oauth_token or ""):
-            if secret:
-                text = text.replace(secret, "***")
+        secrets = self.oauth.secrets() if self.oauth is not None else self.auth.secrets()
+        for secret in secrets:
+            text = text.replace(secret, "***")
         return text
 
     async def aclose(self) -> None:
         """Close the pooled connections. Shielded from cancellation."""
         with anyio.CancelScope(shield=True):
             await self._client.aclose()
-
-    # -- auth -------------------------------------------------------------------------
-
-    async def _authorization(self, *, refresh: bool = False) -> str:
-        if self.auth.token:
-            return f"Bearer {self.auth.token}"
-        async with self._oauth_lock:
-            # Refresh a minute early (or at 90% of a short lifetime), once for all callers.
-            if refresh or self._oauth_token is None or time.monotonic() >= self._oauth_expiry:
-                await self._fetch_oauth_token()
-            assert self._oauth_token is not None
-            return f"Bearer {self._oauth_token}"
-
-    async def _fetch_oauth_token(self) -> None:
-        basic = base64.b64encode(
-            f"{self.auth.client_id}:{self.auth.client_secret}".encode()
-        ).decode("ascii")
-        waited = 0.0
-        attempt = 0
-        while True:
-            attempt += 1
-            self.request_count += 1
-            try:
-                response = await self._client.post(
-                    "/oidc/v1/token",
-                    data={"grant_type": "client_credentials", "scope": "all-apis"},
-                    headers={"Authorization": f"Basic {basic}"},
-                )
-            except httpx.TransportError as exc:
-                delay = backoff_delay(attempt)
-                if waited + delay > self._retry_timeout:
-                    raise DatabricksApiError(
-                        self.scrub(f"{self.host}: OAuth token request failed: {exc!r}"),
-                        status_code=0,
-                        error_code="CONNECTION_ERROR",
-                    ) from None
-                waited += delay
-                await self._sleep(delay)
-                continue
-            if response.status_code in _THROTTLED:
-                delay = parse_retry_after(response.headers.get("Retry-After")) or backoff_delay(
-                    attempt
-                )
-                if waited + delay <= self._retry_timeout:
-                    waited += delay
-                    await self._sleep(delay)
-                    continue
-            try:
-                body = response.json()
-            except ValueError:
-                body = {}
-            if response.status_code >= 300 or not isinstance(body, dict):
-                detail = body.get("error_description") or body.get("error") or response.text[:200]
-                raise DatabricksApiError(
-                    self.scrub(
-                        f"{self.host}: OAuth machine-to-machine token request for client"
-                        f" {self.auth.client_id} failed: HTTP {response.status_code}: {detail}"
-                        " (check DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET)"
-                    ),
-                    status_code=response.status_code,
-                    error_code="UNAUTHENTICATED",
-                )
-            token = body.get("access_token")
-            if not isinstance(token, str) or not token:
-                raise DatabricksApiError(
-                    f"{self.host}: the OAuth token answer has no access_token.",
-                    status_code=response.status_code,
-                    error_code="UNAUTHENTICATED",
-                )
-            lifetime = float(body.get("expires_in") or 3600)
-            self._oauth_token = token
-            self._oauth_expiry = time.monotonic() + lifetime - min(60.0, lifetime * 0.1)
-            return
 
     # -- requests ---------------------------------------------------------------------
 
@@ -220,17 +158,20 @@ class DatabricksClient:
             repeatable = method in ("GET", "HEAD")
         waited = 0.0
         attempt = 0
-        refreshed = False
         while True:
             attempt += 1
-            self.request_count += 1
-            sent = {**(headers or {}), "Authorization": await self._authorization()}
+            self._sent += 1
             delay: float
             failure: str
             try:
                 response = await self._client.request(
-                    method, path, params=params, json=json, content=content, headers=sent
+                    method, path, params=params, json=json, content=content, headers=headers
                 )
+            except DatabricksAuthError as exc:
+                # The token source retried within the same budget already.
+                raise DatabricksApiError(
+                    self.scrub(str(exc)), status_code=exc.status_code, error_code=exc.error_code
+                ) from None
             except httpx.TransportError as exc:
                 unsent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
                 failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -245,10 +186,6 @@ class DatabricksClient:
             status = response.status_code
             if status < 300:
                 return response
-            if status == 401 and self.auth.kind == "oauth-m2m" and not refreshed:
-                refreshed = True
-                await self._authorization(refresh=True)
-                continue
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if status in _THROTTLED or (repeatable and status in _READ_RETRY):
                 if retry_after is not None:

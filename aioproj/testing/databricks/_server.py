@@ -283,6 +283,10 @@ class FakeDatabricks:
         self.faults.append(fault)
         return fault
 
+    def revoke_oauth_tokens(self) -> None:
+        """Revoke every OAuth access token issued so far: requests with one get 401."""
+        self._oauth_tokens.clear()
+
     def clear_faults(self) -> None:
         self.faults.clear()
         self._buckets.clear()
