@@ -73,6 +73,23 @@ async def ws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[F
 
 
 @pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No Databricks credentials in the environment; DATABRICKS_CONFIG_FILE is the
+    returned path (not created)."""
+    for var in (
+        "DATABRICKS_HOST",
+        "DATABRICKS_TOKEN",
+        "DATABRICKS_CLIENT_ID",
+        "DATABRICKS_CLIENT_SECRET",
+        "DATABRICKS_CONFIG_PROFILE",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    cfg = tmp_path / "databrickscfg"
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(cfg))
+    return cfg
+
+
+@pytest.fixture
 async def project(tmp_path: Path) -> Path:
     return await amake_project(tmp_path / "proj", MLPROJECT, {"train.py": TRAIN})
 

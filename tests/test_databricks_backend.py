@@ -28,7 +28,15 @@ from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
 from aioproj.testing.databricks import FakeDatabricks, RunScript
 
-from .databricks_support import CLUSTER, MLPROJECT, TRAIN, backend, project, ws  # noqa: F401
+from .databricks_support import (  # noqa: F401
+    CLUSTER,
+    MLPROJECT,
+    TRAIN,
+    backend,
+    clean_env,
+    project,
+    ws,
+)
 from .support import all_runs, amake_project
 
 pytestmark = pytest.mark.anyio
@@ -244,21 +252,6 @@ async def test_token_never_appears_in_errors_logs_reprs_or_the_run(
 
 
 # -- workspace auth ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for var in (
-        "DATABRICKS_HOST",
-        "DATABRICKS_TOKEN",
-        "DATABRICKS_CLIENT_ID",
-        "DATABRICKS_CLIENT_SECRET",
-        "DATABRICKS_CONFIG_PROFILE",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    cfg = tmp_path / "databrickscfg"
-    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(cfg))
-    return cfg
 
 
 def test_auth_from_environment(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,7 @@ from aioproj.testing.databricks import FakeDatabricks, RunScript
 from aioproj.tracking._http import resolve_creds
 from aioproj.tracking.rest import RestError, RestStore
 
-from .databricks_support import CLUSTER, project, ws  # noqa: F401
+from .databricks_support import CLUSTER, clean_env, project, ws  # noqa: F401
 from .support import read_run
 
 pytestmark = pytest.mark.anyio
@@ -156,16 +156,8 @@ async def test_backend_client_refetches_a_revoked_token_once(ws: FakeDatabricks)
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for var in (
-        "DATABRICKS_HOST",
-        "DATABRICKS_TOKEN",
-        "DATABRICKS_CLIENT_ID",
-        "DATABRICKS_CLIENT_SECRET",
-        "DATABRICKS_CONFIG_PROFILE",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    path = tmp_path / "databrickscfg"
+def cfg(clean_env: Path) -> Path:
+    path = clean_env
     path.write_text(
         "[__settings__]\ndefault_profile = sp\n\n"
         f"[sp]\nhost = sp.example:443/\nclient_id = {CLIENT_ID}\n"
@@ -173,7 +165,6 @@ def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "[basic]\nhost = http://basic.example\nusername = bob\npassword = pa:ss\n"
         "insecure = true\n"
     )
-    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(path))
     return path
 
 
