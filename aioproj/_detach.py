@@ -196,7 +196,7 @@ class DetachedExecution:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
-        await self._exited.wait()
+        await self._wait_exit()
 
 
 def _reaped(pid: int) -> bool:
