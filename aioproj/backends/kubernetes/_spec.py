@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import tarfile
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,20 @@ class EnvPlan:
     secret: Mapping[str, str] = field(repr=False)
 
 
+def _split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """An http(s) URI without its ``user:password@``, and MLflow's variables for them
+    (none when the URI carries no password)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.password:
+        return uri, {}
+    host = parts.netloc.rpartition("@")[2]
+    credentials = {
+        "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parts.username or ""),
+        "MLFLOW_TRACKING_PASSWORD": urllib.parse.unquote(parts.password),
+    }
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), credentials
+
+
 def plan_env(
     tracking_env: Mapping[str, str],
     docker_environment: Sequence[str | tuple[str, str]],
@@ -258,10 +273,14 @@ def plan_env(
     """MLflow's three variables first (``KUBE_MLFLOW_TRACKING_URI`` replacing the tracking
     URI), the rest of the tracking variables, then ``docker_env.environment``: defined
     values as given; copied host variables, and tracking credentials found in
-    ``host_env``, by reference to a Secret (their values never sit in the Job).
+    ``host_env``, by reference to a Secret (their values never sit in the Job). A user
+    and password in an http(s) tracking URI move to the Secret as
+    MLFLOW_TRACKING_USERNAME/PASSWORD (unless the host sets both, which MLflow would use
+    instead), so that neither the Job nor MLflow's "View run at" lines show them.
     Raises :class:`BackendError` if a copied variable is not set on the host."""
     values: dict[str, str] = {}
     uri = host_env.get("KUBE_MLFLOW_TRACKING_URI") or tracking_env.get("MLFLOW_TRACKING_URI", "")
+    uri, uri_credentials = _split_credentials(uri)
     for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
         values[name] = uri if name == "MLFLOW_TRACKING_URI" else tracking_env.get(name, "")
     for name, value in tracking_env.items():
@@ -270,6 +289,10 @@ def plan_env(
     for name in credential_names:
         if name in host_env and name not in values:
             secret[name] = host_env[name]
+    if uri_credentials and not all(name in host_env for name in uri_credentials):
+        for name in uri_credentials:
+            values.pop(name, None)
+        secret.update(uri_credentials)
     missing = [
         item for item in docker_environment if isinstance(item, str) and item not in host_env
     ]
