@@ -232,6 +232,22 @@ async def test_end_to_end_run_on_the_server(
     assert without_run_name(on_server) == without_run_name(on_file)
 
 
+async def test_a_password_in_the_uri_reaches_the_child_but_not_its_output(
+    mlflow_server: MlflowServer, project: Path
+) -> None:
+    password = "pw-in-uri-5b1f"
+    uri = mlflow_server.uri.replace("http://", f"http://someone:{password}@")
+    async with Runner(tracking_uri=uri, echo="off") as runner:
+        run = await runner.run(str(project), parameters={"alpha": 2.0}, env_manager="local")
+        lines = [line async for line in run.logs()]
+    view = await anyio.to_thread.run_sync(read_back, mlflow_server.uri, run.run_id)
+    assert view["metrics"] == {"score": 4.0}  # the project's own mlflow logged
+    # MLflow prints "View run ... at: <tracking URI>": the URI it got has no password.
+    assert "View run" in view["output"]
+    assert password not in view["output"]
+    assert not any(password in line for line in lines)
+
+
 def without_run_name(view: dict[str, Any]) -> dict[str, Any]:
     """A read-back view without the (randomly generated) run name."""
     tags = {k: v for k, v in view["tags"].items() if k != "mlflow.runName"}

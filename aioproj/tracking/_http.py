@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from aioproj._databricks_auth import DatabricksAuthError, resolve_workspace
 from aioproj.errors import InvalidArgumentError
 
-__all__ = ["HostCreds", "backoff_delay", "parse_retry_after", "resolve_creds"]
+__all__ = [
+    "HostCreds",
+    "backoff_delay",
+    "parse_retry_after",
+    "resolve_creds",
+    "split_uri_credentials",
+]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -126,6 +132,24 @@ def _databricks_creds(uri: str) -> HostCreds:
         client_id=workspace.client_id,
         client_secret=workspace.client_secret,
     )
+
+
+def split_uri_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """An http(s) URI without its ``user:password@``, and MLflow's variables for them
+    (MLFLOW_TRACKING_USERNAME/PASSWORD; none when the URI carries no password).
+
+    What a child process gets instead of the URI as given, so that neither its
+    environment's URI nor MLflow's "View run at" lines show the password.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.password:
+        return uri, {}
+    host = parts.netloc.rpartition("@")[2]
+    credentials = {
+        "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parts.username or ""),
+        "MLFLOW_TRACKING_PASSWORD": urllib.parse.unquote(parts.password),
+    }
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), credentials
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -41,7 +41,13 @@ import httpx
 
 from aioproj._databricks_auth import DatabricksAuthError, OAuthM2M, WorkspaceAuth
 from aioproj.errors import InvalidArgumentError, TrackingError
-from aioproj.tracking._http import HostCreds, backoff_delay, parse_retry_after, resolve_creds
+from aioproj.tracking._http import (
+    HostCreds,
+    backoff_delay,
+    parse_retry_after,
+    resolve_creds,
+    split_uri_credentials,
+)
 from aioproj.tracking.base import (
     RUN_NAME_TAG,
     TERMINAL_STATUSES,
@@ -790,8 +796,17 @@ class RestStore:
     # --- the rest ---------------------------------------------------------------------
 
     def child_env(self) -> dict[str, str]:
-        """MLFLOW_TRACKING_URI; credentials reach the child through the inherited env."""
-        return {"MLFLOW_TRACKING_URI": self.uri}
+        """MLFLOW_TRACKING_URI; credentials reach the child through the inherited env.
+
+        A user and password in the URI become MLFLOW_TRACKING_USERNAME/PASSWORD (unless
+        the environment sets both already), so the child's MLflow never prints them in
+        its "View run at" lines.
+        """
+        uri, credentials = split_uri_credentials(self.uri)
+        env = {"MLFLOW_TRACKING_URI": uri}
+        if credentials and not all(os.environ.get(name) for name in credentials):
+            env.update(credentials)
+        return env
 
     async def aclose(self) -> None:
         """Close the pooled connections; a later call opens a new client.

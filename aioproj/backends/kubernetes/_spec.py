@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import tarfile
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from aioproj.errors import BackendError
+from aioproj.tracking._http import split_uri_credentials
 
 __all__ = [
     "BUNDLE_DIR",
@@ -249,20 +249,6 @@ class EnvPlan:
     secret: Mapping[str, str] = field(repr=False)
 
 
-def _split_credentials(uri: str) -> tuple[str, dict[str, str]]:
-    """An http(s) URI without its ``user:password@``, and MLflow's variables for them
-    (none when the URI carries no password)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.password:
-        return uri, {}
-    host = parts.netloc.rpartition("@")[2]
-    credentials = {
-        "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parts.username or ""),
-        "MLFLOW_TRACKING_PASSWORD": urllib.parse.unquote(parts.password),
-    }
-    return urllib.parse.urlunsplit(parts._replace(netloc=host)), credentials
-
-
 def plan_env(
     tracking_env: Mapping[str, str],
     docker_environment: Sequence[str | tuple[str, str]],
@@ -280,7 +266,7 @@ def plan_env(
     Raises :class:`BackendError` if a copied variable is not set on the host."""
     values: dict[str, str] = {}
     uri = host_env.get("KUBE_MLFLOW_TRACKING_URI") or tracking_env.get("MLFLOW_TRACKING_URI", "")
-    uri, uri_credentials = _split_credentials(uri)
+    uri, uri_credentials = split_uri_credentials(uri)
     for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
         values[name] = uri if name == "MLFLOW_TRACKING_URI" else tracking_env.get(name, "")
     for name, value in tracking_env.items():
