@@ -269,9 +269,12 @@ def plan_env(
     uri, uri_credentials = split_uri_credentials(uri)
     for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
         values[name] = uri if name == "MLFLOW_TRACKING_URI" else tracking_env.get(name, "")
-    for name, value in tracking_env.items():
-        values.setdefault(name, value)
     secret: dict[str, str] = {}
+    for name, value in tracking_env.items():
+        if name in credential_names:  # e.g. a URI's password, split off by the store
+            secret[name] = value
+        else:
+            values.setdefault(name, value)
     for name in credential_names:
         if name in host_env and name not in values:
             secret[name] = host_env[name]
