@@ -69,6 +69,15 @@ def test_parse_backend_config_keeps_mlflows_keys(tmp_path: Path) -> None:
     assert no_context.kube_context is None
 
 
+def test_unknown_backend_config_keys_are_warned_about_by_name_only(tmp_path: Path) -> None:
+    path = write_template(tmp_path)
+    with pytest.warns(UserWarning, match=r"Unknown key\(s\) \['kube_contxt'\]") as caught:
+        parse_backend_config(
+            {"kube-job-template-path": path, "repository-uri": "r", "kube_contxt": "s3cr3t"}
+        )
+    assert "s3cr3t" not in str(caught[0].message)
+
+
 @pytest.mark.parametrize(
     ("template", "message"),
     [

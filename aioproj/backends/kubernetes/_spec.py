@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import tarfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,16 +83,38 @@ class KubeBackendConfig:
     pending_timeout: float | None = 600.0
 
 
+#: The backend_config keys the Kubernetes backend reads (MLflow's three, then aioproj's).
+_CONFIG_KEYS = frozenset(
+    {
+        "kube-context",
+        "kube-job-template-path",
+        "repository-uri",
+        "kube-config-path",
+        "namespace",
+        "pending-timeout",
+    }
+)
+
+
 def parse_backend_config(config: Mapping[str, Any]) -> KubeBackendConfig:
     """Check ``config`` as MLflow's ``_parse_kubernetes_config`` does, with its messages,
     and load the template (blocking: run it in a thread).
 
-    Raises :class:`BackendError`: no config, no template path, a missing or unreadable
+    Warns (UserWarning) about keys it does not read. Raises :class:`BackendError`: no
+    config, no template path, a missing or unreadable
     template, a template that is not a Job with a container, no ``repository-uri``, a
     bad ``pending-timeout``.
     """
     if not config:
         raise BackendError("Backend_config file not found.")
+    unknown = sorted(map(str, set(config) - _CONFIG_KEYS))
+    if unknown:  # MLflow drops them without a word, which hides typos
+        warnings.warn(
+            f"Unknown key(s) {unknown} in the Kubernetes backend config are ignored; the"
+            f" keys it reads are {sorted(_CONFIG_KEYS)}.",
+            UserWarning,
+            stacklevel=2,
+        )
     if "kube-job-template-path" not in config:
         raise BackendError(
             "'kube-job-template-path' attribute must be specified in backend_config."
