@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
@@ -513,3 +514,71 @@ async def test_redirect_is_an_error_naming_where_to_go(recorder: Recorder) -> No
         await store.get_run("abc123")
     assert info.value.status_code == 301
     await store.aclose()
+
+
+# --- TLS: the CA bundles MLflow's client (requests) trusts --------------------------------------
+
+
+@pytest.fixture
+async def tls_recorder(tmp_path: Path) -> AsyncIterator[tuple[Recorder, Path]]:
+    """The recording server over HTTPS, with a self-signed certificate for 127.0.0.1."""
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await anyio.run_process(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ]
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    await anyio.to_thread.run_sync(context.load_cert_chain, str(cert), str(key))
+    # A client that refuses the certificate resets the handshake: expected here, so the
+    # server's side of it is not an error of the test.
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), (ConnectionResetError, ssl.SSLError)):
+            return
+        (previous or asyncio.AbstractEventLoop.default_exception_handler)(loop, context)
+
+    loop.set_exception_handler(handler)
+    rec = Recorder(free_port())
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", rec.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", rec.port, ssl_context=context).start()
+    try:
+        yield rec, cert
+    finally:
+        await runner.cleanup()
+        loop.set_exception_handler(previous)
+
+
+async def _get_experiment(uri: str) -> str:
+    store = RestStore(uri)
+    try:
+        return await store.resolve_experiment(experiment_name=None, experiment_id="0")
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "variable", ["MLFLOW_TRACKING_SERVER_CERT_PATH", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"]
+)
+async def test_a_private_ca_is_trusted_from_mlflows_and_requests_variables(
+    tls_recorder: tuple[Recorder, Path], monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    rec, cert = tls_recorder
+    rec.replies["experiments/get"] = [Reply(body={"experiment": {"experiment_id": "0"}})]
+    uri = rec.uri.replace("http://", "https://")
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    if variable == "REQUESTS_CA_BUNDLE":  # once (retries take seconds): the check is real
+        with pytest.raises(TrackingError):  # the system CAs do not know this certificate
+            await _get_experiment(uri)
+    monkeypatch.setenv(variable, str(cert))
+    assert await _get_experiment(uri) == "0"

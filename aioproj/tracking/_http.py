@@ -75,7 +75,8 @@ def resolve_creds(uri: str) -> HostCreds:
     http(s): MLFLOW_TRACKING_TOKEN (Bearer), MLFLOW_TRACKING_USERNAME and
     MLFLOW_TRACKING_PASSWORD (Basic; else the user and password of the URI, which the
     returned host no longer holds), MLFLOW_TRACKING_INSECURE_TLS,
-    MLFLOW_TRACKING_SERVER_CERT_PATH and MLFLOW_TRACKING_CLIENT_CERT_PATH.
+    MLFLOW_TRACKING_SERVER_CERT_PATH (else REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE, the
+    CA bundles requests trusts for MLflow) and MLFLOW_TRACKING_CLIENT_CERT_PATH.
 
     Databricks: as :func:`aioproj._databricks_auth.resolve_workspace` finds them (the
     databricks-sdk's order): a personal access token, basic auth, or a service principal
@@ -99,6 +100,9 @@ def resolve_creds(uri: str) -> HostCreds:
             "MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH cannot both"
             " be set: one turns certificate checks off, the other configures them."
         )
+    if cert is None and not insecure:
+        # MLflow's client is requests, which trusts these CA bundles (in this order).
+        cert = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
     # Credentials in the URI (http://user:pw@host) are Basic auth, as requests makes them
     # for MLflow; the host keeps none, so request URLs (which httpx logs) carry no secret.
     username = os.environ.get("MLFLOW_TRACKING_USERNAME") or None
