@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from aioproj._output import RunOutput
-from aioproj._threads import run_short
+from aioproj.errors import AioprojError
 
 if TYPE_CHECKING:
     from aioproj.backends.base import Execution
@@ -70,6 +70,7 @@ class SubmittedRun:
         cleanup_timeout: float = 30.0,
         metrics: MetricsPoller | None = None,
         journal: Journal | None = None,
+        journal_key: str = "",
         leave_remote_running: bool = False,
     ) -> None:
         self._run_id = run_id
@@ -80,6 +81,7 @@ class SubmittedRun:
         self._on_done = on_done
         self._metrics = metrics
         self._journal = journal
+        self._journal_key = journal_key
         #: Loop-end of the default runner: a remote run goes on, recorded by `aioproj recover`.
         self._leave_remote_running = leave_remote_running
         self._left_running = False
@@ -290,6 +292,9 @@ class SubmittedRun:
             if self._on_done is not None:
                 self._on_done(self)
             return
+        if self._journal is not None:
+            # Should this process die before the status is written, recover writes it.
+            self._journal.note(self._journal_key, "ended", status=status.value, end=end_time_ms)
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
                 try:
@@ -305,7 +310,7 @@ class SubmittedRun:
         try:
             if self._journal is not None:
                 await self._settle_journal(self._journal, status, recorded)
-        except OSError as exc:
+        except AioprojError as exc:  # the journal cannot be written
             logger.error("Run %s: could not update the run journal: %s", self._run_id, exc)
         finally:
             self._done.set()
@@ -314,16 +319,16 @@ class SubmittedRun:
                 self._on_done(self)
 
     async def _settle_journal(self, journal: Journal, status: RunStatus, recorded: bool) -> None:
-        """Recorded: forget the run. Not recorded: keep its status for `aioproj recover`."""
+        """Recorded: the run is done. Not recorded: keep its status for `aioproj recover`."""
+        if recorded:
+            journal.note(self._journal_key, "done")
+            return
         with anyio.CancelScope(shield=True):
-            if recorded:
-                await run_short(journal.remove, self._run_id)
-                return
-            await run_short(journal.keep_final_status, self._run_id, status.value)
+            await journal.commit(self._journal_key, "kept")
         logger.error(
-            "Run %s: its final status %s is kept in %s; run `aioproj recover` once the"
-            " tracking store is reachable.",
+            "Run %s: its final status %s is kept in the run journal %s; run `aioproj"
+            " recover` once the tracking store is reachable.",
             self._run_id,
             status.value,
-            journal.directory,
+            journal.path,
         )

@@ -16,9 +16,12 @@ import json
 import logging
 import os
 import sys
+import time
+import uuid
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,30 +36,29 @@ from aioproj._detach import (
     cli_args,
     spawn_supervisor,
 )
+from aioproj._marks import build_mark, process_mark
 from aioproj._output import EchoMode, RunOutput
 from aioproj._paths import cache_root
 from aioproj._shared import SharedCalls
-from aioproj._threads import run_short
 from aioproj.backends import (
     Backend,
-    Execution,
     Launch,
     LaunchRequest,
     StartRequest,
     load_backend,
 )
 from aioproj.envs import validate_env_manager
-from aioproj.errors import InvalidArgumentError, RunFailedError
-from aioproj.handle import RunStatus, SubmittedRun
-from aioproj.journal import Journal
+from aioproj.errors import AioprojError, InvalidArgumentError, RunFailedError
+from aioproj.handle import SubmittedRun
+from aioproj.journal import Journal, exit_trap
 from aioproj.project import (
     EntryPoint,
     ResolvedParameters,
     load_project,
     resolve_parameters,
 )
-from aioproj.sources import FetchedProject, SourceCache
-from aioproj.tracking import RunRecord, TrackingStore, open_store
+from aioproj.sources import FetchedProject, SourceCache, redact_url
+from aioproj.tracking import TrackingStore, open_store
 from aioproj.tracking.metrics import MetricsPoller
 from aioproj.tracking.resolve import default_tracking_uri
 
@@ -69,6 +71,19 @@ logger = logging.getLogger("aioproj")
 extra_run_tags: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "aioproj_extra_run_tags", default=None
 )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A run ready to be tracked and started: what :meth:`Runner._prepare` produced."""
+
+    backend: Backend
+    store: TrackingStore
+    launch: Launch
+    source: FetchedProject
+    entry_point: EntryPoint
+    parameters: ResolvedParameters
+    experiment_id: str
 
 
 class Runner:
@@ -185,6 +200,7 @@ class Runner:
                 )
 
     async def _release(self) -> None:
+        await self._journal.aclose()
         for backend in self._backends.values():
             await backend.aclose()
         for store in self._stores.values():
@@ -292,121 +308,217 @@ class Runner:
                         build_image=build_image,
                     )
                 )
-            the_backend = await self._backend(backend)
-            config = await _load_backend_config(backend_config)
-            store = await self._store()
-
-            assert self._sources is not None
-            # Runs started together (a sweep) share one fetch, one parse, one lookup.
-            sources = self._sources
-            source = await self._shared.run(
-                f"fetch\0{uri}\0{version}", lambda: sources.fetch(uri, version)
-            )
-            project = await self._shared.run(
-                f"project\0{source.directory}",
-                lambda: anyio.to_thread.run_sync(load_project, source.directory),
-            )
-            ep = project.get_entry_point(entry_point)
-            if any(p.type == "path" for p in ep.parameters.values()):  # checks files exist
-                resolved = await anyio.to_thread.run_sync(
-                    resolve_parameters, project, ep, parameters
-                )
-            else:
-                resolved = resolve_parameters(project, ep, parameters)
-            launch = await the_backend.prepare(
-                LaunchRequest(
-                    source=source,
-                    project=project,
-                    entry_point=ep,
-                    parameters=resolved,
-                    backend_config=config,
-                    env_manager=env_manager,
-                    docker_args=dict(docker_args or {}),
-                    storage_dir=Path(storage_dir) if storage_dir is not None else None,
-                    build_image=build_image,
-                    docker_auth=docker_auth,
-                    env_cache_dir=(self._cache_dir or cache_root()) / "envs",
-                    tracking_uri=store.uri,
-                )
-            )
-            exp_key = None if experiment_id is None else str(experiment_id)
-            exp_id = await self._shared.run(
-                f"experiment\0{store.uri}\0{experiment_name}\0{exp_key}",
-                lambda: store.resolve_experiment(
-                    experiment_name=experiment_name, experiment_id=exp_key
-                ),
-            )
-            fd_slots = await self._fd_slots(the_backend)
-            held: list[anyio.Semaphore] = []
+            if not self._journal.opened:
+                assert self._tg is not None
+                await self._journal.open(self._tg.start_soon)
+            # Processes started while preparing (environment builds) carry the driver's
+            # mark, so `aioproj recover` stops them if this process dies meanwhile.
+            mark = process_mark.set(build_mark(self._journal.id))
             try:
-                for slots in (self._slots, fd_slots):
-                    if slots is not None:
-                        await slots.acquire()
-                        held.append(slots)
-                if self._state != "open":
-                    raise RuntimeError(
-                        "The Runner was closed while this run was being prepared; "
-                        "no run was created."
-                    )
-            except BaseException:
-                for slots in held:
-                    slots.release()
-                raise
-            handle = await self._start_in_runner(
-                functools.partial(
-                    self._track_and_start,
-                    store,
-                    launch,
-                    source,
-                    ep,
-                    resolved,
-                    exp_id,
-                    the_backend.name,
+                return await self._run(
+                    uri,
+                    entry_point=entry_point,
+                    version=version,
+                    parameters=parameters,
+                    docker_args=docker_args,
+                    experiment_name=experiment_name,
+                    experiment_id=experiment_id,
+                    backend=backend,
+                    backend_config=backend_config,
+                    storage_dir=storage_dir,
+                    synchronous=synchronous,
                     run_id=run_id,
                     run_name=run_name,
-                ),
-                held,
-            )
-            try:
-                if synchronous:
-                    if not await handle.wait():
-                        raise RunFailedError(handle.run_id, (await handle.get_status()).value)
-                    logger.info("=== Run (ID '%s') succeeded ===", handle.run_id)
-                else:
-                    await anyio.lowlevel.checkpoint()
-            except anyio.get_cancelled_exc_class():
-                logger.info("Run (ID '%s') interrupted, cancelling it", handle.run_id)
-                await handle.cancel()
-                raise
-            return handle
+                    env_manager=env_manager,
+                    build_image=build_image,
+                    docker_auth=docker_auth,
+                )
+            finally:
+                process_mark.reset(mark)
         finally:
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
                 self._idle = anyio.Event()
 
-    async def _track_and_start(
+    async def _run(
         self,
-        store: TrackingStore,
-        launch: Launch,
-        source: FetchedProject,
-        ep: EntryPoint,
-        resolved: ResolvedParameters,
-        experiment_id: str,
-        backend_name: str,
+        uri: str,
         *,
+        entry_point: str,
+        version: str | None,
+        parameters: Mapping[str, Any] | None,
+        docker_args: Mapping[str, str | bool] | None,
+        experiment_name: str | None,
+        experiment_id: str | int | None,
+        backend: str | Backend,
+        backend_config: Mapping[str, Any] | str | None,
+        storage_dir: str | Path | None,
+        synchronous: bool,
         run_id: str | None,
         run_name: str | None,
+        env_manager: str | None,
+        build_image: bool,
+        docker_auth: Mapping[str, str] | None,
     ) -> SubmittedRun:
-        extra = extra_run_tags.get() or {}
-        tags = {**_run_tags(source, ep, backend_name), **launch.tags, **extra}
-        if run_id is not None:
-            record = await store.get_run(run_id)
-            await store.set_tags(run_id, tags)
+        """The phases of :meth:`run` once its arguments are checked: prepare (nothing
+        tracked yet), wait for a slot, track and start (never interrupted), follow."""
+        prepared = await self._prepare(
+            uri,
+            entry_point=entry_point,
+            version=version,
+            parameters=parameters,
+            docker_args=docker_args,
+            experiment_name=experiment_name,
+            experiment_id=experiment_id,
+            backend=backend,
+            backend_config=backend_config,
+            storage_dir=storage_dir,
+            env_manager=env_manager,
+            build_image=build_image,
+            docker_auth=docker_auth,
+        )
+        held = await self._acquire_slots(prepared.backend)
+        handle = await self._start_in_runner(
+            functools.partial(self._track_and_start, prepared, run_id=run_id, run_name=run_name),
+            held,
+        )
+        try:
+            if synchronous:
+                if not await handle.wait():
+                    raise RunFailedError(handle.run_id, (await handle.get_status()).value)
+                logger.info("=== Run (ID '%s') succeeded ===", handle.run_id)
+            else:
+                await anyio.lowlevel.checkpoint()
+        except anyio.get_cancelled_exc_class():
+            logger.info("Run (ID '%s') interrupted, cancelling it", handle.run_id)
+            await handle.cancel()
+            raise
+        return handle
+
+    async def _prepare(
+        self,
+        uri: str,
+        *,
+        entry_point: str,
+        version: str | None,
+        parameters: Mapping[str, Any] | None,
+        docker_args: Mapping[str, str | bool] | None,
+        experiment_name: str | None,
+        experiment_id: str | int | None,
+        backend: str | Backend,
+        backend_config: Mapping[str, Any] | str | None,
+        storage_dir: str | Path | None,
+        env_manager: str | None,
+        build_image: bool,
+        docker_auth: Mapping[str, str] | None,
+    ) -> _Prepared:
+        """Everything that can fail before a run is tracked: fetch the source, validate
+        the project and parameters, prepare the backend, find the experiment."""
+        the_backend = await self._backend(backend)
+        config = await _load_backend_config(backend_config)
+        store = await self._store()
+        assert self._sources is not None
+        # Runs started together (a sweep) share one fetch, one parse, one lookup.
+        sources = self._sources
+        source = await self._shared.run(
+            f"fetch\0{uri}\0{version}", lambda: sources.fetch(uri, version)
+        )
+        project = await self._shared.run(
+            f"project\0{source.directory}",
+            lambda: anyio.to_thread.run_sync(load_project, source.directory),
+        )
+        ep = project.get_entry_point(entry_point)
+        if any(p.type == "path" for p in ep.parameters.values()):  # checks files exist
+            resolved = await anyio.to_thread.run_sync(resolve_parameters, project, ep, parameters)
         else:
-            record = await store.create_run(
-                experiment_id, run_name=run_name, tags=tags, params=resolved.logged
+            resolved = resolve_parameters(project, ep, parameters)
+        launch = await the_backend.prepare(
+            LaunchRequest(
+                source=source,
+                project=project,
+                entry_point=ep,
+                parameters=resolved,
+                backend_config=config,
+                env_manager=env_manager,
+                docker_args=dict(docker_args or {}),
+                storage_dir=Path(storage_dir) if storage_dir is not None else None,
+                build_image=build_image,
+                docker_auth=docker_auth,
+                env_cache_dir=(self._cache_dir or cache_root()) / "envs",
+                tracking_uri=store.uri,
             )
+        )
+        exp_key = None if experiment_id is None else str(experiment_id)
+        exp_id = await self._shared.run(
+            f"experiment\0{store.uri}\0{experiment_name}\0{exp_key}",
+            lambda: store.resolve_experiment(
+                experiment_name=experiment_name, experiment_id=exp_key
+            ),
+        )
+        return _Prepared(the_backend, store, launch, source, ep, resolved, exp_id)
+
+    async def _acquire_slots(self, backend: Backend) -> list[anyio.Semaphore]:
+        """Wait for a concurrency slot and an open-files slot; return those held."""
+        fd_slots = await self._fd_slots(backend)
+        held: list[anyio.Semaphore] = []
+        try:
+            for slots in (self._slots, fd_slots):
+                if slots is not None:
+                    await slots.acquire()
+                    held.append(slots)
+            if self._state != "open":
+                raise RuntimeError(
+                    "The Runner was closed while this run was being prepared; no run was created."
+                )
+        except BaseException:
+            for slots in held:
+                slots.release()
+            raise
+        return held
+
+    async def _track_and_start(
+        self, prepared: _Prepared, *, run_id: str | None, run_name: str | None
+    ) -> SubmittedRun:
+        """Journal, track and start a prepared run; return its supervised handle.
+
+        Write-ahead: the run's intent is in the journal before its tracking run exists,
+        and its tracking run exists before its process or job does, which carries the
+        journal's mark. Whatever point this process dies at, ``aioproj recover`` finds
+        what was made. A start that fails records the run FAILED.
+        """
+        store, launch = prepared.store, prepared.launch
+        backend_name = prepared.backend.name
+        journal = self._journal
+        key = uuid.uuid4().hex
+        await journal.intent(
+            key,
+            tracking_uri=store.uri,
+            backend=backend_name,
+            experiment_id=prepared.experiment_id,
+            run_id=run_id,
+            state=getattr(launch, "journal_state", None),
+        )
+        extra = extra_run_tags.get() or {}
+        tags = {**_run_tags(prepared.source, prepared.entry_point, backend_name), **launch.tags}
+        tags.update(extra)
+        try:
+            if run_id is not None:
+                record = await store.get_run(run_id)
+                await store.set_tags(run_id, tags)
+            else:
+                record = await store.create_run(
+                    prepared.experiment_id,
+                    run_name=run_name,
+                    tags=tags,
+                    params=prepared.parameters.logged,
+                    client_key=key,
+                )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._abandon(store, key, prepared.experiment_id, run_id)
+            raise
+        journal.note(key, "tracked", run=record.run_id)
         label = run_name or record.run_id[:8]
         output = RunOutput(label, echo=self._echo)
         tracking_env = {
@@ -422,13 +534,19 @@ class Runner:
                     tracking_env=tracking_env,
                     output=output,
                     grace_period=self._grace,
+                    process_mark=journal.mark(key),
+                    exit_trap=exit_trap(str(journal.path), key),
                 )
             )
         except BaseException:
             output.close()
-            await store.set_terminated(record.run_id, RunStatus.FAILED.value)
+            end_ms = int(time.time() * 1000)
+            journal.note(key, "ended", status="FAILED", end=end_ms)
+            with anyio.CancelScope(shield=True):
+                await store.set_terminated(record.run_id, "FAILED", end_time_ms=end_ms)
+            journal.note(key, "done")
             raise
-        await self._journal_start(store, record, backend_name, execution)
+        journal.note(key, "started", state=getattr(execution, "journal_state", None) or {})
         handle = SubmittedRun(
             run_id=record.run_id,
             experiment_id=record.experiment_id,
@@ -439,13 +557,39 @@ class Runner:
             # Stopping takes up to two grace periods (leader, then stragglers).
             cleanup_timeout=2 * self._grace + 10,
             metrics=self._metrics_poller(store),
-            journal=self._journal,
+            journal=journal,
+            journal_key=key,
             leave_remote_running=self._is_default,
         )
         self._live.add(handle)
         assert self._tg is not None
         self._tg.start_soon(handle._supervise, name=f"aioproj run {record.run_id}")
         return handle
+
+    async def _abandon(
+        self, store: TrackingStore, key: str, experiment_id: str, run_id: str | None
+    ) -> None:
+        """After a failed create: settle the run's journal intent, never leave a ghost.
+
+        The store is asked whether the run exists after all (an answer lost on the way):
+        if not, the intent is void; if so, the run is recorded FAILED. If the store cannot
+        say, the intent stays for ``aioproj recover``, which asks again later.
+        """
+        journal = self._journal
+        try:
+            with anyio.fail_after(30):
+                found = run_id or await store.find_run(experiment_id, key)
+                if found is not None:
+                    await store.set_terminated(found, "FAILED")
+        except (AioprojError, TimeoutError) as exc:
+            logger.warning(
+                "A run of this process may exist in %s without aioproj knowing it (%s);"
+                " `aioproj recover` records it FAILED once this process has ended.",
+                redact_url(store.uri),
+                exc,
+            )
+            return
+        journal.note(key, "void" if found is None else "done")
 
     async def _run_detached(self, argv: list[str]) -> SubmittedRun:
         """Start a detached supervisor for ``aioproj run <argv>``; a handle following it."""
@@ -475,35 +619,6 @@ class Runner:
             cleanup_timeout=2 * self._grace + 10,
             metrics=self._metrics_poller(store),
         )
-
-    async def _journal_start(
-        self,
-        store: TrackingStore,
-        record: RunRecord,
-        backend_name: str,
-        execution: Execution,
-    ) -> None:
-        """Note the run in the journal, so `aioproj recover` finds it if this process dies."""
-        run_id, experiment_id = record.run_id, record.experiment_id
-        state = getattr(execution, "journal_state", None) or {}
-        try:
-            await run_short(
-                functools.partial(
-                    self._journal.record_start,
-                    run_id=run_id,
-                    experiment_id=experiment_id,
-                    tracking_uri=store.uri,
-                    backend=backend_name,
-                    state=state,
-                )
-            )
-        except OSError as exc:
-            logger.warning(
-                "Run %s is not in the run journal (%s); if this process dies, "
-                "`aioproj recover` will not find it.",
-                run_id,
-                exc,
-            )
 
     async def _start_in_runner(
         self, start: Callable[[], Awaitable[SubmittedRun]], held: list[anyio.Semaphore]

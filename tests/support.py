@@ -95,3 +95,21 @@ def _survivors(path: Path) -> list[int]:
 async def survivors(path: Path) -> list[int]:
     """The pids listed in ``path`` that still run (read off the event loop)."""
     return await anyio.to_thread.run_sync(_survivors, path)
+
+
+def _journal_runs() -> list[Any]:
+    from aioproj.journal._records import fold, parse_lines
+
+    folder = Path(os.environ["AIOPROJ_CACHE_DIR"]) / "journal"
+    if not folder.is_dir():
+        return []
+    runs: list[Any] = []
+    for path in sorted(folder.glob("*.log")):
+        _, found = fold(parse_lines(path.read_bytes()))
+        runs.extend(run for run in found.values() if not run.done)
+    return runs
+
+
+async def journal_runs() -> list[Any]:
+    """The runs the run journals (of this test's cache) describe as unfinished."""
+    return await anyio.to_thread.run_sync(_journal_runs)

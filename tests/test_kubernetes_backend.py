@@ -18,7 +18,14 @@ import yaml
 import aioproj
 from aioproj.journal import RECOVERED_TAG
 from aioproj.testing.kubernetes import FakeKubernetes
-from tests.support import all_runs, amake_project, process_gone, read_run, wait_for_file
+from tests.support import (
+    all_runs,
+    amake_project,
+    journal_runs,
+    process_gone,
+    read_run,
+    wait_for_file,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -692,13 +699,6 @@ asyncio.run(main())
 """
 
 
-async def _journal_entries() -> list[dict[str, object]]:
-    folder = anyio.Path(os.environ["AIOPROJ_CACHE_DIR"]) / "journal"
-    if not await folder.is_dir():
-        return []
-    return [json.loads(await p.read_text()) async for p in folder.glob("*.json")]
-
-
 async def test_a_kubernetes_run_outlives_its_loop_and_recover_records_its_end(
     kube: FakeKubernetes, template: Path, tmp_path: Path, tracking_uri: str
 ) -> None:
@@ -717,15 +717,13 @@ async def test_a_kubernetes_run_outlives_its_loop_and_recover_records_its_end(
     assert b"remote aioproj run(s) were still going" in result.stderr
     run_id = result.stdout.decode().split()[-1]
     # The Job was not deleted with the loop; the run waits, RUNNING, for its end.
-    (entry,) = await _journal_entries()
-    assert entry["run_id"] == run_id
-    assert [j["metadata"]["name"] for j in kube.objects("jobs", "default")] == [
-        entry["state"]["job"]  # type: ignore[index]
-    ]
+    (entry,) = await journal_runs()
+    assert entry.run_id == run_id
+    assert [j["metadata"]["name"] for j in kube.objects("jobs", "default")] == [entry.state["job"]]
     assert (await read_run(tracking_uri, run_id)).info.status == "RUNNING"
     (still,) = await aioproj.recover()
     assert (still.status, still.action) == (None, "still running on its backend; left as is")
-    assert len(await _journal_entries()) == 1
+    assert len(await journal_runs()) == 1
 
     await anyio.Path(go).touch()
     await wait_until(
@@ -740,4 +738,4 @@ async def test_a_kubernetes_run_outlives_its_loop_and_recover_records_its_end(
     record = await read_run(tracking_uri, run_id)
     assert record.info.status == "FINISHED"
     assert "kubernetes run ended FINISHED" in record.data.tags[RECOVERED_TAG]
-    assert await _journal_entries() == []
+    assert await journal_runs() == []

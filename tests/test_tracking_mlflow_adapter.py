@@ -14,6 +14,7 @@ import pytest
 from aioproj import Runner, RunStatus
 from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.tracking import FileStore, MlflowStore, TrackingStore, open_store
+from aioproj.tracking.base import CLIENT_KEY_TAG
 
 from .mlflow_server import read_back, write_tracked_project
 
@@ -132,6 +133,9 @@ async def test_end_to_end_run_on_sqlite(project: Path, workdir: Path) -> None:
     assert on_sqlite["tags"]["from_child"] == "yes"
     for view in seen:
         assert view["tags"].pop("mlflow.runName") == view.pop("run_name")
+    # The database picks the run id, so the run carries its journal key as a tag; the
+    # file store's run id is that key.
+    assert on_sqlite["tags"].pop(CLIENT_KEY_TAG) != run.run_id
     assert on_sqlite == on_file
 
 

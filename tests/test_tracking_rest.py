@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from aiohttp import web
 from aioproj import Runner, RunStatus
 from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.tracking import FileStore, RestStore, TrackingStore, open_store
+from aioproj.tracking.base import CLIENT_KEY_TAG
 from aioproj.tracking.rest import RestError
 
 from .mlflow_server import MlflowServer, free_port, read_back, write_tracked_project
@@ -250,9 +252,13 @@ async def test_a_password_in_the_uri_reaches_the_child_but_not_its_output(
 
 
 def without_run_name(view: dict[str, Any]) -> dict[str, Any]:
-    """A read-back view without the (randomly generated) run name."""
-    tags = {k: v for k, v in view["tags"].items() if k != "mlflow.runName"}
+    """A read-back view without the (randomly generated) run name, and without the
+    journal key that stores choosing their own run ids carry (the file store's run id
+    is that key)."""
+    tags = {k: v for k, v in view["tags"].items() if k not in ("mlflow.runName", CLIENT_KEY_TAG)}
     assert view["tags"]["mlflow.runName"] == view["run_name"]
+    if CLIENT_KEY_TAG in view["tags"]:
+        assert re.fullmatch("[0-9a-f]{32}", view["tags"][CLIENT_KEY_TAG])
     return {**view, "run_name": None, "tags": tags, "output": None}
 
 

@@ -53,6 +53,12 @@ class StartRequest:
     output: RunOutput
     grace_period: float = 10.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The value of ``AIOPROJ_RUN_MARK`` for every local process of the run, so that
+    #: ``aioproj recover`` finds them if the driver dies (see :mod:`aioproj._marks`).
+    process_mark: str | None = None
+    #: A shell line a local run's shell runs first: it records the run's exit code and
+    #: end time in the journal when the shell exits (see :func:`aioproj.journal.exit_trap`).
+    exit_trap: str = ""
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 
+from aioproj._marks import MARK_VARIABLE
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
@@ -122,10 +123,13 @@ class LocalLaunch:
             **self.env.env_vars,
             **request.tracking_env,
         }
+        if request.process_mark is not None:
+            child_env[MARK_VARIABLE] = request.process_mark
+        command = f"{request.exit_trap}\n{self.command}" if request.exit_trap else self.command
         try:
             group = await ProcessGroup.start(
                 self.shell,
-                self.command,
+                command,
                 cwd=self.work_dir,
                 env=child_env,
                 on_output=request.output.feed,

@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import Process
 
+from aioproj._marks import marked_env
 from aioproj.errors import EnvironmentBuildError
 
 __all__ = ["OutputTail", "run_step"]
@@ -55,14 +56,16 @@ async def run_step(
     ``what`` says what the step does and ``hint`` what the user can do, both for the
     error. Raises :class:`EnvironmentBuildError` with the command and the tail of its
     output if it cannot start or exits non-zero. On cancellation the whole process group
-    is killed and reaped before the cancellation propagates.
+    is killed and reaped before the cancellation propagates. The process carries the
+    mark of the run preparation it belongs to (:mod:`aioproj._marks`), so ``aioproj
+    recover`` stops it if the driver dies during the build.
     """
     args = [str(a) for a in argv]
     try:
         process = await anyio.open_process(
             args,
             cwd=cwd,
-            env=dict(env),
+            env=marked_env(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

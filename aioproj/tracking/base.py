@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from aioproj.tracking.metrics import Metric, MetricCursor
 
 __all__ = [
+    "CLIENT_KEY_TAG",
     "MAX_KEY_LENGTH",
     "MAX_PARAM_VALUE_LENGTH",
     "MAX_TAG_VALUE_LENGTH",
@@ -41,6 +42,9 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "mlflow.runName"
+#: The tag that carries a run's journal key on stores that choose the run id themselves
+#: (a tracking server, a database), so a create whose answer was lost can be found.
+CLIENT_KEY_TAG = "aioproj.clientKey"
 USER_TAG = "mlflow.user"
 TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 
@@ -107,8 +111,19 @@ class TrackingStore(Protocol):
         tags: Mapping[str, str],
         params: Mapping[str, str],
         start_time_ms: int | None = None,
+        client_key: str | None = None,
     ) -> RunRecord:
-        """Create a RUNNING run with all its tags and params in one batch."""
+        """Create a RUNNING run with all its tags and params in one batch.
+
+        ``client_key`` (a 32-digit hex key, the run's journal key) makes the creation
+        idempotent: a store that picks run ids itself tags the run with it and, when an
+        answer is lost, looks for it before creating again; the file store uses it as the
+        run id. :meth:`find_run` finds the run by it later.
+        """
+        ...
+
+    async def find_run(self, experiment_id: str, client_key: str) -> str | None:
+        """The id of the run created with ``client_key`` in the experiment, if any."""
         ...
 
     async def get_run(self, run_id: str) -> RunRecord:

@@ -430,14 +430,23 @@ class _Layout:
         tags: Mapping[str, str],
         params: Mapping[str, str],
         start_time_ms: int,
+        run_id: str | None = None,
     ) -> RunRecord:
-        """Write a whole run: folders, tags, params, then meta.yaml."""
+        """Write a whole run: folders, tags, params, then meta.yaml.
+
+        With ``run_id`` given, a run already complete under that id is returned as it is
+        (a create repeated after a crash); a half-written one is completed.
+        """
         meta_exp = self.active_experiment(experiment_id)
-        run_id = uuid.uuid4().hex
+        run_id = run_id or uuid.uuid4().hex
         folder = self.root / experiment_id / run_id
-        folder.mkdir()
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if (folder / _META).is_file():
+                return self.get_run(run_id)
         for sub in _RUN_SUBDIRS:
-            (folder / sub).mkdir()
+            (folder / sub).mkdir(exist_ok=True)
         _write_values(folder / "tags", tags)
         _write_values(folder / "params", params)
         location = str(meta_exp["artifact_location"]).rstrip("/")
@@ -460,6 +469,11 @@ class _Layout:
         _write_yaml(folder / _META, meta)
         self._run_dirs[run_id] = folder
         return _record(meta, dict(tags), dict(params))
+
+    def find_run(self, experiment_id: str, run_id: str) -> str | None:
+        self.ensure_root()
+        found = (self.root / experiment_id / run_id / _META).is_file()
+        return run_id if found else None
 
     def _run_dir(self, run_id: str) -> Path:
         """The folder of a run in an active or deleted experiment; TrackingError if none."""
@@ -660,10 +674,12 @@ class FileStore:
         tags: Mapping[str, str],
         params: Mapping[str, str],
         start_time_ms: int | None = None,
+        client_key: str | None = None,
     ) -> RunRecord:
         """Create a RUNNING run with all its tags and params, in one thread hop.
 
-        ``mlflow.runName`` is set to ``run_name`` (or a generated name).
+        ``mlflow.runName`` is set to ``run_name`` (or a generated name). ``client_key``
+        becomes the run id, so creating it again after a crash finds the same run.
 
         Raises:
             InvalidArgumentError: a bad key, a bad experiment id, or ``run_name``
@@ -673,9 +689,28 @@ class FileStore:
         _check_experiment_id(experiment_id)
         all_tags, name = named_run_tags(tags, run_name)
         start = _now_ms() if start_time_ms is None else start_time_ms
+        if client_key is not None:
+            _check_run_id(client_key)
         return await self._call(
-            self._layout.create_run, experiment_id, name, all_tags, check_params(params), start
+            self._layout.create_run,
+            experiment_id,
+            name,
+            all_tags,
+            check_params(params),
+            start,
+            client_key,
         )
+
+    async def find_run(self, experiment_id: str, client_key: str) -> str | None:
+        """The run created with ``client_key`` (its id) if it exists in the experiment.
+
+        Raises:
+            InvalidArgumentError: a malformed experiment id or key.
+            TrackingError: the store cannot be read.
+        """
+        _check_experiment_id(experiment_id)
+        _check_run_id(client_key)
+        return await self._call(self._layout.find_run, experiment_id, client_key)
 
     async def get_run(self, run_id: str) -> RunRecord:
         """Read a run back.

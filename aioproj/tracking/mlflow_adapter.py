@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import posixpath
+import re
 import tempfile
 import time
 import urllib.parse
@@ -26,6 +27,7 @@ import anyio.to_thread
 from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.sources.uri import redact_text, redact_url
 from aioproj.tracking.base import (
+    CLIENT_KEY_TAG,
     RUN_NAME_TAG,
     TERMINAL_STATUSES,
     RunRecord,
@@ -56,6 +58,11 @@ def _normalise_uri(uri: str) -> str:
             query = f"?{parsed.query}" if parsed.query else ""
             return f"{parsed.scheme}:///{absolute}{query}"
     return uri
+
+
+def _check_key(client_key: str) -> None:
+    if not re.fullmatch(r"[0-9a-f]{32}", client_key):
+        raise InvalidArgumentError(f"Invalid client key {client_key!r}.")
 
 
 def _check_artifact_path(artifact_path: str) -> str:
@@ -122,13 +129,22 @@ class _Sync:
         tags: Mapping[str, str],
         params: Mapping[str, str],
         start_time_ms: int,
+        client_key: str | None,
     ) -> RunRecord:
         from mlflow.entities import Param
 
         client = self.client()
-        run = client.create_run(
-            experiment_id, start_time=start_time_ms, tags=dict(tags), run_name=run_name
-        )
+        try:
+            run = client.create_run(
+                experiment_id, start_time=start_time_ms, tags=dict(tags), run_name=run_name
+            )
+        except Exception:
+            # The database may have committed the run before the error (a dropped
+            # connection): use it rather than leave it RUNNING next to a retry's.
+            found = self._find(experiment_id, client_key) if client_key else None
+            if found is None:
+                raise
+            run = found
         run_id = run.info.run_id
         try:
             if params:
@@ -138,6 +154,19 @@ class _Sync:
                 client.set_terminated(run_id, "FAILED")
             raise
         return _record(run.info, dict(tags), dict(params))
+
+    def _find(self, experiment_id: str, client_key: str) -> Any:
+        runs = self.client().search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{CLIENT_KEY_TAG}` = '{client_key}'",
+            run_view_type=3,  # ViewType.ALL
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def find_run(self, experiment_id: str, client_key: str) -> str | None:
+        found = self._find(experiment_id, client_key)
+        return None if found is None else str(found.info.run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
         run = self.client().get_run(run_id)
@@ -288,8 +317,12 @@ class MlflowStore:
         tags: Mapping[str, str],
         params: Mapping[str, str],
         start_time_ms: int | None = None,
+        client_key: str | None = None,
     ) -> RunRecord:
         """Create a RUNNING run (``create_run`` with the tags, ``log_batch`` the params).
+
+        With ``client_key`` the run is tagged ``aioproj.clientKey``; if the database
+        fails after creating it, the run is found by that tag and used.
 
         Raises:
             InvalidArgumentError: a bad key, or ``run_name`` disagreeing with an
@@ -298,11 +331,30 @@ class MlflowStore:
                 whose params could not be logged is marked FAILED first).
         """
         all_tags, name = named_run_tags(tags, run_name)
+        if client_key is not None:
+            _check_key(client_key)
+            all_tags[CLIENT_KEY_TAG] = client_key
         checked_params = check_params(params)
         start = _now_ms() if start_time_ms is None else start_time_ms
         return await self._call(
-            self._sync.create_run, str(experiment_id), name, all_tags, checked_params, start
+            self._sync.create_run,
+            str(experiment_id),
+            name,
+            all_tags,
+            checked_params,
+            start,
+            client_key,
         )
+
+    async def find_run(self, experiment_id: str, client_key: str) -> str | None:
+        """The id of the run tagged ``aioproj.clientKey = client_key``, if any.
+
+        Raises:
+            InvalidArgumentError: a malformed key.
+            TrackingError: the store fails.
+        """
+        _check_key(client_key)
+        return await self._call(self._sync.find_run, str(experiment_id), client_key)
 
     async def get_run(self, run_id: str) -> RunRecord:
         """Read a run back; TrackingError if it does not exist."""

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 import ssl
 import time
 import urllib.parse
@@ -49,6 +50,7 @@ from aioproj.tracking._http import (
     split_uri_credentials,
 )
 from aioproj.tracking.base import (
+    CLIENT_KEY_TAG,
     RUN_NAME_TAG,
     TERMINAL_STATUSES,
     USER_TAG,
@@ -74,6 +76,7 @@ _DBFS_BLOCK = 1024 * 1024
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _UNSENT_STATUSES = frozenset({429, 503})
+_HEX_KEY = re.compile(r"[0-9a-f]{32}")
 # Requests in flight per server. A default `mlflow server` on sqlite has a database pool
 # of 5 + 10 connections and answers "QueuePool limit ... reached" beyond it, so many
 # concurrent runs queue here instead of overloading the server.
@@ -495,8 +498,14 @@ class RestStore:
         tags: Mapping[str, str],
         params: Mapping[str, str],
         start_time_ms: int | None = None,
+        client_key: str | None = None,
     ) -> RunRecord:
         """Create a RUNNING run with its tags (``runs/create``) and params (``log-batch``).
+
+        With ``client_key`` the run is tagged ``aioproj.clientKey`` and the creation is
+        idempotent: when the answer to ``runs/create`` is lost (a dropped connection, a
+        proxy's 502), the run is looked up by its key before another create is sent, so
+        the server never keeps a ghost run next to the one aioproj uses.
 
         If the params cannot be logged, the run is marked FAILED (best effort) before the
         error is raised, so no half-made run stays RUNNING.
@@ -505,10 +514,12 @@ class RestStore:
             InvalidArgumentError: a bad key, or ``run_name`` disagreeing with an
                 ``mlflow.runName`` tag.
             TrackingError: the experiment does not exist or is deleted, or the server
-                refuses or cannot be reached. Cancelled during ``runs/create``, the run
-                may exist on the server without aioproj knowing its id.
+                refuses or cannot be reached within the retry budget (then, with a
+                ``client_key``, a run created meanwhile is found by ``aioproj recover``).
         """
         all_tags, name = named_run_tags(tags, run_name)
+        if client_key is not None:
+            all_tags[CLIENT_KEY_TAG] = client_key
         checked_params = check_params(params)
         start = _now_ms() if start_time_ms is None else start_time_ms
         items = list(all_tags.items())
@@ -522,17 +533,7 @@ class RestStore:
         }
         if USER_TAG in all_tags:
             body["user_id"] = all_tags[USER_TAG]
-        try:
-            answer = await self._call("POST", "runs/create", json=body, creates=True)
-        except RestError as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise RestError(
-                    f"No experiment with id {experiment_id} in {_display_host(self.uri)}: {exc}",
-                    status_code=exc.status_code,
-                    error_code=exc.error_code,
-                ) from None
-            raise
-        info = (answer.get("run") or {}).get("info") or {}
+        info = await self._create_once(body, client_key)
         run_id = str(info.get("run_id") or info.get("run_uuid") or "")
         if not run_id:
             raise TrackingError(f"{_display_host(self.uri)}: runs/create returned no run id.")
@@ -549,6 +550,85 @@ class RestStore:
         record = self._record(info, all_tags, checked_params)
         self._artifact_uris[run_id] = record.artifact_uri
         return record
+
+    async def _create_once(self, body: Mapping[str, Any], client_key: str | None) -> dict[str, Any]:
+        """``runs/create`` at most once in effect: the run's ``info``.
+
+        A create that may have reached the server (its answer lost) is followed by a
+        search for its key, and sent again only once the search says it is not there.
+        """
+        experiment_id = str(body["experiment_id"])
+        unsure = False
+        waited = 0.0
+        attempt = 0
+        while True:
+            attempt += 1
+            failure: TrackingError
+            try:
+                if unsure:
+                    assert client_key is not None
+                    found = await self._search_key(experiment_id, client_key)
+                    if found is not None:
+                        return found
+                    unsure = False
+                answer = await self._call("POST", "runs/create", json=body, creates=True)
+                return dict((answer.get("run") or {}).get("info") or {})
+            except RestError as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    raise RestError(
+                        f"No experiment with id {experiment_id} in"
+                        f" {_display_host(self.uri)}: {exc}",
+                        status_code=exc.status_code,
+                        error_code=exc.error_code,
+                    ) from None
+                if client_key is None or exc.status_code not in _RETRY_STATUSES:
+                    raise
+                failure = exc
+            except TrackingError as exc:
+                if client_key is None:
+                    raise
+                failure = exc
+            unsure = True
+            delay = backoff_delay(attempt)
+            if attempt >= self._max_tries or waited + delay > self._max_wait:
+                raise TrackingError(
+                    f"{failure} The server may have created the run; `aioproj recover`"
+                    " finds it by its key once this process has ended."
+                ) from None
+            waited += delay
+            await self._sleep(delay)
+
+    async def _search_key(self, experiment_id: str, client_key: str) -> dict[str, Any] | None:
+        """The ``info`` of the run tagged with ``client_key``, or None."""
+        if not _HEX_KEY.fullmatch(client_key):
+            raise InvalidArgumentError(f"Invalid client key {client_key!r}.")
+        body = await self._call(
+            "POST",
+            "runs/search",
+            json={
+                "experiment_ids": [experiment_id],
+                "filter": f"tags.`{CLIENT_KEY_TAG}` = '{client_key}'",
+                "run_view_type": "ALL",
+                "max_results": 1,
+            },
+        )
+        for run in body.get("runs") or []:
+            info = run.get("info") or {}
+            if info.get("run_id") or info.get("run_uuid"):
+                return dict(info)
+        return None
+
+    async def find_run(self, experiment_id: str, client_key: str) -> str | None:
+        """The id of the run tagged ``aioproj.clientKey = client_key``, if any.
+
+        Raises:
+            InvalidArgumentError: a malformed key.
+            TrackingError: the server refuses or cannot be reached.
+        """
+        found = await self._search_key(str(experiment_id), client_key)
+        if found is None:
+            return None
+        return str(found.get("run_id") or found.get("run_uuid"))
 
     async def _log_batch(
         self, run_id: str, params: Mapping[str, str], tags: Mapping[str, str]
