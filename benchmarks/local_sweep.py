@@ -1,17 +1,29 @@
-"""N trivial local runs through aioproj versus the same commands as bare subprocesses.
+"""N trivial local runs through aioproj against the lean floor of starting N processes.
 
 Each round starts N runs of a one-entry-point project whose command is
-``python -c "import time,sys; time.sleep(float(sys.argv[1]))" 0`` (env manager ``local``,
-file store in a temporary directory), all at once with ``asyncio.gather``, and waits for
-them. The floor starts the same N commands with ``asyncio.create_subprocess_exec("bash",
-"-c", ...)`` in the same process. Printed: wall time of each, the ratio, and aioproj's own
-CPU per run (driver CPU time beyond the floor's, divided by N).
+``python -c "import time,sys; time.sleep(float(sys.argv[1]))" 0`` (env manager
+``local``, file store in a temporary directory), all at once with ``asyncio.gather``,
+and waits for them.
+
+The lean floor (DESIGN.md §5) does the least work that starting and watching the same
+commands can take: the same ``bash -c`` command started with ``posix_spawn`` in a
+session of its own, its output read from a pipe by a loop callback, its exit awaited on
+a pidfd by a loop callback, no threads and no task per child. A second baseline,
+``asyncio.create_subprocess_exec`` (what a program would write first; on Python < 3.12
+it starts a waiter thread per child), is printed beside it, labelled.
+
+Printed per N, as median [min-max] of ``--reps`` repetitions: wall time of the lean
+floor, of asyncio's subprocesses and of aioproj; aioproj's ratio to each; aioproj's
+driver CPU per run, absolute (this process's user+system time over all its threads,
+children excluded: ``time.process_time``), next to the floor's; the p99 lag of a 10 ms
+timer on the loop during a separate round of each; the load average while it ran.
 
     python benchmarks/local_sweep.py                 # N = 1, 50, 200
-    python benchmarks/local_sweep.py -n 200 --reps 3
+    python benchmarks/local_sweep.py -n 200 -n 1000 --reps 3
     python benchmarks/local_sweep.py -n 10 --mlflow  # also mlflow.projects.run, if installed
 
-Targets (DESIGN.md §5): ratio ≤ 1.5 at N = 200; engine CPU ≤ 5 ms per run.
+Targets (DESIGN.md §5): aioproj / lean floor <= 1.2 at N = 200 and 1,000; driver CPU
+<= 3 ms per run; loop lag p99 <= 20 ms while 200 runs start.
 """
 
 from __future__ import annotations
@@ -19,11 +31,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 COMMAND = 'python -c "import time,sys; time.sleep(float(sys.argv[1]))" {sleep}'
 MLPROJECT = f"""
@@ -43,45 +58,102 @@ def _make_project(root: Path) -> Path:
     return project
 
 
-async def floor(n: int, lags: list[float] | None = None) -> None:
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(_watch_lag(stop, lags)) if lags is not None else None
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    command = COMMAND.format(sleep=0)
+def _child_env() -> dict[str, str]:
+    path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
+    return {"PYTHONUNBUFFERED": "1", **os.environ, "PATH": path}
 
-    async def one() -> int:
-        proc = await asyncio.create_subprocess_exec("bash", "-c", command, env=env)
-        return await proc.wait()
 
-    codes = await asyncio.gather(*(one() for _ in range(n)))
-    stop.set()
-    if watcher is not None:
-        await watcher
+# -- baselines ------------------------------------------------------------------------------
+
+
+async def lean_floor(n: int) -> None:
+    """posix_spawn + a pipe and a pidfd watched by loop callbacks: no threads, no tasks."""
+    loop = asyncio.get_running_loop()
+    bash = shutil.which("bash") or "/bin/bash"
+    argv = [bash, "-c", COMMAND.format(sleep=0)]
+    env = _child_env()
+    remaining = n
+    done = loop.create_future()
+    codes: list[int] = []
+
+    def start_one() -> None:
+        read_fd, write_fd = os.pipe()
+        pid = os.posix_spawn(
+            bash,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, write_fd, 1),
+                (os.POSIX_SPAWN_DUP2, write_fd, 2),
+            ],
+            setsid=True,
+        )
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        pidfd = os.pidfd_open(pid)
+        open_ends = [2]
+
+        def end_one() -> None:
+            nonlocal remaining
+            open_ends[0] -= 1
+            if open_ends[0] == 0:
+                remaining -= 1
+                if remaining == 0:
+                    done.set_result(None)
+
+        def on_output() -> None:
+            try:
+                data = os.read(read_fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                loop.remove_reader(read_fd)
+                os.close(read_fd)
+                end_one()
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+            end_one()
+
+        loop.add_reader(read_fd, on_output)
+        loop.add_reader(pidfd, on_exit)
+
+    for _ in range(n):
+        start_one()
+    await done
     assert codes == [0] * n, codes
 
 
-async def _watch_lag(stop: asyncio.Event, lags: list[float]) -> None:
-    """Record how late a 10 ms timer fires: the event loop's lag."""
-    loop = asyncio.get_running_loop()
-    while not stop.is_set():
-        start = loop.time()
-        await asyncio.sleep(0.01)
-        lags.append(loop.time() - start - 0.01)
+async def asyncio_subprocesses(n: int) -> None:
+    """``asyncio.create_subprocess_exec`` per child, output piped and read."""
+    env = _child_env()
+    command = COMMAND.format(sleep=0)
+
+    async def one() -> int:
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", command, env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        await proc.communicate()
+        return proc.returncode or 0
+
+    codes = await asyncio.gather(*(one() for _ in range(n)))
+    assert codes == [0] * n, codes
 
 
-async def with_aioproj(n: int, project: Path, store: str, lags: list[float] | None = None) -> None:
+async def with_aioproj(n: int, project: Path, store: str) -> None:
     import aioproj
 
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(_watch_lag(stop, lags)) if lags is not None else None
     async with aioproj.Runner(tracking_uri=store, echo="off") as runner:
         runs = await asyncio.gather(
             *(runner.run(str(project), synchronous=False, env_manager="local") for _ in range(n))
         )
         statuses = await asyncio.gather(*runs)
-    stop.set()
-    if watcher is not None:
-        await watcher
     assert all(s is aioproj.RunStatus.FINISHED for s in statuses), statuses
 
 
@@ -101,17 +173,45 @@ def with_mlflow(n: int, project: Path, store: str) -> None:
     assert all(run.wait() for run in runs)
 
 
+# -- measuring --------------------------------------------------------------------------------
+
+
+async def _lagged(coro: Any, lags: list[float]) -> None:
+    """Run ``coro`` while recording how late a 10 ms timer fires: the loop's lag."""
+    loop = asyncio.get_running_loop()
+    stop = False
+
+    async def watch() -> None:
+        while not stop:
+            start = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - start - 0.01)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await coro
+    finally:
+        stop = True
+        await watcher
+
+
 def _p99(lags: list[float]) -> float:
     return sorted(lags)[int(len(lags) * 0.99)] * 1000 if lags else 0.0
 
 
-def measure(fn, *args) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def measure(fn: Callable[..., Any], *args: Any) -> tuple[float, float]:
     """Wall seconds and this process's CPU seconds (all threads, no children)."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = fn(*args)
     if asyncio.iscoroutine(result):
         asyncio.run(result)
     return time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``median [min-max]``."""
+    med, low, high = statistics.median(values), min(values), max(values)
+    return f"{med * scale:.{digits}f} [{low * scale:.{digits}f}-{high * scale:.{digits}f}]"
 
 
 def main() -> None:
@@ -122,39 +222,55 @@ def main() -> None:
     args = parser.parse_args()
     sizes = args.n or [1, 50, 200]
 
+    import_start = time.perf_counter()
     import aioproj  # noqa: F401  (imported once, outside the timings)
 
-    print(
-        f"{'N':>5} {'floor s':>9} {'aioproj s':>10} {'ratio':>7} {'engine CPU ms/run':>18}"
-        f" {'lag p99 ms (floor)':>18}"
-        + (f" {'mlflow s':>9} {'mlflow/aioproj':>15}" if args.mlflow else "")
-    )
+    print(f"import aioproj: {(time.perf_counter() - import_start) * 1000:.0f} ms")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         project = _make_project(root)
-        asyncio.run(floor(2))  # warm up bash and python
+        asyncio.run(lean_floor(2))  # warm up bash and python
+        first_wall, first_cpu = measure(with_aioproj, 1, project, (root / "first").as_uri())
+        print(
+            f"first run on a fresh loop (one-off imports included): {first_wall * 1000:.0f} ms"
+            f" wall, {first_cpu * 1000:.0f} ms CPU"
+        )
+        print(
+            "N | lean floor s | asyncio s | aioproj s | aioproj/floor | aioproj/asyncio"
+            " | aioproj CPU ms/run | floor CPU ms/run | lag p99 ms aioproj (floor)"
+        )
         for n in sizes:
-            floors, ours, extra_cpu = [], [], []
+            floors, asyncios, ours, ratios, ratios_asyncio = [], [], [], [], []
+            cpu_ours, cpu_floor = [], []
             for rep in range(args.reps):
                 store = (root / f"mlruns-{n}-{rep}").as_uri()
-                f_wall, f_cpu = measure(floor, n)
+                f_wall, f_cpu = measure(lean_floor, n)
+                s_wall, _ = measure(asyncio_subprocesses, n)
                 a_wall, a_cpu = measure(with_aioproj, n, project, store)
                 floors.append(f_wall)
+                asyncios.append(s_wall)
                 ours.append(a_wall)
-                extra_cpu.append(max(a_cpu - f_cpu, 0.0) / n)
-            f, a = statistics.median(floors), statistics.median(ours)
-            cpu_ms = statistics.median(extra_cpu) * 1000
+                ratios.append(a_wall / f_wall)
+                ratios_asyncio.append(a_wall / s_wall)
+                cpu_ours.append(a_cpu / n)
+                cpu_floor.append(f_cpu / n)
             # One more round of each, untimed, with a lag watcher on the loop.
             floor_lags: list[float] = []
-            asyncio.run(floor(n, floor_lags))
+            asyncio.run(_lagged(lean_floor(n), floor_lags))
             lags: list[float] = []
-            asyncio.run(with_aioproj(n, project, (root / f"lag-{n}").as_uri(), lags))
-            lag = f"{_p99(lags):.1f} ({_p99(floor_lags):.1f})"
-            line = f"{n:>5} {f:>9.3f} {a:>10.3f} {a / f:>7.2f} {cpu_ms:>18.2f} {lag:>18}"
+            asyncio.run(_lagged(with_aioproj(n, project, (root / f"lag-{n}").as_uri()), lags))
+            print(
+                f"{n} | {spread(floors, digits=3)} | {spread(asyncios, digits=3)}"
+                f" | {spread(ours, digits=3)} | {spread(ratios)} | {spread(ratios_asyncio)}"
+                f" | {spread(cpu_ours, 1000)} | {spread(cpu_floor, 1000)}"
+                f" | {_p99(lags):.1f} ({_p99(floor_lags):.1f})",
+                flush=True,
+            )
             if args.mlflow:
                 m_wall, _ = measure(with_mlflow, n, project, (root / f"mlflow-{n}").as_uri())
-                line += f" {m_wall:>9.2f} {m_wall / a:>15.1f}"
-            print(line, flush=True)
+                print(f"  mlflow.projects.run N={n}: {m_wall:.2f} s, {m_wall / min(ours):.0f}x")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
