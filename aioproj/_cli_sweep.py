@@ -234,6 +234,14 @@ def _sweep(args: argparse.Namespace) -> int:
         return 143
     parent, ok = outcome
     verdict = "succeeded" if ok else "had failures"
+    if not the_sweep.parent_recorded:
+        print(
+            f"=== Sweep (parent run ID '{parent}') {verdict}, but its parent run's final"
+            " status could not be recorded; it is kept in the run journal: run `aioproj"
+            " recover` once the tracking store is reachable ===",
+            file=sys.stderr,
+        )
+        return 1
     print(f"=== Sweep (parent run ID '{parent}') {verdict} ===", file=sys.stderr)
     return 0 if ok else 1
 

@@ -50,7 +50,7 @@ from aioproj.backends import (
 from aioproj.envs import validate_env_manager
 from aioproj.errors import AioprojError, InvalidArgumentError, RunFailedError
 from aioproj.handle import SubmittedRun
-from aioproj.journal import Journal, exit_trap
+from aioproj.journal import Journal, record_exit
 from aioproj.project import (
     EntryPoint,
     ResolvedParameters,
@@ -308,9 +308,7 @@ class Runner:
                         build_image=build_image,
                     )
                 )
-            if not self._journal.opened:
-                assert self._tg is not None
-                await self._journal.open(self._tg.start_soon)
+            await self._open_journal()
             # Processes started while preparing (environment builds) carry the driver's
             # mark, so `aioproj recover` stops them if this process dies meanwhile.
             mark = process_mark.set(build_mark(self._journal.id))
@@ -395,6 +393,13 @@ class Runner:
             await handle.cancel()
             raise
         return handle
+
+    async def _open_journal(self) -> Journal:
+        """The runner's journal, opened on first use. Raises JournalError."""
+        if not self._journal.opened:
+            assert self._tg is not None
+            await self._journal.open(self._tg.start_soon)
+        return self._journal
 
     async def _prepare(
         self,
@@ -535,7 +540,9 @@ class Runner:
                     output=output,
                     grace_period=self._grace,
                     process_mark=journal.mark(key),
-                    exit_trap=exit_trap(str(journal.path), key),
+                    record_exit=functools.partial(
+                        record_exit, journal_path=str(journal.path), key=key
+                    ),
                 )
             )
         except BaseException:

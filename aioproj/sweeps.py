@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,6 +432,9 @@ class Sweep:
         #: or it could not start) or KILLED (cancelled).
         self.status: RunStatus = RunStatus.SCHEDULED
         self.error: BaseException | None = None
+        #: False once the parent run's final status could not be written to tracking
+        #: (it is kept in the run journal for ``aioproj recover``).
+        self.parent_recorded = True
         # Created on start: a Sweep that is never started holds nothing to close.
         self._send: MemoryObjectSendStream[TrialResult] | None = None
         self._receive: MemoryObjectReceiveStream[TrialResult] | None = None
@@ -586,21 +590,7 @@ class Sweep:
             experiment_name=args.experiment_name,
             experiment_id=None if args.experiment_id is None else str(args.experiment_id),
         )
-        from aioproj.runner import _user
-
-        parent = await store.create_run(
-            experiment_id,
-            run_name=self._name,
-            tags={
-                "mlflow.user": _user(),
-                "mlflow.source.name": args.uri,
-                "mlflow.source.type": "PROJECT",
-                "mlflow.project.entryPoint": args.entry_point,
-                "aioproj.sweep.size": str(self.total if self.total is not None else "?"),
-            },
-            params={},
-        )
-        self.parent_run_id = parent.run_id
+        parent_key = await self._create_parent(runner, store, experiment_id)
         self.status = RunStatus.RUNNING
         outcome = RunStatus.KILLED
         try:
@@ -611,11 +601,58 @@ class Sweep:
             raise
         finally:
             self.status = outcome
-            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                await self._finish_parent(store, outcome)
+            with anyio.CancelScope(shield=True):
+                await self._finish_parent(runner, store, parent_key, outcome)
 
-    async def _finish_parent(self, store: TrackingStore, outcome: RunStatus) -> None:
+    async def _create_parent(self, runner: Runner, store: TrackingStore, experiment_id: str) -> str:
+        """Create the sweep's parent run, journaled ahead like every run; its journal key.
+
+        If this process dies before the sweep ends, ``aioproj recover`` records the
+        parent KILLED (or the final status noted for it).
+        """
+        from aioproj.runner import _user
+
+        args = self._args
+        journal = await runner._open_journal()
+        key = uuid.uuid4().hex
+        await journal.intent(
+            key, tracking_uri=store.uri, backend="sweep", experiment_id=experiment_id,
+            kind="sweep",
+        )  # fmt: skip
+        try:
+            parent = await store.create_run(
+                experiment_id,
+                run_name=self._name,
+                tags={
+                    "mlflow.user": _user(),
+                    "mlflow.source.name": args.uri,
+                    "mlflow.source.type": "PROJECT",
+                    "mlflow.project.entryPoint": args.entry_point,
+                    "aioproj.sweep.size": str(self.total if self.total is not None else "?"),
+                },
+                params={},
+                client_key=key,
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await runner._abandon(store, key, experiment_id, None)
+            raise
+        journal.note(key, "tracked", run=parent.run_id)
+        self.parent_run_id = parent.run_id
+        return key
+
+    async def _finish_parent(
+        self, runner: Runner, store: TrackingStore, key: str, outcome: RunStatus
+    ) -> None:
+        """Tag the parent with the sweep's counts and best trial, write its final status.
+
+        A status tracking refuses is kept in the journal and :attr:`parent_recorded`
+        turns False (the CLI then says so and exits non-zero).
+        """
         assert self.parent_run_id is not None
+        journal = runner._journal
+        end_ms = int(time.time() * 1000)
+        journal.note(key, "ended", status=outcome.value, end=end_ms)
         counts: dict[str, int] = {}
         for result in self.results:
             counts[result.status.value] = counts.get(result.status.value, 0) + 1
@@ -626,13 +663,25 @@ class Sweep:
             tags["aioproj.sweep.best_value"] = repr(best.metrics[self.metric])
             tags["aioproj.sweep.metric"] = f"{self.metric} ({self.goal})"
         try:
-            if tags:
-                await store.set_tags(self.parent_run_id, tags)
-            await store.set_terminated(
-                self.parent_run_id, outcome.value, end_time_ms=int(time.time() * 1000)
+            with anyio.fail_after(30):
+                if tags:
+                    await store.set_tags(self.parent_run_id, tags)
+                await store.set_terminated(self.parent_run_id, outcome.value, end_time_ms=end_ms)
+        except (AioprojError, TimeoutError) as exc:
+            self.parent_recorded = False
+            logger.error(
+                "Could not record the end of sweep run %s (%s): its status %s is kept in the"
+                " run journal; run `aioproj recover` once the tracking store is reachable.",
+                self.parent_run_id,
+                exc,
+                outcome.value,
             )
-        except AioprojError as exc:
-            logger.error("Could not record the end of sweep run %s: %s", self.parent_run_id, exc)
+            try:
+                await journal.commit(key, "kept")
+            except AioprojError as journal_exc:
+                logger.error("Could not keep it in the run journal either: %s", journal_exc)
+            return
+        journal.note(key, "done")
 
     async def _run_trials(self, runner: Runner) -> None:
         slots = anyio.Semaphore(self._max_parallel)

@@ -113,3 +113,13 @@ def _journal_runs() -> list[Any]:
 async def journal_runs() -> list[Any]:
     """The runs the run journals (of this test's cache) describe as unfinished."""
     return await anyio.to_thread.run_sync(_journal_runs)
+
+
+async def until(check: Any, *, limit: float = 30.0, interval: float = 0.01) -> None:
+    """Wait until ``check()`` (sync, run in a worker thread) is true, polling.
+
+    For conditions no event announces: another process's files or exit.
+    """
+    with anyio.fail_after(limit):
+        while not await anyio.to_thread.run_sync(check):  # noqa: ASYNC110
+            await anyio.sleep(interval)

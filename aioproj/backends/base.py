@@ -8,7 +8,7 @@ runner owns everything around it: sources, project validation, tracking, the han
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -56,9 +56,9 @@ class StartRequest:
     #: The value of ``AIOPROJ_RUN_MARK`` for every local process of the run, so that
     #: ``aioproj recover`` finds them if the driver dies (see :mod:`aioproj._marks`).
     process_mark: str | None = None
-    #: A shell line a local run's shell runs first: it records the run's exit code and
-    #: end time in the journal when the shell exits (see :func:`aioproj.journal.exit_trap`).
-    exit_trap: str = ""
+    #: Wraps a local run's shell command so that the shell records the command's exit
+    #: code and end time in the run journal (see :func:`aioproj.journal.record_exit`).
+    record_exit: Callable[[str], str] | None = None
 
 
 @runtime_checkable

@@ -125,7 +125,9 @@ class LocalLaunch:
         }
         if request.process_mark is not None:
             child_env[MARK_VARIABLE] = request.process_mark
-        command = f"{request.exit_trap}\n{self.command}" if request.exit_trap else self.command
+        command = self.command
+        if request.record_exit is not None:
+            command = request.record_exit(command)
         try:
             group = await ProcessGroup.start(
                 self.shell,

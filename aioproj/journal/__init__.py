@@ -13,7 +13,7 @@ its runs and records each run's true final status. See :mod:`._log` for the file
 from __future__ import annotations
 
 from ._log import Journal, JournalError
-from ._records import exit_trap
+from ._records import record_exit
 from ._recover import RECOVERED_TAG, RecoveredRun, recover
 
-__all__ = ["RECOVERED_TAG", "Journal", "JournalError", "RecoveredRun", "exit_trap", "recover"]
+__all__ = ["RECOVERED_TAG", "Journal", "JournalError", "RecoveredRun", "record_exit", "recover"]

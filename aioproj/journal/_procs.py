@@ -18,7 +18,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection
 
 from aioproj._marks import MARK_VARIABLE
 
@@ -46,19 +46,20 @@ def find_marked(journal_ids: Collection[str]) -> dict[str, list[int]]:
     Zombies have no environment left and are not listed (nothing to stop). Without
     ``/proc`` (not Linux) the answer is empty.
     """
-    if not journal_ids or not sys.platform.startswith("linux"):
-        return {}
     wanted = {f"{journal_id}/" for journal_id in journal_ids}
+    return _scan(lambda mark: mark[: mark.find("/") + 1] in wanted)
+
+
+def _scan(wanted: Callable[[str], bool]) -> dict[str, list[int]]:
+    if not sys.platform.startswith("linux"):
+        return {}
     me = os.getpid()
     found: dict[str, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
         mark = _mark_of(int(name))
-        if mark is None:
-            continue
-        prefix, sep, _ = mark.partition("/")
-        if sep and f"{prefix}/" in wanted:
+        if mark is not None and wanted(mark):
             found.setdefault(mark, []).append(int(name))
     return found
 
@@ -81,25 +82,53 @@ def _alive(pidfd: int) -> bool:
     return not readable
 
 
-def stop_marked(processes: Iterable[tuple[str, int]], grace_period: float) -> int:
-    """SIGTERM every ``(mark, pid)`` still carrying its mark, SIGKILL what is left after
-    ``grace_period``; return how many were signalled. Returns once all have exited."""
-    pinned = [fd for mark, pid in processes if (fd := _pin(pid, mark)) is not None]
-    try:
-        for fd in pinned:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(fd, signal.SIGTERM)
-        deadline = time.monotonic() + grace_period
-        while any(map(_alive, pinned)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for fd in pinned:
-            if _alive(fd):
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(map(_alive, pinned)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return len(pinned)
-    finally:
-        for fd in pinned:
-            os.close(fd)
+def _signal(pidfd: int, pid: int, sig: int) -> None:
+    """Send ``sig`` to a pinned process, and to its process group if it leads one.
+
+    The group gets it too so that a child forked while the leader was being scanned,
+    which carries the mark but was not seen, is not left behind. The pinned leader keeps
+    the group id from being reused.
+    """
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, sig)
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+
+
+def stop_marked(journal_ids: Collection[str], grace_period: float, *, rounds: int = 5) -> int:
+    """Stop every process marked by one of ``journal_ids``: SIGTERM (to each and to the
+    groups they lead), SIGKILL what is left after ``grace_period``; look again, as a
+    process may have appeared meanwhile (a child a dying driver was spawning), until
+    none is found. Returns how many were signalled."""
+    wanted = {f"{journal_id}/" for journal_id in journal_ids}
+    if not wanted:
+        return 0
+    total = 0
+    for _ in range(rounds):
+        found = _scan(lambda mark: mark[: mark.find("/") + 1] in wanted)
+        pinned = [
+            (fd, pid)
+            for mark, pids in found.items()
+            for pid in pids
+            if (fd := _pin(pid, mark)) is not None
+        ]
+        if not pinned:
+            break
+        total += len(pinned)
+        try:
+            for fd, pid in pinned:
+                _signal(fd, pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_period
+            while any(_alive(fd) for fd, _ in pinned) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for fd, pid in pinned:
+                if _alive(fd):
+                    _signal(fd, pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while any(_alive(fd) for fd, _ in pinned) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            for fd, _ in pinned:
+                os.close(fd)
+    return total

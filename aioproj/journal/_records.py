@@ -27,9 +27,9 @@ from typing import Any
 __all__ = [
     "RunState",
     "encode",
-    "exit_trap",
     "fold",
     "parse_lines",
+    "record_exit",
 ]
 
 #: The journal format; a reader skips files of another version.
@@ -155,19 +155,24 @@ def fold(records: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Any] | None, d
     return header, runs
 
 
-def exit_trap(journal_path: str, key: str) -> str:
-    """A shell ``trap`` that appends the run's exit code and end time to the journal.
+def record_exit(command: str, journal_path: str, key: str) -> str:
+    """``command`` as a shell script that appends its exit code and end time to the
+    journal once it has run (an ``exit`` record).
 
-    The run's shell writes it itself as it exits, so a run that ends after its driver
-    died still has its true outcome on record. ``printf`` is a builtin (no process) and
-    ``$EPOCHREALTIME`` a bash variable (empty in other shells: the end time is unknown).
-    A run killed by a signal writes nothing, as it did not exit on its own.
+    The run's shell writes it itself, so a run that ends after its driver died still
+    has its true outcome on record. The command runs in a subshell, so an ``exit`` in it
+    ends only the subshell and is recorded too; a shell killed by a signal (a cancelled
+    run) dies before it writes anything. ``printf`` is a builtin (no process) and
+    ``$EPOCHREALTIME`` a bash variable (empty in other shells: the end time is then
+    unknown). The exit code of the script is the command's.
     """
     import shlex
 
     line = '{"op":"exit","k":"%s","rc":%d,"t":"%s"}\\n'
-    command = (
-        f'printf {shlex.quote(line)} {shlex.quote(key)} "$?" "$EPOCHREALTIME"'
-        f" >> {shlex.quote(journal_path)} 2>/dev/null"
+    return (
+        f"(\n{command}\n)\n"
+        "__aioproj_rc=$?\n"
+        f'printf {shlex.quote(line)} {shlex.quote(key)} "$__aioproj_rc" "$EPOCHREALTIME"'
+        f" >> {shlex.quote(journal_path)} 2>/dev/null\n"
+        'exit "$__aioproj_rc"'
     )
-    return f"trap {shlex.quote(command)} EXIT"

@@ -30,7 +30,6 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from aioproj._marks import build_mark
 from aioproj._paths import cache_root
 from aioproj.errors import AioprojError
 
@@ -151,18 +150,28 @@ async def recover(
     try:
         dead_ids = {f.journal_id for f in files if f.dead}
         marked = await anyio.to_thread.run_sync(find_marked, dead_ids)
-        for journal in files:
-            for run in journal.todo():
-                mark = f"{journal.journal_id}/{run.key}"
-                pids = marked.get(mark, []) if journal.dead else []
-                result = await _recover_run(run, pids, mark, grace_period, dry_run, stores)
-                if result is not None:
-                    out.append(result)
-                if run.done:
-                    journal.notes.append(encode({"op": "done", "k": run.key}))
-            builds = marked.get(build_mark(journal.journal_id), [])
-            if journal.dead and builds and not dry_run:
-                await _stop(build_mark(journal.journal_id), builds, grace_period)
+        todo = [(journal, run) for journal in files for run in journal.todo()]
+        now = time.time_ns() // 1_000_000
+        plans = []
+        for journal, run in todo:
+            alive = journal.dead and f"{journal.journal_id}/{run.key}" in marked
+            plans.append(await _plan(run, alive, now))
+        if not dry_run and dead_ids:
+            # Every leftover process of the dead drivers, builds included, in one stop.
+            await _stop(dead_ids, grace_period)
+            # A run that ended on its own meanwhile wrote its exit code: that is its truth.
+            exits = await anyio.to_thread.run_sync(_reread_exits, files)
+            for index, (journal, run) in enumerate(todo):
+                ended = exits.get((journal.journal_id, run.key))
+                if plans[index].status == "KILLED" and ended is not None and ended[0] < 128:
+                    run.exit_code, run.exit_ms = ended
+                    plans[index] = plan_run(run, processes_alive=False, now_ms=now)
+        for (journal, run), plan in zip(todo, plans, strict=True):
+            result = await _record(run, plan, dry_run, stores)
+            if result is not None:
+                out.append(result)
+            if run.done:
+                journal.notes.append(encode({"op": "done", "k": run.key}))
     finally:
         with anyio.CancelScope(shield=True):
             for store in stores.values():
@@ -172,36 +181,28 @@ async def recover(
     return out
 
 
-async def _stop(mark: str, pids: list[int], grace_period: float) -> None:
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(stop_marked, [(mark, pid) for pid in pids], grace_period)
+async def _stop(journal_ids: set[str], grace_period: float) -> None:
+    if journal_ids:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(stop_marked, journal_ids, grace_period)
 
 
-async def _recover_run(
-    run: RunState,
-    pids: list[int],
-    mark: str,
-    grace_period: float,
-    dry_run: bool,
-    stores: dict[str, Any],
+async def _plan(run: RunState, processes_alive: bool, now: int) -> Plan:
+    """What to record for one run: from the journal, or from its remote backend."""
+    if run.backend not in ("local", "") and run.kind == "run" and run.status is None:
+        return await _plan_remote(run, now)
+    return plan_run(run, processes_alive=processes_alive, now_ms=now)
+
+
+async def _record(
+    run: RunState, plan: Plan, dry_run: bool, stores: dict[str, Any]
 ) -> RecoveredRun | None:
-    """Decide, stop, record one run; sets ``run.done`` once nothing is left to do.
+    """Write one run's planned status; sets ``run.done`` once nothing is left to do.
 
     None when there was no run to speak of (the driver died before creating it).
     """
-    now = time.time_ns() // 1_000_000
-    remote = run.backend not in ("local", "") and run.kind == "run" and run.status is None
-    plan = (
-        await _plan_remote(run, now)
-        if remote
-        else plan_run(run, processes_alive=bool(pids), now_ms=now)
-    )
     label = run.run_id or f"(journal key {run.key})"
-    if dry_run:
-        return RecoveredRun(label, run.backend, None, plan.action)
-    if pids:
-        await _stop(mark, pids, grace_period)
-    if plan.status is None:
+    if dry_run or plan.status is None:
         return RecoveredRun(label, run.backend, None, plan.action)
     try:
         store = stores.get(run.tracking_uri)
@@ -216,7 +217,7 @@ async def _recover_run(
             run_id = await store.find_run(run.experiment_id, run.key)
             if run_id is None:  # the driver died before the tracking run existed
                 run.done = True
-                return None if not pids else RecoveredRun(label, run.backend, None, plan.action)
+                return None
         record = await store.get_run(run_id)
         status, action = plan.status, plan.action
         if record.status in ("FINISHED", "FAILED", "KILLED"):
@@ -284,7 +285,7 @@ def _load_journals(directory: Path, dry_run: bool) -> list[_JournalFile]:
 
 def _load_log(path: Path, dry_run: bool) -> _JournalFile | None:
     """A journal, locked if its driver is dead (and this is no dry run)."""
-    fd = try_lock(lock_path(path), create=True)
+    fd = _take_over(path)
     try:
         try:
             data = path.read_bytes()
@@ -303,6 +304,62 @@ def _load_log(path: Path, dry_run: bool) -> _JournalFile | None:
         dead = fd is not None
     journal_id = str((header or {}).get("id") or path.stem)
     return _JournalFile(path, journal_id, runs, dead, fd)
+
+
+#: Seconds to wait for the lock of a journal whose driver is gone (see _take_over).
+_HANDOVER = 5.0
+
+
+def _take_over(path: Path) -> int | None:
+    """The journal's lock if its driver is dead, else None.
+
+    A driver killed while it was starting a process leaves that process, between its
+    ``fork`` and its ``exec``, holding the driver's descriptors for a moment, the lock
+    among them: when the driver's pid is gone, the lock is tried again for a few seconds.
+    """
+    fd = try_lock(lock_path(path), create=True)
+    if fd is not None:
+        return fd
+    driver = _driver_pid(path)
+    if driver is None or _pid_exists(driver):
+        return None
+    deadline = time.monotonic() + _HANDOVER
+    while fd is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        fd = try_lock(lock_path(path), create=True)
+    return fd
+
+
+def _driver_pid(path: Path) -> int | None:
+    """The driver pid the journal's name starts with (``<pid>-<random>.log``)."""
+    head = path.name.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reread_exits(files: list[_JournalFile]) -> dict[tuple[str, str], tuple[int, int | None]]:
+    """The exit records of dead drivers' journals, read again: (journal, key) -> (code, ms)."""
+    out: dict[tuple[str, str], tuple[int, int | None]] = {}
+    for journal in files:
+        if not journal.dead:
+            continue
+        try:
+            _, runs = fold(parse_lines(journal.path.read_bytes()))
+        except OSError:
+            continue
+        for key, run in runs.items():
+            if run.exit_code is not None:
+                out[journal.journal_id, key] = (run.exit_code, run.exit_ms)
+    return out
 
 
 def _settle_journals(files: list[_JournalFile]) -> None:

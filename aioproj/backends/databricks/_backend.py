@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,54 @@ def parse_backend_config(config: Mapping[str, Any] | None) -> ClusterConfig:
     return ClusterConfig(
         dict(cluster), tuple(dict(lib) for lib in libraries), timeout, run_name, volume
     )
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+#: How far before the journal's intent a submitted run may start (clock skew).
+_RECOVER_SKEW_MS = 10 * 60 * 1000
+
+
+async def _find_submitted(client: Any, state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The submitted run whose task carries the MLflow run ``state["mlflow_run_id"]``.
+
+    Reads ``runs/list`` (submitted runs that started after the journal's intent, tasks
+    expanded), page by page; None if there is none.
+    """
+    mlflow_run_id = state.get("mlflow_run_id")
+    if not isinstance(mlflow_run_id, str):
+        return None
+    since = max(0, int(state.get("submitted_after") or 0) - _RECOVER_SKEW_MS)
+    params = {
+        "run_type": "SUBMIT_RUN",
+        "start_time_from": str(since),
+        "expand_tasks": "true",
+        "limit": "25",
+    }
+    while True:
+        page = await client.call("GET", f"{_JOBS}/runs/list", params=params)
+        for run in page.get("runs") or []:
+            if any(_task_runs(task, mlflow_run_id) for task in run.get("tasks") or []):
+                return dict(run)
+        token = page.get("next_page_token")
+        if not page.get("has_more") or not token:
+            return None
+        params = {**params, "page_token": str(token)}
+
+
+def _task_runs(task: Mapping[str, Any], mlflow_run_id: str) -> bool:
+    """True if ``task`` is aioproj's bootstrap running the MLflow run ``mlflow_run_id``."""
+    parameters = (task.get("spark_python_task") or {}).get("parameters") or []
+    if len(parameters) < 2:
+        return False
+    try:
+        spec = json.loads(parameters[1])
+    except (TypeError, ValueError):
+        return False
+    env = spec.get("env") if isinstance(spec, dict) else None
+    return isinstance(env, dict) and env.get("MLFLOW_RUN_ID") == mlflow_run_id
 
 
 def _location(path: str) -> str:
@@ -382,14 +431,19 @@ class DatabricksBackend:
             store = self._tag_stores[uri] = open_store(uri)
         await store.set_tags(run_id, tags)
 
-    async def recover(self, state: Mapping[str, Any]) -> RunStatus | None:
+    async def recover(self, state: Mapping[str, Any]) -> tuple[RunStatus, int | None] | None:
         """The real end of a run whose driver died (see :func:`aioproj.recover`).
 
-        ``state`` is the run's journal entry (workspace host, ``databricks[://profile]``
-        URI, Jobs run id). Asks ``runs/get`` with the credentials the backend resolves
-        for that workspace now: FINISHED, FAILED or KILLED once the run has ended, None
-        while it runs. Raises BackendError if the workspace cannot be asked (no
-        credentials for that host, or it refuses).
+        ``state`` is the run's journal entry: the workspace host and
+        ``databricks[://profile]`` URI, the Jobs run id once it was known, and the MLflow
+        run id (``mlflow_run_id``). A driver that died between the submit and the journal
+        write left no Jobs run id: the run is then found among the workspace's recent
+        submitted runs by the MLflow run id its task carries. Asks with the credentials
+        the backend resolves for that workspace now.
+
+        Returns (FINISHED, FAILED or KILLED, the run's end time in ms) once the run has
+        ended, FAILED if it was never submitted, None while it runs. Raises BackendError
+        if the workspace cannot be asked (no credentials for that host, or it refuses).
         """
         uri = state.get("uri")
         auth = await anyio.to_thread.run_sync(
@@ -410,11 +464,20 @@ class DatabricksBackend:
         workspace = self._workspaces.get(auth.key())
         if workspace is None:
             workspace = self._workspaces[auth.key()] = _Workspace(auth, self)
-        run = await workspace.client.call(
-            "GET", f"{_JOBS}/runs/get", params={"run_id": str(state["run_id"])}
-        )
+        client = workspace.client
+        if state.get("run_id") is not None:
+            run = await client.call(
+                "GET", f"{_JOBS}/runs/get", params={"run_id": str(state["run_id"])}
+            )
+        else:
+            found = await _find_submitted(client, state)
+            if found is None:
+                return RunStatus.FAILED, None  # never submitted
+            run = found
         status, final = map_state(run)
-        return status if final else None
+        if not final:
+            return None
+        return status, int(run.get("end_time") or 0) or None
 
     async def aclose(self) -> None:
         """Close the workspaces' clients and tracking stores, remove the local tarballs.
@@ -452,6 +515,12 @@ class DatabricksLaunch:
     @property
     def tags(self) -> Mapping[str, str]:
         return {}
+
+    @property
+    def journal_state(self) -> dict[str, Any]:
+        """What ``aioproj recover`` needs to find the run, written before it is submitted."""
+        uri = self.tracking_uri if self.tracking_uri.startswith("databricks") else None
+        return {"host": self.workspace.client.host, "uri": uri, "submitted_after": _now_ms()}
 
     def _cluster_env(self, request: StartRequest) -> dict[str, str]:
         uri = self.tracking_uri
@@ -580,8 +649,7 @@ class DatabricksLaunch:
             ws, watch, task_run_id, request.output.feed, request.output.close
         )
         # What `aioproj recover` needs to ask the workspace if this process dies.
-        ws_uri = self.tracking_uri if self.tracking_uri.startswith("databricks") else None
-        execution.journal_state = {"host": client.host, "uri": ws_uri, "run_id": db_run_id}
+        execution.journal_state = {**self.journal_state, "run_id": db_run_id}
         return execution
 
 

@@ -202,17 +202,18 @@ class KubernetesBackend:
         """The namespace watches started so far (for monitoring and benchmarks)."""
         return list(self._watches.values())
 
-    async def recover(self, state: Mapping[str, object]) -> RunStatus | None:
+    async def recover(self, state: Mapping[str, object]) -> tuple[RunStatus, int | None] | None:
         """The real end of a run whose driver died (see :func:`aioproj.recover`).
 
-        ``state`` is the run's journal entry (context, kubeconfig, namespace, Job). Returns
-        FINISHED or FAILED from the Job's conditions, FAILED if the Job is gone (deleted
-        or expired by its TTL, so its outcome cannot be read), None while it runs.
-        Raises BackendError if the cluster cannot be reached.
+        ``state`` is the run's journal entry (context, kubeconfig, namespace, Job), written
+        before the Job was created. Returns FINISHED or FAILED from the Job's conditions,
+        with the time of the condition (the run's end) in ms; FAILED if the Job is gone
+        (never created, or deleted or expired by its TTL, so its outcome cannot be read);
+        None while it runs. Raises BackendError if the cluster cannot be reached.
         """
         from ._client import KubeApiError, connect
         from ._execution import _jobs_path
-        from ._state import job_outcome
+        from ._state import job_end_ms, job_outcome
 
         context = state.get("kube_context")
         config_path = state.get("kube_config_path")
@@ -226,12 +227,12 @@ class KubernetesBackend:
             )
         except KubeApiError as exc:
             if exc.code == 404:
-                return RunStatus.FAILED
+                return RunStatus.FAILED, None
             raise
         finally:
             await client.aclose()
         outcome = job_outcome(job)
-        return None if outcome is None else outcome[0]
+        return None if outcome is None else (outcome[0], job_end_ms(job))
 
     async def aclose(self) -> None:
         """Stop the watches and close the API clients. Jobs keep running."""
@@ -270,6 +271,16 @@ class KubernetesLaunch:
     @property
     def tags(self) -> Mapping[str, str]:
         return self.launch_tags
+
+    @property
+    def journal_state(self) -> dict[str, object]:
+        """What ``aioproj recover`` needs to find the Job: known before it is created."""
+        return {
+            "kube_context": self.config.kube_context,
+            "kube_config_path": self.config.kube_config_path,
+            "namespace": self.namespace,
+            "job": self.job_name,
+        }
 
     def plan(self, run_id: str, tracking_env: Mapping[str, str]) -> JobPlan:
         """The Job of this launch for run ``run_id``. Raises :class:`BackendError` if a
@@ -333,12 +344,7 @@ class KubernetesLaunch:
             log_grace=self.backend._log_grace,
         )
         # What `aioproj recover` needs to find the Job if this process dies.
-        execution.journal_state = {
-            "kube_context": self.config.kube_context,
-            "kube_config_path": self.config.kube_config_path,
-            "namespace": self.namespace,
-            "job": self.job_name,
-        }
+        execution.journal_state = self.journal_state
         logger.info("=== Creating Job %s in namespace %s ===", self.job_name, self.namespace)
         try:
             await create_run_objects(self.client, self.config.template, plan, self.bundle)

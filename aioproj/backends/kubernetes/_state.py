@@ -48,6 +48,31 @@ def job_outcome(job: Obj) -> tuple[RunStatus, str] | None:
     return None
 
 
+def job_end_ms(job: Obj) -> int | None:
+    """When the Job ended, in ms since the epoch: its ``completionTime``, else the latest
+    transition of its final condition; None if neither is readable."""
+    status = job.get("status") or {}
+    stamps = [status.get("completionTime")]
+    stamps += [c.get("lastTransitionTime") for c in _true_conditions(job).values()]
+    times = [t for t in map(_parse_time, stamps) if t is not None]
+    return max(times) if times else None
+
+
+def _parse_time(value: object) -> int | None:
+    """An RFC 3339 time (``2026-12-04T18:40:22Z``) in ms, or None."""
+    if not isinstance(value, str):
+        return None
+    import datetime
+
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return int(parsed.timestamp() * 1000)
+
+
 def is_started(pod: Obj) -> bool:
     """True once a container of the pod runs or has run (its log can be read)."""
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
