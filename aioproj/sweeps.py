@@ -821,19 +821,16 @@ class Sweep:
         self._handles[state.index] = handle
         self._changed(state, "RUNNING")
         pruned: list[str] = []
+        watched = anyio.Event()
         try:
             async with anyio.create_task_group() as watchers:
                 live = self._watch_metrics
                 if live:
-                    watchers.start_soon(self._watch, state, handle, pruned)
+                    watchers.start_soon(self._watch, state, handle, pruned, watched)
                 status = await handle
                 if not live:  # the final values, in one read: the run has ended
-                    watchers.start_soon(self._watch, state, handle, pruned)
-                # The watcher ends by itself once it has read the run's final values;
-                # give it a bounded time to do so.
-                watchers.cancel_scope.deadline = anyio.current_time() + max(
-                    5.0, 4 * self._metrics_interval
-                )
+                    watchers.start_soon(self._watch, state, handle, pruned, watched)
+                await self._await_final_read(handle, watched, watchers.cancel_scope)
         except anyio.get_cancelled_exc_class():
             await handle.cancel()
             raise
@@ -848,7 +845,25 @@ class Sweep:
         live_use = self.metric is not None or self._stopping is not None
         return self._metrics_interval > 0 and live_use
 
-    async def _watch(self, state: TrialState, handle: SubmittedRun, pruned: list[str]) -> None:
+    async def _await_final_read(
+        self, handle: SubmittedRun, watched: anyio.Event, watchers: anyio.CancelScope
+    ) -> None:
+        """Give the watcher of an ended trial a bounded time to read its last values;
+        as long as the tracking store is down, wait for it to come back (the values
+        logged meanwhile then arrive), up to the poller's own limit."""
+        grace = max(5.0, 4 * self._metrics_interval)
+        while True:
+            with anyio.move_on_after(grace):
+                await watched.wait()
+                return
+            poller = handle._metrics
+            if poller is None or poller.failing_since is None:
+                watchers.cancel()
+                return
+
+    async def _watch(
+        self, state: TrialState, handle: SubmittedRun, pruned: list[str], watched: anyio.Event
+    ) -> None:
         """Keep the trial's latest metric values; stop it if early stopping says so."""
         try:
             async for m in handle.metrics(interval=self._metrics_interval):
@@ -860,6 +875,8 @@ class Sweep:
                         await self._maybe_prune(state, handle, m.step, m.value, pruned)
         except AioprojError as exc:  # the run goes on; only its live metrics are lost
             logger.warning("Could not read the metrics of run %s: %s", handle.run_id, exc)
+        finally:
+            watched.set()
 
     async def _maybe_prune(
         self, state: TrialState, handle: SubmittedRun, step: int, value: float, pruned: list[str]

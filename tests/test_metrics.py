@@ -199,23 +199,71 @@ async def test_breaking_out_stops_following_and_the_run_goes_on(
     assert after == [0, 1, 2]
 
 
-async def test_a_store_error_reaches_the_follower(tmp_path: Path, tracking_uri: str) -> None:
-    project = await amake_project(
-        tmp_path / "proj", "name: p\nentry_points:\n  main:\n    command: sleep 30\n"
-    )
-    async with Runner(echo="off") as runner:
-        run = await runner.run(str(project), env_manager="local", synchronous=False)
-        store = await runner._store()
+class _FlakyStore:
+    """A metrics reader that fails ``down`` rounds, then answers; one value per round."""
 
-        async def broken(cursors: Any) -> Any:
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        return "FlakyStore()"
+
+    async def read_new_metrics(self, cursors: Any) -> list[list[Metric]]:
+        self.calls += 1
+        if self.down:
+            self.down -= 1
             raise aioproj.TrackingError("store is down")
+        return [[Metric("loss", float(self.calls), self.calls, self.calls)] for _ in cursors]
 
-        store.read_new_metrics = broken  # type: ignore[method-assign]
-        with pytest.raises(aioproj.TrackingError, match="store is down"):
-            async for _ in run.metrics(interval=0.05):
+
+class _Run:
+    run_id, experiment_id, done = "r" * 32, "0", False
+
+
+async def test_a_store_outage_delays_metrics_and_never_drops_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the store fails, rounds back off and a warning says so, once; the follower
+    keeps going and gets values once the store answers."""
+    store = _FlakyStore(down=4)
+    run = _Run()
+    async with anyio.create_task_group() as tg:
+        poller = MetricsPoller(store, tg.start_soon, max_backoff=0.05)
+        seen: list[Metric] = []
+        with anyio.fail_after(10):
+            async for metric in poller.follow(run, interval=0.01):  # type: ignore[arg-type]
+                seen.append(metric)
+                if len(seen) == 2:
+                    run.done = True
+    assert store.calls >= 6
+    assert [m.step for m in seen][:2] == [5, 6]
+    outage = [r for r in caplog.records if "Could not read live metrics" in r.message]
+    back = [r for r in caplog.records if "can be read again" in r.message]
+    assert len(outage) == 1
+    assert len(back) == 1
+    assert "FlakyStore()" in outage[0].message
+
+
+async def test_an_ended_run_gives_up_after_a_long_outage() -> None:
+    """Followers of a live run wait out any outage; once the run has ended, they give
+    up after ``give_up_after`` seconds of failures, with the store's error."""
+    store = _FlakyStore(down=10**6)
+    run = _Run()
+
+    async def end_later() -> None:
+        await anyio.sleep(0.3)
+        run.done = True
+
+    async with anyio.create_task_group() as tg:
+        poller = MetricsPoller(store, tg.start_soon, give_up_after=0.5, max_backoff=0.02)
+        tg.start_soon(end_later)
+        started = anyio.current_time()
+        with pytest.raises(aioproj.TrackingError, match="store is down"), anyio.fail_after(10):
+            async for _ in poller.follow(run, interval=0.01):  # type: ignore[arg-type]
                 pass
-        await run.cancel()
-    assert await run.get_status() is RunStatus.KILLED
+        assert anyio.current_time() - started >= 0.5
+        assert poller.failing_since is not None
 
 
 def test_metric_is_public_and_frozen() -> None:

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -471,9 +472,15 @@ class _Layout:
         return _record(meta, dict(tags), dict(params))
 
     def find_run(self, experiment_id: str, run_id: str) -> str | None:
+        """``run_id`` if that run exists. A folder a dead driver left without its
+        ``meta.yaml`` (it died writing the run) is removed: no such run was made."""
         self.ensure_root()
-        found = (self.root / experiment_id / run_id / _META).is_file()
-        return run_id if found else None
+        folder = self.root / experiment_id / run_id
+        if (folder / _META).is_file():
+            return run_id
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
 
     def _run_dir(self, run_id: str) -> Path:
         """The folder of a run in an active or deleted experiment; TrackingError if none."""
@@ -703,6 +710,9 @@ class FileStore:
 
     async def find_run(self, experiment_id: str, client_key: str) -> str | None:
         """The run created with ``client_key`` (its id) if it exists in the experiment.
+
+        A run folder left without its ``meta.yaml`` by a process that died creating it is
+        removed (readers would take it for a malformed run).
 
         Raises:
             InvalidArgumentError: a malformed experiment id or key.

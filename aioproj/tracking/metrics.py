@@ -12,6 +12,7 @@ with :meth:`aioproj.SubmittedRun.metrics`, however many runs and followers there
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 if TYPE_CHECKING:
     from aioproj.handle import SubmittedRun
 
+logger = logging.getLogger("aioproj")
+
 __all__ = [
     "Metric",
     "MetricCursor",
@@ -33,6 +36,10 @@ __all__ = [
 
 #: Runs per search request: MLflow's servers accept IN lists this long.
 SEARCH_BATCH = 100
+#: While the store cannot be read, rounds back off up to this many seconds apart.
+MAX_BACKOFF = 30.0
+#: Followers of a run that has ended give up after the store has failed this long.
+GIVE_UP_AFTER = 600.0
 
 
 @dataclass(frozen=True)
@@ -129,12 +136,20 @@ class MetricsPoller:
         self,
         reader: MetricsReader,
         start_soon: Callable[[Callable[[], Coroutine[Any, Any, None]]], object],
+        *,
+        give_up_after: float = GIVE_UP_AFTER,
+        max_backoff: float = MAX_BACKOFF,
     ) -> None:
         self._reader = reader
         self._start_soon = start_soon
         self._followers: list[_Follower] = []
         self._running = False
         self._wake = anyio.Event()
+        self._give_up_after = give_up_after
+        self._max_backoff = max_backoff
+        #: When the store started failing (``anyio.current_time()``), None while it answers.
+        self.failing_since: float | None = None
+        self._failures = 0
         #: Polling rounds so far.
         self.rounds = 0
 
@@ -142,9 +157,13 @@ class MetricsPoller:
         """Every value ``run`` logs: its history first, then new values, until it ends.
 
         Rounds are at most ``interval`` seconds apart (the shortest interval any follower
-        asked for). Ends once the run has ended and a round after its end has read its last values.
-        Raises TrackingError if the store cannot be read. Breaking out of the iteration
-        or cancelling the task that iterates stops following; the run goes on.
+        asked for). Ends once the run has ended and a round after its end has read its
+        last values. While the store cannot be read (a tracking server down), rounds go
+        on with backoff (a warning is logged once per outage) and the values logged
+        meanwhile arrive once it answers again; a run that has ended gives up after
+        ``give_up_after`` seconds of failures and raises the store's TrackingError.
+        Breaking out of the iteration or cancelling the task that iterates stops
+        following; the run goes on.
         """
         cursor = MetricCursor(run.run_id, run.experiment_id)
         if run.done:  # nothing more will be logged: one read, no loop
@@ -174,6 +193,8 @@ class MetricsPoller:
                 self._wake = anyio.Event()
                 await self._round()
                 interval = min((f.interval for f in self._followers), default=0.0)
+                if self._failures:  # back off while the store fails
+                    interval = min(self._max_backoff, max(interval, 0.5) * 2**self._failures)
                 with anyio.move_on_after(interval):
                     await self._wake.wait()
         finally:
@@ -189,10 +210,17 @@ class MetricsPoller:
         try:
             found = await self._reader.read_new_metrics([f.cursor for f in followers])
         except Exception as exc:
-            for follower in followers:
-                follower.error = exc
-                follower.send.close()
-            found = [[] for _ in followers]
+            self._failed(exc, followers)
+            return
+        if self.failing_since is not None:
+            logger.warning(
+                "Live metrics can be read again from %s, after %.0f s; values logged"
+                " meanwhile follow.",
+                _store_name(self._reader),
+                anyio.current_time() - self.failing_since,
+            )
+            self.failing_since = None
+            self._failures = 0
         for follower, was_done, new in zip(followers, ended, found, strict=True):
             for metric in new:
                 try:
@@ -202,6 +230,31 @@ class MetricsPoller:
             if was_done:
                 follower.send.close()
         self._followers = [f for f in self._followers if _listening(f)]
+
+    def _failed(self, exc: Exception, followers: list[_Follower]) -> None:
+        """A round failed: warn once per outage, back off; runs that have ended give
+        up once the outage has lasted ``give_up_after`` seconds."""
+        now = anyio.current_time()
+        self._failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+            logger.warning(
+                "Could not read live metrics from %s (%s); retrying with backoff while the"
+                " runs live.",
+                _store_name(self._reader),
+                exc,
+            )
+        if now - self.failing_since < self._give_up_after:
+            return
+        for follower in followers:
+            if follower.run.done:
+                follower.error = exc
+                follower.send.close()
+        self._followers = [f for f in self._followers if _listening(f)]
+
+
+def _store_name(reader: MetricsReader) -> str:
+    return repr(reader)
 
 
 def _listening(follower: _Follower) -> bool:
