@@ -59,6 +59,7 @@ from aioproj.project import (
 )
 from aioproj.sources import FetchedProject, SourceCache, redact_url
 from aioproj.tracking import TrackingStore, open_store
+from aioproj.tracking.base import RUN_NAME_TAG
 from aioproj.tracking.metrics import MetricsPoller
 from aioproj.tracking.resolve import default_tracking_uri
 
@@ -372,6 +373,7 @@ class Runner:
             backend=backend,
             backend_config=backend_config,
             storage_dir=storage_dir,
+            synchronous=synchronous,
             env_manager=env_manager,
             build_image=build_image,
             docker_auth=docker_auth,
@@ -414,6 +416,7 @@ class Runner:
         backend: str | Backend,
         backend_config: Mapping[str, Any] | str | None,
         storage_dir: str | Path | None,
+        synchronous: bool,
         env_manager: str | None,
         build_image: bool,
         docker_auth: Mapping[str, str] | None,
@@ -452,6 +455,8 @@ class Runner:
                 docker_auth=docker_auth,
                 env_cache_dir=(self._cache_dir or cache_root()) / "envs",
                 tracking_uri=store.uri,
+                version=version,
+                synchronous=synchronous,
             )
         )
         exp_key = None if experiment_id is None else str(experiment_id)
@@ -508,8 +513,13 @@ class Runner:
         tags = {**_run_tags(prepared.source, prepared.entry_point, backend_name), **launch.tags}
         tags.update(extra)
         try:
+            creates_run = getattr(launch, "create_run", None)
+            if creates_run is not None:  # an MLflow backend plugin tracks its run itself
+                run_id = await creates_run(prepared.experiment_id, store)
             if run_id is not None:
                 record = await store.get_run(run_id)
+                if run_name is not None:
+                    tags[RUN_NAME_TAG] = run_name
                 await store.set_tags(run_id, tags)
             else:
                 record = await store.create_run(
@@ -769,10 +779,11 @@ def _runs_within_fd_limit(per_run: int) -> int | None:
 _FD_RESERVE = 128
 
 
-async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[str, Any]:
-    """A dict as given, a ``.json`` path loaded, a JSON object string parsed."""
+async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[str, Any] | None:
+    """A dict as given, a ``.json`` path loaded, a JSON object string parsed; None stays
+    None (MLflow tells "not given" from ``{}``: Databricks requires a config)."""
     if config is None:
-        return {}
+        return None
     if isinstance(config, Mapping):
         return dict(config)
     if not isinstance(config, str):

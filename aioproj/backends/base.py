@@ -30,7 +30,9 @@ class LaunchRequest:
     project: Project
     entry_point: EntryPoint
     parameters: ResolvedParameters
-    backend_config: Mapping[str, Any] = field(repr=False)  # may hold tokens
+    #: As the user gave it (a ``.json`` file or JSON string loaded); None when not given,
+    #: which MLflow tells apart from ``{}`` (Databricks requires one). May hold tokens.
+    backend_config: Mapping[str, Any] | None = field(repr=False)
     env_manager: str | None
     docker_args: Mapping[str, str | bool]
     storage_dir: Path | None
@@ -40,6 +42,10 @@ class LaunchRequest:
     #: Where the run will be tracked (the resolved URI): docker runs mount a local store.
     #: Not in the repr: a database or server URI can carry credentials.
     tracking_uri: str = field(default="", repr=False)
+    #: The ``version`` argument as given (MLflow backend plugins fetch the project again).
+    version: str | None = None
+    #: Whether the caller waits for the run (MLflow hands this to its backend plugins).
+    synchronous: bool = True
 
 
 @dataclass(frozen=True)
