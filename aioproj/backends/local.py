@@ -7,7 +7,9 @@ without a thread, and cancellation stops the whole group.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
@@ -20,11 +22,16 @@ from aioproj._marks import MARK_VARIABLE
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
+from aioproj.sources.uri import redact_url
 
 from ._process import ProcessGroup
 from .base import Execution, LaunchRequest, StartRequest
 
 __all__ = ["LocalBackend", "LocalExecution", "LocalLaunch"]
+
+#: MLflow's "=== Running command ... ===" line goes here (the CLI shows it).
+logger = logging.getLogger(__name__)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 class LocalBackend:
@@ -128,6 +135,12 @@ class LocalLaunch:
         command = self.command
         if request.record_exit is not None:
             command = request.record_exit(command)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "=== Running command '%s' in run with ID '%s' ===",
+                _URL.sub(lambda url: redact_url(url.group()), self.command),
+                request.run_id,
+            )
         try:
             group = await ProcessGroup.start(
                 self.shell,
