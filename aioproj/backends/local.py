@@ -7,6 +7,7 @@ without a thread, and cancellation stops the whole group.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from aioproj._marks import MARK_VARIABLE
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
+from aioproj.project import ResolvedParameters
 from aioproj.sources.uri import redact_url
 
 from ._process import ProcessGroup
@@ -39,6 +41,10 @@ class LocalBackend:
     ``shell`` to use another POSIX shell than bash."""
 
     name = "local"
+    #: ``path`` parameters given as URIs are downloaded for local runs (MLflow's
+    #: ``storage_dir``); the runner does it while :meth:`prepare` runs, and then asks the
+    #: launch to run the command with the local paths (:meth:`LocalLaunch.with_parameters`).
+    downloads_path_parameters = True
     #: Descriptors each live run keeps open (its output pipe and its pidfd) plus one for
     #: the brief file operations of its tracking; the runner queues runs beyond the limit.
     fds_per_run = 3
@@ -106,6 +112,10 @@ class LocalLaunch:
     env: PreparedEnv
     #: What building the environment printed (empty when it was already built).
     build_output: bytes = b""
+
+    def with_parameters(self, parameters: ResolvedParameters) -> LocalLaunch:
+        """This launch, running the command of ``parameters`` in the same environment."""
+        return dataclasses.replace(self, command=self.env.wrap(parameters.command))
 
     @property
     def tags(self) -> Mapping[str, str]:

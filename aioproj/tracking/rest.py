@@ -27,6 +27,7 @@ import contextlib
 import functools
 import math
 import os
+import posixpath
 import re
 import ssl
 import time
@@ -863,6 +864,93 @@ class RestStore:
             if not body.get("bytes_read"):
                 return bytes(out)
             out += base64.b64decode(body.get("data") or "")
+
+    def _proxy(self, location: str, creds: HostCreds) -> tuple[str, str]:
+        """The server base URL and artifact path of an ``mlflow-artifacts:`` location."""
+        parsed = urllib.parse.urlsplit(location)
+        if parsed.scheme.lower() != "mlflow-artifacts":
+            raise InvalidArgumentError(f"{location!r} is not an mlflow-artifacts: location.")
+        base = creds.host
+        if parsed.netloc:
+            base = f"{urllib.parse.urlsplit(creds.host).scheme}://{parsed.netloc}"
+        return base, urllib.parse.unquote(parsed.path).strip("/")
+
+    async def list_proxied_artifacts(self, location: str) -> list[tuple[str, bool]]:
+        """The entries ``(name, is_dir)`` of the artifact directory ``location`` (an
+        ``mlflow-artifacts:`` URI), read through the server's artifact proxy.
+
+        A file, or a path that does not exist, lists nothing (as MLflow's own client sees
+        it). Entry names that are not plain names (``..``, ``a/b``) are refused.
+
+        Raises:
+            TrackingError: the server refused or could not be reached; a malformed answer.
+        """
+        _client, creds = await self._ensure_client()
+        base, path = self._proxy(location, creds)
+        response = await self._request("GET", _ARTIFACTS_API, params={"path": path}, base=base)
+        try:
+            files = (response.json() if response.content else {}).get("files", [])
+        except (ValueError, AttributeError):
+            files = None
+        if not isinstance(files, list):
+            raise TrackingError(f"{_display_host(base)}: unexpected artifact listing for {path}.")
+        entries: list[tuple[str, bool]] = []
+        for item in files:
+            name = posixpath.basename(str(item.get("path", ""))) if isinstance(item, dict) else ""
+            if name in ("", ".", "..") or "\\" in name:
+                raise TrackingError(
+                    f"{_display_host(base)}: the artifact listing of {path} names {item!r}."
+                )
+            entries.append((name, bool(item.get("is_dir"))))
+        return entries
+
+    async def download_proxied_artifact(self, location: str, target: Path) -> None:
+        """Stream the artifact file ``location`` (an ``mlflow-artifacts:`` URI) into
+        ``target`` through the server's artifact proxy, with the store's retries.
+
+        Raises:
+            RestError: the server answered with an error (404: no such artifact).
+            TrackingError: the server could not be reached within the retry budget.
+        """
+        client, creds = await self._ensure_client()
+        base, path = self._proxy(location, creds)
+        url_path = f"{_ARTIFACTS_API}/{urllib.parse.quote(path)}"
+        waited = 0.0
+        attempt = 0
+        while True:
+            attempt += 1
+            self.request_count += 1
+            try:
+                async with client.stream("GET", base + url_path) as response:
+                    if response.status_code < 300:
+                        async with await anyio.open_file(target, "wb") as out:
+                            async for chunk in response.aiter_bytes(1 << 20):
+                                await out.write(chunk)
+                        return
+                    await response.aread()
+                    failure: TrackingError = self._error("GET", url_path, response, base, attempt)
+                    if response.status_code not in _RETRY_STATUSES:
+                        raise failure
+                    delay = parse_retry_after(response.headers.get("Retry-After"))
+                    delay = backoff_delay(attempt) if delay is None else delay
+            except DatabricksAuthError as exc:
+                raise RestError(
+                    self._scrub(f"GET {url_path}: {exc}"),
+                    status_code=exc.status_code,
+                    error_code=exc.error_code,
+                ) from None
+            except httpx.TransportError as exc:
+                failure = TrackingError(
+                    self._scrub(
+                        f"{_display_host(base)}: GET {url_path} failed after {attempt}"
+                        f" attempt(s): {type(exc).__name__}: {exc}"
+                    )
+                )
+                delay = backoff_delay(attempt)
+            if attempt >= self._max_tries or waited + delay > self._max_wait:
+                raise failure
+            waited += delay
+            await self._sleep(delay)
 
     async def _read_proxied(self, url_path: str, base: str) -> bytes:
         try:
