@@ -19,18 +19,15 @@ parameters before the plugin is called, and records the final status itself.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
-import os
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
+from aioproj._mlflow_context import call_with_tracking
 from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
 
@@ -49,10 +46,6 @@ _DOCKER_ARGS = "DOCKER_ARGS"
 _STORAGE_DIR = "STORAGE_DIR"
 _BUILD_IMAGE = "build_image"
 _DOCKER_AUTH = "docker_auth"
-
-#: MLflow's tracking URI is one setting per process: plugins that create runs at the
-#: same time with different URIs take turns.
-_TRACKING_LOCK = threading.Lock()
 
 
 class MlflowPluginBackend:
@@ -183,7 +176,7 @@ class MlflowPluginLaunch:
             experiment_id,
         )
         try:
-            self._submitted = await anyio.to_thread.run_sync(_with_tracking, uri, env, call)
+            self._submitted = await anyio.to_thread.run_sync(call_with_tracking, uri, env, call)
         except Exception as exc:
             raise BackendError(
                 f"The MLflow backend plugin {self._name!r} could not submit the run:"
@@ -273,35 +266,3 @@ class MlflowPluginExecution:
             return RunStatus(str(raw).upper())
         except ValueError:
             return None
-
-
-def _with_tracking(uri: str, env: Mapping[str, str], call: Callable[[], Any]) -> Any:
-    """``call()`` with MLflow tracking to ``uri`` and ``env`` set (blocking)."""
-    with _TRACKING_LOCK, _environment(env), _mlflow_tracking_uri(uri):
-        return call()
-
-
-@contextlib.contextmanager
-def _environment(env: Mapping[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextlib.contextmanager
-def _mlflow_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to ``uri``, then put back as it was."""
-    utils = importlib.import_module("mlflow.tracking._tracking_service.utils")
-    previous = getattr(utils, "_tracking_uri", None)
-    setattr(utils, "_tracking_uri", uri)  # noqa: B010 (set_tracking_uri also sets env vars)
-    try:
-        yield
-    finally:
-        setattr(utils, "_tracking_uri", previous)  # noqa: B010

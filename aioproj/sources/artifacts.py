@@ -25,6 +25,7 @@ import os
 import posixpath
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
@@ -33,6 +34,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
+from aioproj._mlflow_context import call_with_tracking
 from aioproj.errors import AioprojError, ExecutionError, SourceError
 from aioproj.sources.uri import redact_text, redact_url
 
@@ -183,8 +185,8 @@ async def _download_proxied(proxy: _ArtifactProxy, location: str, dest: Path, na
 
 async def _download_http(url: str, dest: Path) -> Path:
     """One file over http(s), streamed to ``dest/<name>``; no credentials are sent."""
-    import httpx
-
+    # httpx's first import reads files: off the event loop, with the client.
+    httpx = await anyio.to_thread.run_sync(importlib.import_module, "httpx")
     name = _last_part(url) or "download"
     if name in (".", "..") or "\\" in name:
         name = "download"
@@ -217,12 +219,16 @@ def _http_client() -> httpx.AsyncClient:
 
 
 async def _download_with_mlflow(uri: str, dest: Path, store: TrackingStore) -> Path:
-    """``artifact_utils._download_artifact_from_uri`` in a worker thread."""
-    call = functools.partial(_mlflow_download, uri, dest, store.uri)
-    return await anyio.to_thread.run_sync(call, abandon_on_cancel=False)
+    """``artifact_utils._download_artifact_from_uri`` in a worker thread, with MLflow
+    tracking to the runner's store (``models:/`` URIs are resolved against MLflow's
+    process-wide tracking URI)."""
+    env = store.child_env()
+    tracking_uri = env.get("MLFLOW_TRACKING_URI", store.uri)
+    call = functools.partial(_mlflow_download, uri, dest, tracking_uri, env)
+    return await anyio.to_thread.run_sync(call)
 
 
-def _mlflow_download(uri: str, dest: Path, tracking_uri: str) -> Path:
+def _mlflow_download(uri: str, dest: Path, tracking_uri: str, env: Mapping[str, str]) -> Path:
     try:
         artifact_utils = importlib.import_module("mlflow.tracking.artifact_utils")
     except ImportError:
@@ -235,8 +241,9 @@ def _mlflow_download(uri: str, dest: Path, tracking_uri: str) -> Path:
     download = artifact_utils._download_artifact_from_uri
     accepted = inspect.signature(download).parameters
     extra = {k: tracking_uri for k in ("tracking_uri", "registry_uri") if k in accepted}
+    call = functools.partial(download, uri, output_path=str(dest), **extra)
     try:
-        local = download(uri, output_path=str(dest), **extra)
+        local = call_with_tracking(tracking_uri, env, call)
     except Exception as exc:
         reason = redact_text(f"{type(exc).__name__}: {exc}", tracking_uri)
         raise SourceError(f"Could not download {redact_url(uri)}: {reason}") from exc
