@@ -25,6 +25,8 @@ import pytest
 
 import aioproj
 from aioproj import Runner, RunStatus
+from aioproj.backends.base import LaunchRequest
+from aioproj.backends.local import LocalBackend, LocalLaunch
 from aioproj.tracking import open_store
 
 from .mlflow_server import MlflowServer
@@ -57,6 +59,8 @@ class _Files(ThreadingHTTPServer):
         self.gets: collections.Counter[str] = collections.Counter()
         self.slow_started = threading.Event()
         self.release = threading.Event()
+        self.gate = threading.Event()  # "/gated" answers once it is set
+        self.gated_seen = threading.Event()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
@@ -67,6 +71,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.gets[self.path] += 1
+        if self.path == "/gated":
+            self.server.gated_seen.set()
+            self.server.gate.wait(30)
+            self.server.files["/gated"] = b"gated\n"
         if self.path == "/slow":
             self.send_response(200)
             self.send_header("Content-Length", "1000000")
@@ -98,6 +106,7 @@ def http_files() -> Iterator[_Files]:
         yield server
     finally:
         server.release.set()
+        server.gate.set()
         server.shutdown()
         server.server_close()
         thread.join(5)
@@ -391,4 +400,56 @@ async def test_local_paths_are_not_downloaded(
             match=r"Got value /no/such\.csv for parameter data, but no such file or directory",
         ):
             await runner.run(str(project), parameters={"data": "/no/such.csv"})
+    assert await _entries(storage) == []
+
+
+class _MeetsTheDownload(LocalBackend):
+    """Prepares only once the download is in flight, and lets it answer: a run can only
+    start if the two overlap. ``fail`` makes the preparation fail instead."""
+
+    def __init__(self, server: _Files, *, fail: bool = False) -> None:
+        super().__init__()
+        self._server = server
+        self._fail = fail
+
+    async def prepare(self, request: LaunchRequest) -> LocalLaunch:
+        assert await anyio.to_thread.run_sync(self._server.gated_seen.wait, 10)
+        if self._fail:
+            raise aioproj.EnvironmentBuildError("the environment could not be built")
+        self._server.gate.set()
+        return await super().prepare(request)
+
+
+async def test_downloads_run_alongside_the_backends_preparation(
+    project: Path, tmp_path: Path, tracking_uri: str, http_files: _Files
+) -> None:
+    """The environment is prepared while the download runs (here each waits for the
+    other: run one after the other, they would never finish)."""
+    async with Runner(echo="off") as runner:
+        await runner.run(
+            str(project),
+            parameters={"data": http_files.url("/gated")},
+            backend=_MeetsTheDownload(http_files),
+            env_manager="local",
+            storage_dir=tmp_path / "storage",
+        )
+    assert await _read(project / "seen.txt") == "gated\n"
+
+
+async def test_a_failed_preparation_stops_the_download(
+    project: Path, tmp_path: Path, tracking_uri: str, http_files: _Files
+) -> None:
+    """The preparation's error is raised as itself (never in a group), the download in
+    flight is cancelled and its directory removed."""
+    storage = tmp_path / "storage"
+    async with Runner(echo="off") as runner:
+        with pytest.raises(aioproj.EnvironmentBuildError, match="could not be built"):
+            await runner.run(
+                str(project),
+                parameters={"data": http_files.url("/gated")},
+                backend=_MeetsTheDownload(http_files, fail=True),
+                env_manager="local",
+                storage_dir=storage,
+            )
+    assert await all_runs(tracking_uri) == []
     assert await _entries(storage) == []
