@@ -453,3 +453,43 @@ async def test_a_failed_preparation_stops_the_download(
             )
     assert await all_runs(tracking_uri) == []
     assert await _entries(storage) == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["runs:/", "runs:/abc123/../../etc/passwd", "runs://host/abc123/x", "runs:/abc%00/x"],
+)
+async def test_malformed_runs_uris_are_source_errors(
+    project: Path, tmp_path: Path, tracking_uri: str, value: str
+) -> None:
+    storage = tmp_path / "storage"
+    async with Runner(echo="off") as runner:
+        with pytest.raises(aioproj.SourceError, match="Could not download runs:"):
+            await runner.run(
+                str(project), parameters={"data": value}, env_manager="local", storage_dir=storage
+            )
+    assert await all_runs(tracking_uri) == []
+    assert await _entries(storage) == []
+
+
+async def test_a_default_uri_is_downloaded_too(
+    tmp_path: Path, tracking_uri: str, http_files: _Files
+) -> None:
+    """``EntryPoint.compute_parameters`` computes defaults like given values: a ``path``
+    default that is a URI is downloaded (MLflow's ``test_path_params``)."""
+    http_files.files["/default.txt"] = b"from the default\n"
+    project = await amake_project(
+        tmp_path / "with-default",
+        f"""
+        entry_points:
+          main:
+            parameters:
+              data: {{type: path, default: "{http_files.url("/default.txt")}"}}
+            command: "cat {{data}} > seen.txt"
+        """,
+    )
+    async with Runner(echo="off") as runner:
+        run = await runner.run(str(project), env_manager="local", storage_dir=tmp_path / "s")
+    assert await _read(project / "seen.txt") == "from the default\n"
+    params = (await read_run(tracking_uri, run.run_id)).data.params
+    assert params == {"data": http_files.url("/default.txt")}

@@ -88,6 +88,8 @@ async def download_uri(uri: str, dest: Path, *, store: TrackingStore) -> Path:
             f"Could not download {redact_url(uri)}: {exc.strerror or exc}"
             + (f" ({exc.filename})" if exc.filename else "")
         ) from exc
+    except ValueError as exc:  # a NUL in a path, a malformed URL
+        raise SourceError(f"Could not download {redact_url(uri)}: {exc}") from exc
 
 
 def _last_part(location: str) -> str:
@@ -187,8 +189,8 @@ async def _download_http(url: str, dest: Path) -> Path:
     """One file over http(s), streamed to ``dest/<name>``; no credentials are sent."""
     # httpx's first import reads files: off the event loop, with the client.
     httpx = await anyio.to_thread.run_sync(importlib.import_module, "httpx")
-    name = _last_part(url) or "download"
-    if name in (".", "..") or "\\" in name:
+    name = _last_part(url)
+    if name in ("", ".", "..") or any(c in name for c in "\\/\0"):
         name = "download"
     target = dest / name
     shown = redact_url(url)

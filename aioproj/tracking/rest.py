@@ -897,7 +897,7 @@ class RestStore:
         entries: list[tuple[str, bool]] = []
         for item in files:
             name = posixpath.basename(str(item.get("path", ""))) if isinstance(item, dict) else ""
-            if name in ("", ".", "..") or "\\" in name:
+            if name in ("", ".", "..") or "\\" in name or "\0" in name:
                 raise TrackingError(
                     f"{_display_host(base)}: the artifact listing of {path} names {item!r}."
                 )
