@@ -300,8 +300,12 @@ class RestStore:
         content: bytes | None = None,
         creates: bool = False,
         base: str | None = None,
+        sink: Callable[[httpx.Response], Awaitable[None]] | None = None,
     ) -> httpx.Response:
         """Send one request with retries; return the successful response.
+
+        With ``sink``, the response is streamed: a successful one is handed to ``sink``
+        (which reads the body) before it is returned; a body cut short is retried.
 
         Raises:
             RestError: the server answered with an error status (after retries).
@@ -317,9 +321,16 @@ class RestStore:
             self.request_count += 1
             delay: float | None
             try:
-                response = await client.request(
-                    method, url, json=json, params=params, content=content
-                )
+                if sink is None:
+                    response = await client.request(
+                        method, url, json=json, params=params, content=content
+                    )
+                else:
+                    async with client.stream(method, url, params=params) as response:
+                        if response.status_code < 300:
+                            await sink(response)
+                        else:
+                            await response.aread()
             except DatabricksAuthError as exc:
                 # The OAuth token source retried within its own budget already.
                 raise RestError(
@@ -912,45 +923,16 @@ class RestStore:
             RestError: the server answered with an error (404: no such artifact).
             TrackingError: the server could not be reached within the retry budget.
         """
-        client, creds = await self._ensure_client()
+        _client, creds = await self._ensure_client()
         base, path = self._proxy(location, creds)
+
+        async def write(response: httpx.Response) -> None:
+            async with await anyio.open_file(target, "wb") as out:
+                async for chunk in response.aiter_bytes(1 << 20):
+                    await out.write(chunk)
+
         url_path = f"{_ARTIFACTS_API}/{urllib.parse.quote(path)}"
-        waited = 0.0
-        attempt = 0
-        while True:
-            attempt += 1
-            self.request_count += 1
-            try:
-                async with client.stream("GET", base + url_path) as response:
-                    if response.status_code < 300:
-                        async with await anyio.open_file(target, "wb") as out:
-                            async for chunk in response.aiter_bytes(1 << 20):
-                                await out.write(chunk)
-                        return
-                    await response.aread()
-                    failure: TrackingError = self._error("GET", url_path, response, base, attempt)
-                    if response.status_code not in _RETRY_STATUSES:
-                        raise failure
-                    delay = parse_retry_after(response.headers.get("Retry-After"))
-                    delay = backoff_delay(attempt) if delay is None else delay
-            except DatabricksAuthError as exc:
-                raise RestError(
-                    self._scrub(f"GET {url_path}: {exc}"),
-                    status_code=exc.status_code,
-                    error_code=exc.error_code,
-                ) from None
-            except httpx.TransportError as exc:
-                failure = TrackingError(
-                    self._scrub(
-                        f"{_display_host(base)}: GET {url_path} failed after {attempt}"
-                        f" attempt(s): {type(exc).__name__}: {exc}"
-                    )
-                )
-                delay = backoff_delay(attempt)
-            if attempt >= self._max_tries or waited + delay > self._max_wait:
-                raise failure
-            waited += delay
-            await self._sleep(delay)
+        await self._request("GET", url_path, base=base, sink=write)
 
     async def _read_proxied(self, url_path: str, base: str) -> bytes:
         try:
