@@ -4,6 +4,16 @@ A backend turns a validated :class:`LaunchRequest` into a :class:`Launch` (every
 can fail before a tracking run exists: config checks, environment preparation, image
 builds), and a launch into a running :class:`Execution` once the run is tracked. The
 runner owns everything around it: sources, project validation, tracking, the handle.
+
+Two optional capabilities, looked up by name:
+
+- a backend with ``downloads_path_parameters = True`` has ``path`` parameters given as
+  URIs downloaded for it while its ``prepare`` runs (MLflow's ``storage_dir``); its
+  launch's ``with_parameters(parameters)`` then returns the launch running the command
+  with the local paths (the local backend);
+- a launch with ``async create_run(experiment_id, store) -> run_id`` creates the tracking
+  run itself; the runner records into that run instead of creating one (MLflow backend
+  plugins, see :mod:`aioproj.backends.mlflow_plugin`).
 """
 
 from __future__ import annotations
