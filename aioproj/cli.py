@@ -35,10 +35,22 @@ class UsageError(Exception):
     """A command-line mistake: reported with the usage line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with click's words for a missing argument, as ``mlflow run`` says it."""
+
+    _REQUIRED = "the following arguments are required: "
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith(self._REQUIRED):
+            first = message.removeprefix(self._REQUIRED).split(", ")[0]
+            message = f"Missing argument '{first}'."
+        super().error(message)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aioproj", description="Run MLflow Projects from asyncio.", allow_abbrev=False
     )
     parser.add_argument("--version", action="version", version=f"aioproj {__version__}")
@@ -515,6 +527,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # As `mlflow run`, say which command a local run runs, before it starts.
+    logging.getLogger("aioproj.backends.local").setLevel(logging.INFO)
     try:
         if args.env_file:
             _load_env_file(args.env_file)

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -59,8 +59,12 @@ from aioproj.project import (
 )
 from aioproj.sources import FetchedProject, SourceCache, redact_url
 from aioproj.tracking import TrackingStore, open_store
+from aioproj.tracking.base import RUN_NAME_TAG
 from aioproj.tracking.metrics import MetricsPoller
 from aioproj.tracking.resolve import default_tracking_uri
+
+if TYPE_CHECKING:
+    from aioproj.sources.path_params import Localized, PathDownloads
 
 __all__ = ["Runner", "run"]
 
@@ -84,6 +88,8 @@ class _Prepared:
     entry_point: EntryPoint
     parameters: ResolvedParameters
     experiment_id: str
+    #: The downloads of its ``path`` parameters, held until the run has started.
+    downloads: Localized | None = None
 
 
 class Runner:
@@ -138,6 +144,7 @@ class Runner:
         self._live: set[SubmittedRun] = set()
         self._state = "unopened"
         self._shared = SharedCalls()
+        self._downloads: PathDownloads | None = None  # made on the first URI to download
         self._inflight = 0  # run() calls between their first check and their handle
         self._idle = anyio.Event()
         self._is_default = False
@@ -372,15 +379,24 @@ class Runner:
             backend=backend,
             backend_config=backend_config,
             storage_dir=storage_dir,
+            synchronous=synchronous,
             env_manager=env_manager,
             build_image=build_image,
             docker_auth=docker_auth,
         )
-        held = await self._acquire_slots(prepared.backend)
-        handle = await self._start_in_runner(
-            functools.partial(self._track_and_start, prepared, run_id=run_id, run_name=run_name),
-            held,
-        )
+        try:
+            held = await self._acquire_slots(prepared.backend)
+            handle = await self._start_in_runner(
+                functools.partial(
+                    self._track_and_start, prepared, run_id=run_id, run_name=run_name
+                ),
+                held,
+            )
+            if prepared.downloads is not None:
+                prepared.downloads.keep()  # the run uses them: they stay, as in MLflow
+        finally:
+            if prepared.downloads is not None:  # removes what no started run uses
+                await prepared.downloads.release()
         try:
             if synchronous:
                 if not await handle.wait():
@@ -414,6 +430,7 @@ class Runner:
         backend: str | Backend,
         backend_config: Mapping[str, Any] | str | None,
         storage_dir: str | Path | None,
+        synchronous: bool,
         env_manager: str | None,
         build_image: bool,
         docker_auth: Mapping[str, str] | None,
@@ -434,34 +451,78 @@ class Runner:
             lambda: anyio.to_thread.run_sync(load_project, source.directory),
         )
         ep = project.get_entry_point(entry_point)
-        if any(p.type == "path" for p in ep.parameters.values()):  # checks files exist
+        has_paths = any(p.type == "path" for p in ep.parameters.values())
+        if has_paths:  # checks files exist
             resolved = await anyio.to_thread.run_sync(resolve_parameters, project, ep, parameters)
         else:
             resolved = resolve_parameters(project, ep, parameters)
-        launch = await the_backend.prepare(
-            LaunchRequest(
-                source=source,
-                project=project,
-                entry_point=ep,
-                parameters=resolved,
-                backend_config=config,
-                env_manager=env_manager,
-                docker_args=dict(docker_args or {}),
-                storage_dir=Path(storage_dir) if storage_dir is not None else None,
-                build_image=build_image,
-                docker_auth=docker_auth,
-                env_cache_dir=(self._cache_dir or cache_root()) / "envs",
-                tracking_uri=store.uri,
-            )
+        request = LaunchRequest(
+            source=source,
+            project=project,
+            entry_point=ep,
+            parameters=resolved,
+            backend_config=config,
+            env_manager=env_manager,
+            docker_args=dict(docker_args or {}),
+            storage_dir=Path(storage_dir) if storage_dir is not None else None,
+            build_image=build_image,
+            docker_auth=docker_auth,
+            env_cache_dir=(self._cache_dir or cache_root()) / "envs",
+            tracking_uri=store.uri,
+            version=version,
+            synchronous=synchronous,
         )
+        downloaded: Localized | None = None
+        if has_paths and getattr(the_backend, "downloads_path_parameters", False):
+            launch, downloaded = await self._prepare_downloading(
+                the_backend, request, parameters, store
+            )
+        else:
+            launch = await the_backend.prepare(request)
         exp_key = None if experiment_id is None else str(experiment_id)
-        exp_id = await self._shared.run(
-            f"experiment\0{store.uri}\0{experiment_name}\0{exp_key}",
-            lambda: store.resolve_experiment(
-                experiment_name=experiment_name, experiment_id=exp_key
+        try:
+            exp_id = await self._shared.run(
+                f"experiment\0{store.uri}\0{experiment_name}\0{exp_key}",
+                lambda: store.resolve_experiment(
+                    experiment_name=experiment_name, experiment_id=exp_key
+                ),
+            )
+        except BaseException:
+            if downloaded is not None:
+                await downloaded.release()
+            raise
+        return _Prepared(the_backend, store, launch, source, ep, resolved, exp_id, downloaded)
+
+    async def _prepare_downloading(
+        self,
+        backend: Backend,
+        request: LaunchRequest,
+        parameters: Mapping[str, Any] | None,
+        store: TrackingStore,
+    ) -> tuple[Launch, Localized | None]:
+        """The backend's preparation, with the ``path`` parameters given as URIs
+        downloaded meanwhile (MLflow's ``storage_dir``); the launch then runs the command
+        with the local paths. Raises what either raises; nothing is left of the downloads
+        on failure."""
+        from aioproj.sources.path_params import PathDownloads, remote_path_parameters
+
+        if not remote_path_parameters(request.entry_point, request.parameters):
+            return await backend.prepare(request), None
+        if self._downloads is None:
+            self._downloads = PathDownloads()
+        downloads = self._downloads
+        launch, downloaded = await downloads.alongside(
+            lambda: backend.prepare(request),
+            lambda: downloads.localize(
+                request.project,
+                request.entry_point,
+                parameters,
+                request.parameters,
+                storage_dir=request.storage_dir,
+                store=store,
             ),
         )
-        return _Prepared(the_backend, store, launch, source, ep, resolved, exp_id)
+        return launch.with_parameters(downloaded.parameters), downloaded  # type: ignore[attr-defined]
 
     async def _acquire_slots(self, backend: Backend) -> list[anyio.Semaphore]:
         """Wait for a concurrency slot and an open-files slot; return those held."""
@@ -508,8 +569,13 @@ class Runner:
         tags = {**_run_tags(prepared.source, prepared.entry_point, backend_name), **launch.tags}
         tags.update(extra)
         try:
+            creates_run = getattr(launch, "create_run", None)
+            if creates_run is not None:  # an MLflow backend plugin tracks its run itself
+                run_id = await creates_run(prepared.experiment_id, store)
             if run_id is not None:
                 record = await store.get_run(run_id)
+                if run_name is not None:
+                    tags[RUN_NAME_TAG] = run_name
                 await store.set_tags(run_id, tags)
             else:
                 record = await store.create_run(
@@ -769,10 +835,11 @@ def _runs_within_fd_limit(per_run: int) -> int | None:
 _FD_RESERVE = 128
 
 
-async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[str, Any]:
-    """A dict as given, a ``.json`` path loaded, a JSON object string parsed."""
+async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[str, Any] | None:
+    """A dict as given, a ``.json`` path loaded, a JSON object string parsed; None stays
+    None (MLflow tells "not given" from ``{}``: Databricks requires a config)."""
     if config is None:
-        return {}
+        return None
     if isinstance(config, Mapping):
         return dict(config)
     if not isinstance(config, str):

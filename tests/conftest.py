@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
+from . import mlflow_plugin_wheel
 from .mlflow_server import MlflowServer
 
 
@@ -60,3 +61,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_test_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The test MLflow backend plugin, pip-installed for the session; its backend name.
+
+    A real wheel with an ``mlflow.project_backend`` entry point (tests/mlflow_plugin/),
+    installed into the environment that runs the tests and uninstalled at the end.
+    """
+    mlflow_plugin_wheel.install(tmp_path_factory.mktemp("mlflow-plugin"))
+    try:
+        yield mlflow_plugin_wheel.PLUGIN_NAME
+    finally:
+        mlflow_plugin_wheel.uninstall()

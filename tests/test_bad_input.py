@@ -125,8 +125,8 @@ async def test_zip_slip_is_rejected(evil_zip: Path, tmp_path: Path, tracking_uri
 
 async def test_unknown_backend(good: Path, tracking_uri: str) -> None:
     await _fails(
-        aioproj.InvalidArgumentError,
-        "Got unsupported execution mode 'nowhere'",
+        aioproj.ExecutionError,
+        "Got unsupported execution mode nowhere. Supported values:",
         tracking_uri,
         str(good),
         backend="nowhere",

@@ -197,7 +197,7 @@ def test_no_wait_reports_bad_input_at_once(project: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-b", "nowhere"], "=== Got unsupported execution mode 'nowhere'"),
+        (["-b", "nowhere"], "=== Got unsupported execution mode nowhere. Supported values:"),
         (["--experiment-id", "12345"], "No experiment with id"),
         (["-e", "nope"], "=== Could not find nope among entry points"),
     ],

@@ -528,14 +528,14 @@ def test_shell_script_defaults_to_bash(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_project(tmp_path).get_entry_point("run.sh").command == "bash run.sh"
 
 
-@pytest.mark.parametrize("name", ["my_script.scala", "train", "model.R"])
+@pytest.mark.parametrize("name", ["my_script.scala", "train", "model.r"])
 def test_unsupported_script_is_rejected(tmp_path: Path, name: str) -> None:
     write_project(tmp_path, "entry_points:\n  main:\n    command: go\n")
     with pytest.raises(EntryPointError) as info:
         load_project(tmp_path).get_entry_point(name)
     assert str(info.value) == (
         f"Could not find {name} among entry points ['main'] or interpret {name} as a "
-        "runnable script. Supported script file extensions: ['.py', '.sh']"
+        "runnable script. Supported script file extensions: ['.py', '.sh', '.R']"
     )
 
 

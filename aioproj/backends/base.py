@@ -4,6 +4,16 @@ A backend turns a validated :class:`LaunchRequest` into a :class:`Launch` (every
 can fail before a tracking run exists: config checks, environment preparation, image
 builds), and a launch into a running :class:`Execution` once the run is tracked. The
 runner owns everything around it: sources, project validation, tracking, the handle.
+
+Two optional capabilities, looked up by name:
+
+- a backend with ``downloads_path_parameters = True`` has ``path`` parameters given as
+  URIs downloaded for it while its ``prepare`` runs (MLflow's ``storage_dir``); its
+  launch's ``with_parameters(parameters)`` then returns the launch running the command
+  with the local paths (the local backend);
+- a launch with ``async create_run(experiment_id, store) -> run_id`` creates the tracking
+  run itself; the runner records into that run instead of creating one (MLflow backend
+  plugins, see :mod:`aioproj.backends.mlflow_plugin`).
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ class LaunchRequest:
     project: Project
     entry_point: EntryPoint
     parameters: ResolvedParameters
-    backend_config: Mapping[str, Any] = field(repr=False)  # may hold tokens
+    #: As the user gave it (a ``.json`` file or JSON string loaded); None when not given,
+    #: which MLflow tells apart from ``{}`` (Databricks requires one). May hold tokens.
+    backend_config: Mapping[str, Any] | None = field(repr=False)
     env_manager: str | None
     docker_args: Mapping[str, str | bool]
     storage_dir: Path | None
@@ -40,6 +52,10 @@ class LaunchRequest:
     #: Where the run will be tracked (the resolved URI): docker runs mount a local store.
     #: Not in the repr: a database or server URI can carry credentials.
     tracking_uri: str = field(default="", repr=False)
+    #: The ``version`` argument as given (MLflow backend plugins fetch the project again).
+    version: str | None = None
+    #: Whether the caller waits for the run (MLflow hands this to its backend plugins).
+    synchronous: bool = True
 
 
 @dataclass(frozen=True)

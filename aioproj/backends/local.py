@@ -7,7 +7,10 @@ without a thread, and cancellation stops the whole group.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
@@ -20,11 +23,17 @@ from aioproj._marks import MARK_VARIABLE
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
+from aioproj.project import ResolvedParameters
+from aioproj.sources.uri import redact_url
 
 from ._process import ProcessGroup
 from .base import Execution, LaunchRequest, StartRequest
 
 __all__ = ["LocalBackend", "LocalExecution", "LocalLaunch"]
+
+#: MLflow's "=== Running command ... ===" line goes here (the CLI shows it).
+logger = logging.getLogger(__name__)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 class LocalBackend:
@@ -32,6 +41,10 @@ class LocalBackend:
     ``shell`` to use another POSIX shell than bash."""
 
     name = "local"
+    #: ``path`` parameters given as URIs are downloaded for local runs (MLflow's
+    #: ``storage_dir``); the runner does it while :meth:`prepare` runs, and then asks the
+    #: launch to run the command with the local paths (:meth:`LocalLaunch.with_parameters`).
+    downloads_path_parameters = True
     #: Descriptors each live run keeps open (its output pipe and its pidfd) plus one for
     #: the brief file operations of its tracking; the runner queues runs beyond the limit.
     fds_per_run = 3
@@ -100,6 +113,10 @@ class LocalLaunch:
     #: What building the environment printed (empty when it was already built).
     build_output: bytes = b""
 
+    def with_parameters(self, parameters: ResolvedParameters) -> LocalLaunch:
+        """This launch, running the command of ``parameters`` in the same environment."""
+        return dataclasses.replace(self, command=self.env.wrap(parameters.command))
+
     @property
     def tags(self) -> Mapping[str, str]:
         tags = dict(self.env.tags)
@@ -128,6 +145,12 @@ class LocalLaunch:
         command = self.command
         if request.record_exit is not None:
             command = request.record_exit(command)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "=== Running command '%s' in run with ID '%s' ===",
+                _URL.sub(lambda url: redact_url(url.group()), self.command),
+                request.run_id,
+            )
         try:
             group = await ProcessGroup.start(
                 self.shell,

@@ -1,24 +1,34 @@
-"""Find a backend by name: built-ins first, then the ``aioproj.backends`` entry-point group."""
+"""Find a backend by name: built-ins first, then the ``aioproj.backends`` entry-point group,
+then MLflow's own backend plugins (the ``mlflow.project_backend`` group)."""
 
 from __future__ import annotations
 
-from aioproj.errors import InvalidArgumentError
+from aioproj.errors import ExecutionError, InvalidArgumentError
 
 from .base import Backend
 
-__all__ = ["BUILTIN_BACKENDS", "load_backend"]
+__all__ = ["BUILTIN_BACKENDS", "ENTRY_POINT_GROUP", "MLFLOW_ENTRY_POINT_GROUP", "load_backend"]
 
 #: Backends that ship with aioproj, by name, with the extra they need (None: core).
 BUILTIN_BACKENDS: dict[str, str | None] = {"local": None, "databricks": None, "kubernetes": None}
 
 ENTRY_POINT_GROUP = "aioproj.backends"
+#: Where MLflow finds third-party project backends (mlflow-slurm, mlflow-yarn, ...).
+MLFLOW_ENTRY_POINT_GROUP = "mlflow.project_backend"
 
 
 def load_backend(name: str) -> Backend:
-    """Return a new backend instance for ``name``.
+    """Return a new backend instance for ``name`` (blocking: plugins are imported).
 
-    Raises :class:`InvalidArgumentError` if no built-in backend or installed plugin has
-    that name, listing those that exist.
+    A name that no aioproj backend has is looked up among MLflow's backend plugins,
+    which run through :class:`~aioproj.backends.mlflow_plugin.MlflowPluginBackend`.
+
+    Raises:
+        ExecutionError: no built-in backend or installed plugin has that name (MLflow's
+            ``ExecutionException`` and message, with the plugins' names listed too).
+        InvalidArgumentError: an ``aioproj.backends`` plugin does not implement
+            :class:`Backend`.
+        BackendError: an MLflow backend plugin cannot be imported.
     """
     if name == "local":
         from .local import LocalBackend
@@ -44,9 +54,16 @@ def load_backend(name: str) -> Backend:
                 "aioproj.backends.Backend (a 'name' attribute and 'prepare'/'aclose' methods)."
             )
         return backend
-    known = sorted(set(BUILTIN_BACKENDS) | set(plugins))
-    raise InvalidArgumentError(
-        f"Got unsupported execution mode {name!r}. Supported values: {known}. "
-        f"Install a plugin that registers it in the {ENTRY_POINT_GROUP!r} entry-point group, "
-        "or pass a Backend instance."
+    mlflow_plugins = {ep.name: ep for ep in entry_points(group=MLFLOW_ENTRY_POINT_GROUP)}
+    if name in mlflow_plugins:
+        from .mlflow_plugin import MlflowPluginBackend
+
+        return MlflowPluginBackend.from_entry_point(mlflow_plugins[name])
+    # MLflow's order: databricks, kubernetes, then its registry ("local"); plugins after.
+    known = ["databricks", "kubernetes", "local"]
+    known += sorted((set(plugins) | set(mlflow_plugins)) - set(known))
+    raise ExecutionError(
+        f"Got unsupported execution mode {name}. Supported values: {known}. Install a "
+        f"plugin that registers it (entry-point group {ENTRY_POINT_GROUP!r}, or MLflow's "
+        f"{MLFLOW_ENTRY_POINT_GROUP!r}), or pass a Backend instance."
     )

@@ -45,7 +45,7 @@ __all__ = [
 MLPROJECT_FILE_NAME = "mlproject"
 PYTHON_ENV_FILE_NAME = "python_env.yaml"
 CONDA_ENV_FILE_NAME = "conda.yaml"
-SUPPORTED_SCRIPT_EXTENSIONS = (".py", ".sh")
+SUPPORTED_SCRIPT_EXTENSIONS = (".py", ".sh", ".R")
 #: Real MLproject files are a few hundred bytes; one this large is a mistake or an attack.
 MAX_MLPROJECT_BYTES = 1 << 20
 #: Deeper YAML nesting is refused before a loader builds it: libyaml recurses on the C
@@ -132,8 +132,9 @@ class Project:
         """Return the entry point called ``name``.
 
         A name that is not declared is run as a script when its extension allows it:
-        ``.py`` with ``python``, ``.sh`` with ``$SHELL`` (``bash`` when unset). The script's
-        existence is not checked.
+        ``.py`` with ``python``, ``.sh`` with ``$SHELL`` (``bash`` when unset), ``.R``
+        with ``Rscript`` through ``mlflow::mlflow_source``. The script's existence is not
+        checked.
 
         Raises:
             EntryPointError: ``name`` is neither declared nor a supported script.
@@ -151,12 +152,23 @@ class Project:
 
 
 def script_command(name: str, *, shell: str) -> str | None:
-    """The command that runs script ``name``, or None if its extension is not supported."""
+    """The command that runs script ``name``, or None if its extension is not supported.
+
+    An ``.R`` script runs as MLflow runs it (``Project.get_entry_point``): ``Rscript -e
+    "mlflow::mlflow_source('<name>')" --args``, extra parameters following ``--args``. A
+    name that needs shell quoting (MLflow's nested quotes would break on it) becomes an
+    R string literal in one shell-quoted word instead.
+    """
     extension = os.path.splitext(name)[1]
     if extension == ".py":
         return f"python {shlex.quote(name)}"
     if extension == ".sh":
         return f"{shell} {shlex.quote(name)}"
+    if extension == ".R":
+        if shlex.quote(name) == name:  # no quote, backslash, $ or space: MLflow's form
+            return f"Rscript -e \"mlflow::mlflow_source('{name}')\" --args"
+        literal = "'" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return f"Rscript -e {shlex.quote(f'mlflow::mlflow_source({literal})')} --args"
     return None
 
 

@@ -25,7 +25,7 @@ from dulwich.repo import Repo
 
 from aioproj.errors import SourceError
 from aioproj.sources._store import CacheDir, FetchedProject, find_subdirectory, in_thread
-from aioproj.sources.uri import ProjectURI, redact_url
+from aioproj.sources.uri import ProjectURI, is_file_uri, redact_url
 
 __all__ = ["fetch_local", "safe_tree_path", "write_tree"]
 
@@ -123,15 +123,36 @@ def _is_branch(repo: Repo, version: str) -> bool:
     return Ref(b"refs/heads/" + version.encode()) in repo.refs
 
 
+def _open_root(path: Path) -> Repo | None:
+    """The git repository whose root is ``path``, if it has a branch (blocking).
+
+    MLflow's ``_is_git_repo`` rule: ``git.Repo(path)`` (no search upwards) with at least
+    one branch. A directory inside a repository is not one.
+    """
+    try:
+        repo = Repo(str(path))
+    except NotGitRepository:
+        return None
+    if not repo.refs.keys(base=Ref(b"refs/heads/")):
+        repo.close()
+        return None
+    return repo
+
+
 def _resolve_version(path: Path, version: str) -> _Export:
-    """Find the repository around ``path`` and the commit ``version`` names (blocking).
+    """Open the repository rooted at ``path``; find the commit ``version`` names (blocking).
 
     Raises:
-        SourceError: not a git repository, or the version names no commit in it.
+        SourceError: ``path`` is not the root of a git repository with a branch (MLflow's
+            "Setting a version is only supported for Git project URIs"), or the version
+            names no commit in it.
     """
-    repo = _discover(path)
+    repo = _open_root(path)
     if repo is None:
-        raise SourceError(f"{VERSION_NEEDS_GIT}: {path} is not inside a git repository.")
+        raise SourceError(
+            f"{VERSION_NEEDS_GIT}: {path} is not the root of a git repository with a"
+            " branch. Give the repository's root (add #subdir for a project inside it)."
+        )
     with repo:
         info = _repo_info(repo)
         try:
@@ -214,9 +235,14 @@ async def fetch_local(
 ) -> FetchedProject:
     """Fetch a local directory: in place, or an export of ``version`` into the cache.
 
-    ``path`` must be absolute and exist. Raises SourceError (not a directory, missing
-    subdirectory, version without git repository, unknown version). When cancelled, a
-    half-written export is removed before ``CancelledError`` propagates.
+    ``path`` must be absolute and exist. With a version it must be a repository's root,
+    as in MLflow. Raises SourceError (not a directory, missing subdirectory, version
+    without git repository root, unknown version). When cancelled, a half-written export
+    is removed before ``CancelledError`` propagates.
+
+    The ``mlflow.source.git.repoURL`` of a version is the repository's first remote; a
+    repository without one gets the URI as given (a ``file://`` URI as written, a path
+    made absolute), which is what MLflow records after adding that remote to it.
     """
     if version is None:
         return await in_thread(lambda: _use_in_place(path, project))
@@ -237,6 +263,12 @@ async def fetch_local(
         uri=project.uri,
         source_name=source_name,
         git_commit=export.commit,
-        git_repo_url=export.info.remote_url,
+        git_repo_url=export.info.remote_url or _repo_url_as_given(project, path),
         git_branch=export.branch,
     )
+
+
+def _repo_url_as_given(project: ProjectURI, path: Path) -> str:
+    """The URI of a local repository as MLflow records it when the repository has no
+    remote: the ``file://`` URI as written (before ``#``), else the path."""
+    return redact_url(project.base) if is_file_uri(project.base) else str(path)

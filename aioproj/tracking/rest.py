@@ -27,6 +27,7 @@ import contextlib
 import functools
 import math
 import os
+import posixpath
 import re
 import ssl
 import time
@@ -299,8 +300,12 @@ class RestStore:
         content: bytes | None = None,
         creates: bool = False,
         base: str | None = None,
+        sink: Callable[[httpx.Response], Awaitable[None]] | None = None,
     ) -> httpx.Response:
         """Send one request with retries; return the successful response.
+
+        With ``sink``, the response is streamed: a successful one is handed to ``sink``
+        (which reads the body) before it is returned; a body cut short is retried.
 
         Raises:
             RestError: the server answered with an error status (after retries).
@@ -316,9 +321,16 @@ class RestStore:
             self.request_count += 1
             delay: float | None
             try:
-                response = await client.request(
-                    method, url, json=json, params=params, content=content
-                )
+                if sink is None:
+                    response = await client.request(
+                        method, url, json=json, params=params, content=content
+                    )
+                else:
+                    async with client.stream(method, url, params=params) as response:
+                        if response.status_code < 300:
+                            await sink(response)
+                        else:
+                            await response.aread()
             except DatabricksAuthError as exc:
                 # The OAuth token source retried within its own budget already.
                 raise RestError(
@@ -863,6 +875,64 @@ class RestStore:
             if not body.get("bytes_read"):
                 return bytes(out)
             out += base64.b64decode(body.get("data") or "")
+
+    def _proxy(self, location: str, creds: HostCreds) -> tuple[str, str]:
+        """The server base URL and artifact path of an ``mlflow-artifacts:`` location."""
+        parsed = urllib.parse.urlsplit(location)
+        if parsed.scheme.lower() != "mlflow-artifacts":
+            raise InvalidArgumentError(f"{location!r} is not an mlflow-artifacts: location.")
+        base = creds.host
+        if parsed.netloc:
+            base = f"{urllib.parse.urlsplit(creds.host).scheme}://{parsed.netloc}"
+        return base, urllib.parse.unquote(parsed.path).strip("/")
+
+    async def list_proxied_artifacts(self, location: str) -> list[tuple[str, bool]]:
+        """The entries ``(name, is_dir)`` of the artifact directory ``location`` (an
+        ``mlflow-artifacts:`` URI), read through the server's artifact proxy.
+
+        A file, or a path that does not exist, lists nothing (as MLflow's own client sees
+        it). Entry names that are not plain names (``..``, ``a/b``) are refused.
+
+        Raises:
+            TrackingError: the server refused or could not be reached; a malformed answer.
+        """
+        _client, creds = await self._ensure_client()
+        base, path = self._proxy(location, creds)
+        response = await self._request("GET", _ARTIFACTS_API, params={"path": path}, base=base)
+        try:
+            files = (response.json() if response.content else {}).get("files", [])
+        except (ValueError, AttributeError):
+            files = None
+        if not isinstance(files, list):
+            raise TrackingError(f"{_display_host(base)}: unexpected artifact listing for {path}.")
+        entries: list[tuple[str, bool]] = []
+        for item in files:
+            name = posixpath.basename(str(item.get("path", ""))) if isinstance(item, dict) else ""
+            if name in ("", ".", "..") or "\\" in name or "\0" in name:
+                raise TrackingError(
+                    f"{_display_host(base)}: the artifact listing of {path} names {item!r}."
+                )
+            entries.append((name, bool(item.get("is_dir"))))
+        return entries
+
+    async def download_proxied_artifact(self, location: str, target: Path) -> None:
+        """Stream the artifact file ``location`` (an ``mlflow-artifacts:`` URI) into
+        ``target`` through the server's artifact proxy, with the store's retries.
+
+        Raises:
+            RestError: the server answered with an error (404: no such artifact).
+            TrackingError: the server could not be reached within the retry budget.
+        """
+        _client, creds = await self._ensure_client()
+        base, path = self._proxy(location, creds)
+
+        async def write(response: httpx.Response) -> None:
+            async with await anyio.open_file(target, "wb") as out:
+                async for chunk in response.aiter_bytes(1 << 20):
+                    await out.write(chunk)
+
+        url_path = f"{_ARTIFACTS_API}/{urllib.parse.quote(path)}"
+        await self._request("GET", url_path, base=base, sink=write)
 
     async def _read_proxied(self, url_path: str, base: str) -> bytes:
         try:

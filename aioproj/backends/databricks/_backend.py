@@ -51,7 +51,13 @@ from ._code import (
 )
 from ._poller import Poller, Watch, map_state
 
-__all__ = ["DatabricksBackend", "DatabricksExecution", "DatabricksLaunch", "parse_backend_config"]
+__all__ = [
+    "DatabricksBackend",
+    "DatabricksExecution",
+    "DatabricksLaunch",
+    "check_backend_config",
+    "parse_backend_config",
+]
 
 logger = logging.getLogger("aioproj.databricks")
 
@@ -104,6 +110,26 @@ def check_tracking_uri(uri: str) -> None:
     )
 
 
+def check_backend_config(config: Mapping[str, Any] | None) -> None:
+    """MLflow's first checks (``databricks.before_run_validations``), in its order.
+
+    Only ``None`` is a missing config: ``{}`` goes on to the next check, the tracking
+    URI (:func:`check_tracking_uri`), as in MLflow.
+
+    Raises:
+        BackendError: no config (MLflow's ``ExecutionException``).
+        InvalidArgumentError: ``existing_cluster_id`` (MLflow's ``MlflowException`` with
+            ``INVALID_PARAMETER_VALUE``), at the top or inside ``new_cluster``.
+    """
+    if config is None:
+        raise BackendError(_NO_CONFIG)
+    cluster = config.get("new_cluster")
+    if "existing_cluster_id" in config or (
+        isinstance(cluster, Mapping) and "existing_cluster_id" in cluster
+    ):
+        raise InvalidArgumentError(_EXISTING_CLUSTER)
+
+
 def parse_backend_config(config: Mapping[str, Any] | None) -> ClusterConfig:
     """The cluster config of a backend config, in the forms MLflow accepts.
 
@@ -113,13 +139,17 @@ def parse_backend_config(config: Mapping[str, Any] | None) -> ClusterConfig:
     ``new_cluster``).
 
     Raises:
-        BackendError: no config, ``existing_cluster_id`` (MLflow's messages), or a
-            malformed value (the message names the key and what is expected).
+        BackendError: no config (MLflow's message), an empty one, or a malformed value
+            (the message names the key and what is expected).
+        InvalidArgumentError: ``existing_cluster_id`` (MLflow's message).
     """
+    check_backend_config(config)
+    assert config is not None
     if not config:
-        raise BackendError(_NO_CONFIG)
-    if "existing_cluster_id" in config:
-        raise BackendError(_EXISTING_CLUSTER)
+        raise BackendError(
+            "The Databricks backend config is empty: give a cluster spec (spark_version,"
+            ' node_type_id, num_workers...) or {"new_cluster": {...}, "libraries": [...]}.'
+        )
     if "new_cluster" not in config:
         return ClusterConfig(new_cluster=dict(config), libraries=())
     unknown = sorted(set(config) - _CONFIG_KEYS)
@@ -135,8 +165,6 @@ def parse_backend_config(config: Mapping[str, Any] | None) -> ClusterConfig:
             " with spark_version, node_type_id, num_workers...), got"
             f" {type(cluster).__name__}."
         )
-    if "existing_cluster_id" in cluster:
-        raise BackendError(_EXISTING_CLUSTER)
     libraries = config.get("libraries", [])
     if not isinstance(libraries, list) or not all(isinstance(lib, Mapping) for lib in libraries):
         raise BackendError(
@@ -367,12 +395,17 @@ class DatabricksBackend:
         """Validate the run for Databricks, resolve the workspace, build the code tarball.
 
         Raises:
-            BackendError: a missing or malformed backend config, ``existing_cluster_id``,
-                a local tracking URI, a docker project, an env manager other than
-                ``local``, no workspace credentials, or a project that cannot be read.
+            BackendError: a missing or malformed backend config, a local tracking URI, a
+                docker project, an env manager other than ``local``, no workspace
+                credentials, or a project that cannot be read.
+            InvalidArgumentError: ``existing_cluster_id`` in the backend config.
+
+        The first three checks are MLflow's, in its order: a config is given, it has no
+        ``existing_cluster_id``, the tracking URI is remote.
         """
-        cluster = parse_backend_config(request.backend_config)
+        check_backend_config(request.backend_config)
         check_tracking_uri(request.tracking_uri)
+        cluster = parse_backend_config(request.backend_config)
         if request.project.env_type is EnvType.DOCKER:
             raise BackendError(_DOCKER)
         if request.env_manager not in (None, "local"):

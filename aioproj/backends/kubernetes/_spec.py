@@ -96,7 +96,7 @@ _CONFIG_KEYS = frozenset(
 )
 
 
-def parse_backend_config(config: Mapping[str, Any]) -> KubeBackendConfig:
+def parse_backend_config(config: Mapping[str, Any] | None) -> KubeBackendConfig:
     """Check ``config`` as MLflow's ``_parse_kubernetes_config`` does, with its messages,
     and load the template (blocking: run it in a thread).
 
