@@ -9,6 +9,7 @@ unless a fault is armed:
   (the moment to kill the client);
 - :meth:`drop_answer`: forward the matching request, then close the connection without
   answering: the change is made, the answer lost;
+- :meth:`reject`: answer the matching request with an error status, unforwarded;
 - :meth:`refuse`: refuse every connection for some seconds (a server down, then back).
 
 It runs in a thread with its own event loop, so sync and async tests use it alike.
@@ -33,7 +34,7 @@ _HOP_HEADERS = frozenset(
 
 @dataclass
 class _Fault:
-    kind: str  # "hold" or "drop"
+    kind: str  # "hold", "drop" or "reject"
     method: str
     path: str
     count: int
@@ -55,6 +56,7 @@ class FaultProxy:
         self.requests: list[tuple[str, str]] = []
         self._faults: list[_Fault] = []
         self._refuse_until = 0.0
+        self._reject_status = 400
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._release: asyncio.Event | None = None
@@ -73,6 +75,15 @@ class FaultProxy:
     def drop_answer(self, method: str, path: str, *, count: int = 1) -> threading.Event:
         """Forward the next ``count`` matching requests, then close their connections."""
         return self._arm("drop", method, path, count)
+
+    def reject(
+        self, method: str, path: str, *, status: int = 400, count: int = 1, after: int = 0
+    ) -> threading.Event:
+        """Let ``after`` matching requests through, then answer ``count`` with ``status``
+        (and an MLflow-style error body) without forwarding them."""
+        event = self._arm("reject", method, path, count, after)
+        self._reject_status = status
+        return event
 
     def refuse(self, seconds: float) -> None:
         """Refuse every connection for ``seconds`` from now."""
@@ -155,6 +166,12 @@ class FaultProxy:
             return web.Response(status=503)
         fault = self._match(request.method, path)
         body = await request.read()
+        if fault is not None and fault.kind == "reject":
+            fault.arrived.set()
+            return web.json_response(
+                {"error_code": "INTERNAL_ERROR", "message": "rejected by the fault proxy"},
+                status=self._reject_status,
+            )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         async with session.request(
             request.method, self.target + path, headers=headers, data=body,

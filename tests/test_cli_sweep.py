@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from .mlflow_server import MlflowServer
 from .support import make_project, mlflow_client, pids_in, process_gone
 
 # Each trial prints its parameter and writes a `loss` metric into the file store.
@@ -264,3 +265,36 @@ def test_runs_and_logs_read_a_sqlite_store(project: Path, tmp_path: Path) -> Non
     assert logs.returncode == 0, logs.stderr
     assert logs.stdout.startswith("training with x=0.")
     assert logs.stderr == ""
+
+
+def test_a_sweep_whose_parent_status_is_refused_exits_1(
+    project: Path, tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    """Both trials finish, the server refuses the parent's final status: the sweep says
+    so and exits 1; the status is kept in the journal and ``aioproj recover`` writes it."""
+    from .faultproxy import FaultProxy
+
+    with FaultProxy(mlflow_server.uri) as proxy:
+        # The two trials' final writes go through; the parent's is refused.
+        refused = proxy.reject("POST", "/runs/update", status=400, after=2)
+        env = {**_env(tmp_path), "MLFLOW_TRACKING_URI": proxy.url}
+        done = subprocess.run(
+            [sys.executable, "-m", "aioproj.cli", "sweep", str(project), "-e", "say",
+             "-P", "x=1,2", "--env-manager", "local", "--progress", "lines",
+             "--experiment-name", f"refused-{os.getpid()}-{time.time_ns()}"],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert refused.is_set()
+        assert done.returncode == 1, done.stderr
+        assert "its parent run's final status could not be recorded" in done.stderr
+        assert "aioproj recover" in done.stderr
+        parent = done.stderr.split("parent run ID '")[1].split("'")[0]
+        assert mlflow_client(mlflow_server.uri).get_run(parent).info.status == "RUNNING"
+        proxy.clear()
+        recovered = subprocess.run(
+            [sys.executable, "-m", "aioproj.cli", "recover"],
+            env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert parent in recovered.stdout
+    record = mlflow_client(mlflow_server.uri).get_run(parent)
+    assert record.info.status == "FINISHED"

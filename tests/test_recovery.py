@@ -19,7 +19,7 @@ import pytest
 
 import aioproj
 from aioproj import Runner, RunStatus
-from aioproj.journal import RECOVERED_TAG, Journal, recover
+from aioproj.journal import RECOVERED_TAG, Journal, JournalError, recover
 from aioproj.journal._records import RunState, fold, parse_lines
 from aioproj.tracking import FileStore
 
@@ -317,3 +317,28 @@ async def test_the_recover_command(tmp_path: Path, tracking_uri: str) -> None:
     assert await _all_gone(await _pids(pids))
     again = await anyio.run_process(aioproj_cli)
     assert again.stdout.decode().strip() == "No runs to recover."
+
+
+async def test_an_unwritable_journal_stops_runs_before_anything_is_made(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """No intent written ahead, no run: a JournalError that says where and what to do."""
+    project = await amake_project(tmp_path / "proj", SLEEPER)
+    blocked = tmp_path / "cache"
+    await anyio.Path(blocked).write_text("a file where the cache directory should be")
+    async with Runner(echo="off", cache_dir=blocked) as runner:
+        with pytest.raises(JournalError, match="AIOPROJ_CACHE_DIR") as caught:
+            await runner.run(
+                str(project), parameters={"pids": str(tmp_path / "pids"), "seconds": 0},
+                env_manager="local",
+            )  # fmt: skip
+    assert isinstance(caught.value, aioproj.AioprojError)
+    assert str(blocked) in str(caught.value)
+    assert await anyio.to_thread.run_sync(_store_is_empty, tracking_uri)
+    assert not await anyio.Path(tmp_path / "pids").exists()
+
+
+def _store_is_empty(tracking_uri: str) -> bool:
+    from .support import _all_runs
+
+    return _all_runs(tracking_uri) == []
