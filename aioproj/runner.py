@@ -769,7 +769,11 @@ class Runner:
         if per_run <= 0:
             return None
         if backend.name not in self._fd_limits:
-            slots = await anyio.to_thread.run_sync(_runs_within_fd_limit, per_run)
+            # A burst of runs shares the one lookup in flight.
+            slots = await self._shared.run(
+                f"fd-limit\0{backend.name}",
+                lambda: anyio.to_thread.run_sync(_runs_within_fd_limit, per_run),
+            )
             self._fd_limits.setdefault(
                 backend.name, anyio.Semaphore(slots) if slots is not None else None
             )
@@ -785,8 +789,10 @@ class Runner:
         if backend not in self._backends:
             if backend == "local":
                 loaded = load_backend(backend)
-            else:  # imports and plugin metadata read files: off the loop
-                loaded = await anyio.to_thread.run_sync(load_backend, backend)
+            else:  # imports and plugin metadata read files: off the loop, once
+                loaded = await self._shared.run(
+                    f"backend\0{backend}", lambda: anyio.to_thread.run_sync(load_backend, backend)
+                )
             self._backends.setdefault(backend, loaded)
         return self._backends[backend]
 
@@ -802,11 +808,18 @@ class Runner:
         uri = self._tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # MLflow's default looks at ./mlruns and the installed MLflow
             if self._default_uri is None:
-                self._default_uri = await anyio.to_thread.run_sync(default_tracking_uri)
+                found = await self._shared.run(
+                    "default-uri", lambda: anyio.to_thread.run_sync(default_tracking_uri)
+                )
+                self._default_uri = self._default_uri or found
             uri = self._default_uri
         if uri not in self._stores:
-            # Opening imports the store's module (httpx, mlflow): off the loop, once.
-            store = await anyio.to_thread.run_sync(open_store, uri)
+            # Opening imports the store's module (httpx, mlflow): off the loop, once for
+            # a whole burst of runs.
+            name = uri
+            store = await self._shared.run(
+                f"store\0{name}", lambda: anyio.to_thread.run_sync(open_store, name)
+            )
             self._stores.setdefault(uri, store)
         return self._stores[uri]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import anyio
 
 from aioproj._marks import MARK_VARIABLE
+from aioproj._shared import SharedCalls
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
@@ -52,6 +53,7 @@ class LocalBackend:
     def __init__(self, *, shell: str = "bash") -> None:
         self._shell = shell
         self._shell_path: str | None = None
+        self._which = SharedCalls()  # a burst of runs shares the one lookup in flight
 
     async def prepare(self, request: LaunchRequest) -> LocalLaunch:
         """Choose and prepare the environment. Raises EnvironmentBuildError.
@@ -86,7 +88,9 @@ class LocalBackend:
         )
         shell = self._shell_path
         if shell is None:  # PATH lookup stats files: once, off the event loop
-            shell = self._shell_path = await anyio.to_thread.run_sync(shutil.which, self._shell)
+            shell = self._shell_path = await self._which.run(
+                self._shell, lambda: anyio.to_thread.run_sync(shutil.which, self._shell)
+            )
         if shell is None:
             raise BackendError(
                 f"The local backend runs commands with {self._shell!r}, which is not on PATH. "
