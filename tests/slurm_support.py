@@ -238,9 +238,7 @@ class SlurmCluster:
             self._pid(self.root / "slurmctld.pid"),
             self._munged_pid,
         ]
-        for pid in pids:
-            if pid is not None:
-                _stop_pid(pid)
+        _stop_pids([pid for pid in pids if pid is not None])
         self.started = False
 
     @staticmethod
@@ -251,21 +249,27 @@ class SlurmCluster:
             return None
 
 
-def _stop_pid(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM ``pid``, then SIGKILL after ``grace`` seconds; return once it is gone."""
+def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return
+        return False
+    return True
+
+
+def _stop_pids(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM every pid at once, SIGKILL those left after ``grace`` seconds; return once
+    they are gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

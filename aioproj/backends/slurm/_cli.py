@@ -14,12 +14,14 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
 import anyio.to_thread
 
+from aioproj._threads import run_short
 from aioproj.errors import BackendError
 
 from ._state import JobInfo, normalize_state, parse_exit_code
@@ -154,7 +156,6 @@ class SlurmCli:
         args: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
         time_limit: float | None = None,
     ) -> CommandResult:
         """Run Slurm's ``name`` with ``args``; its exit status is the caller's to judge.
@@ -173,8 +174,7 @@ class SlurmCli:
                 with anyio.fail_after(time_limit or self._timeout):
                     done = await anyio.run_process(
                         [path, *args],
-                        input=stdin,
-                        stdin=None if stdin is not None else subprocess.DEVNULL,
+                        stdin=subprocess.DEVNULL,
                         env=dict(env) if env is not None else None,
                         check=False,
                     )
@@ -194,11 +194,15 @@ class SlurmCli:
     # -- submitting -------------------------------------------------------------------
 
     async def test_only(self, options: Sequence[str], script: str) -> None:
-        """Let sbatch check ``options`` and ``script`` without submitting anything
-        (``--test-only``). Raises :class:`BackendError` with sbatch's message."""
-        result = await self.run(
-            "sbatch", ["--test-only", *options, "--output=/dev/null"], stdin=script.encode()
-        )
+        """Let sbatch check ``options`` and the script text ``script`` without submitting
+        anything (``--test-only``). Raises :class:`BackendError` with sbatch's message."""
+        # A file, not stdin: sbatch exits without reading stdin when an option is wrong.
+        path = await run_short(_temp_script, script)
+        try:
+            result = await self.run("sbatch", ["--test-only", *options, "--output=/dev/null", path])
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_short(os.unlink, path)
         if result.returncode != 0:
             raise BackendError(f"sbatch refused the job: {_message(result)}")
 
@@ -303,6 +307,13 @@ class SlurmCli:
                 signal=None if code is None else code[1],
             )
         return out
+
+
+def _temp_script(text: str) -> str:
+    fd, path = tempfile.mkstemp(prefix="aioproj-check-", suffix=".sh")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
 
 
 def command_env(extra: Mapping[str, str]) -> dict[str, str]:
