@@ -4,12 +4,14 @@ rounds, sweeps as job arrays, recovery after the driver is killed, and bad input
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from aioproj import Runner, RunStatus
 from aioproj.backends.slurm import SlurmBackend
 from aioproj.journal import RECOVERED_TAG
 
+from .mlflow_server import MlflowServer
 from .slurm_support import SlurmCluster, slurm  # noqa: F401  (the session fixture)
 from .support import all_runs, amake_project, process_gone, read_run, wait_for_file
 
@@ -54,6 +57,14 @@ entry_points:
     command: "echo start $(date +%s.%N) >> {times}; sleep 1; echo end $(date +%s.%N) >> {times}"
   env:
     command: "echo GREETING=$GREETING; echo UNBUFFERED=$PYTHONUNBUFFERED"
+  secrets:
+    parameters:
+      pw_sha: string
+      token_sha: string
+    command: >-
+      test "$(printf %s "$MLFLOW_TRACKING_PASSWORD" | sha256sum | cut -c1-64)" = {pw_sha} &&
+      test "$(printf %s "$API_TOKEN" | sha256sum | cut -c1-64)" = {token_sha} &&
+      echo secrets-ok
 """
 
 TRACK = """\
@@ -337,6 +348,9 @@ async def test_a_burst_of_20_runs_shares_one_squeue_per_round(
 SHIM = """\
 #!/bin/sh
 echo "$(basename "$0") $*" >> {log}
+if [ "$(basename "$0")" = sbatch ]; then
+    for arg; do [ -f "$arg" ] && cat "$arg" >> {log}; done
+fi
 exec {real} "$@"
 """
 
@@ -389,6 +403,54 @@ async def test_status_commands_per_poll_round_do_not_grow_with_the_runs(
     assert sum(n - 1 for n in poller.round_commands) <= 3 + 1
     # One per job per round would have cost this many.
     assert sum(poller.round_active) >= 2 * len(status_calls)
+
+
+async def test_credentials_reach_the_job_through_sbatch_s_environment_only(
+    project: Path,
+    shared: Path,
+    counted: Path,
+    mlflow_server: MlflowServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("DEBUG")
+    password, token = f"pw-{uuid.uuid4().hex}", f"tok-{uuid.uuid4().hex}"
+    host = mlflow_server.uri.removeprefix("http://")
+    uri = f"http://user:{password}@{host}"
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    backend = SlurmBackend(poll_interval=(0.05, 0.3))
+    settings = config(shared, environment={"API_TOKEN": token})
+    try:
+        async with Runner(tracking_uri=uri, echo="off") as runner:
+            run = await runner.run(
+                str(project), entry_point="secrets", backend=backend, env_manager="local",
+                parameters={"pw_sha": sha(password), "token_sha": sha(token)},
+                backend_config=settings,
+            )  # fmt: skip
+            with pytest.raises(aioproj.BackendError) as refused:
+                await runner.run(
+                    str(project), backend=backend, env_manager="local",
+                    backend_config={**settings, "partition": "no-such-partition"},
+                )  # fmt: skip
+            surfaces = {
+                "logs": "".join([line async for line in run.logs()]),
+                "error": str(refused.value),
+                "reprs": repr((run, run._execution, backend)),
+            }
+    finally:
+        await backend.aclose()
+    assert "secrets-ok\n" in surfaces["logs"]  # the job got both, byte for byte
+    record = await read_run(mlflow_server.uri, run.run_id)
+    surfaces["tags and params"] = json.dumps([record.data.tags, record.data.params])
+    surfaces["commands and scripts"] = await anyio.Path(counted).read_text()
+    assert "sbatch --parsable" in surfaces["commands and scripts"]
+    assert f"export MLFLOW_RUN_ID={run.run_id}" in surfaces["commands and scripts"]
+    surfaces["log records"] = caplog.text
+    for name, text in surfaces.items():
+        assert password not in text, name
+        assert token not in text, name
 
 
 # -- sweeps -----------------------------------------------------------------------------
@@ -452,6 +514,41 @@ async def test_adaptive_sweeps_send_one_job_per_trial(
     }
     assert len(jobs) == 3
     assert all(job.isdigit() for job in jobs)
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+async def _aioproj(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "aioproj", *args]
+    return await anyio.to_thread.run_sync(
+        lambda: subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    )
+
+
+async def test_the_cli_runs_and_sweeps_on_slurm(
+    project: Path, shared: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    config_file = tmp_path / "slurm.json"
+    await anyio.Path(config_file).write_text(json.dumps(config(shared)))
+    common = ["-b", "slurm", "-c", str(config_file), "--env-manager", "local"]
+    # `aioproj run -b slurm` waits for the job (as for local and kubernetes) and prints it.
+    done = await _aioproj("run", *common, "-P", "code=0", str(project))
+    assert done.returncode == 0, done.stderr
+    assert "hello from" in done.stdout
+    failed = await _aioproj("run", *common, "-P", "code=2", str(project))
+    assert failed.returncode == 1
+    swept = await _aioproj(
+        "sweep", *common, "-P", "code=0,0,0", "--max-parallel", "2", "--progress", "lines",
+        str(project),
+    )  # fmt: skip
+    assert swept.returncode == 0, swept.stderr
+    records = await all_runs(tracking_uri)
+    jobs = sorted(r.data.tags["slurm_job_id"] for r in records if "slurm_job_id" in r.data.tags)
+    assert len(jobs) == 5
+    arrays = {job.split("_")[0] for job in jobs if "_" in job}
+    assert len(arrays) == 1  # the sweep's three trials: one job array
+    assert await leftovers(shared) == []
 
 
 # -- the driver dies; aioproj recover asks Slurm --------------------------------------
