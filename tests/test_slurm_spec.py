@@ -1,6 +1,5 @@
 """The Slurm backend's pure parts: backend_config checks, batch scripts, parsing Slurm's
-answers, and the state mapping (property tests, derandomized as in
-tests/test_properties_remote.py)."""
+answers. Its state mapping has property tests in tests/test_properties_remote.py."""
 
 from __future__ import annotations
 
@@ -8,8 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from aioproj.backends.slurm._cli import parse_job_id, parse_sacct, parse_squeue
 from aioproj.backends.slurm._config import (
@@ -19,104 +16,10 @@ from aioproj.backends.slurm._config import (
     parse_backend_config,
 )
 from aioproj.backends.slurm._script import RunPart, render_array_script, render_script
-from aioproj.backends.slurm._state import (
-    FAILED_STATES,
-    RUNNING_STATES,
-    SCHEDULED_STATES,
-    JobInfo,
-    describe_end,
-    map_state,
-    parse_exit_code,
-)
+from aioproj.backends.slurm._state import JobInfo, describe_end
 from aioproj.errors import BackendError
-from aioproj.handle import RunStatus
 
-
-def _settings(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-
-
-# -- the state mapping ------------------------------------------------------------------
-
-
-def test_documented_states_map_as_documented() -> None:
-    for state in ("PENDING", "CONFIGURING"):
-        assert map_state(state) == (RunStatus.SCHEDULED, False)
-    for state in ("RUNNING", "COMPLETING", "SUSPENDED"):
-        assert map_state(state) == (RunStatus.RUNNING, False)
-    assert map_state("COMPLETED", 0) == (RunStatus.FINISHED, True)
-    assert map_state("COMPLETED") == (RunStatus.FINISHED, True)
-    assert map_state("CANCELLED") == (RunStatus.KILLED, True)
-    assert map_state("CANCELLED by 1000") == (RunStatus.KILLED, True)  # sacct's form
-    for state in (
-        "FAILED",
-        "TIMEOUT",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "BOOT_FAIL",
-        "DEADLINE",
-        "PREEMPTED",
-    ):
-        assert map_state(state) == (RunStatus.FAILED, True)
-        assert map_state(state + "+", 1) == (RunStatus.FAILED, True)
-
-
-known_states = st.sampled_from(
-    sorted(SCHEDULED_STATES | RUNNING_STATES | FAILED_STATES | {"COMPLETED", "CANCELLED"})
-)
-any_state = st.one_of(
-    known_states,
-    known_states.map(lambda s: s.lower()),
-    known_states.map(lambda s: f"{s}+"),
-    known_states.map(lambda s: f"{s} by 1000"),
-    st.text(max_size=20),
-)
-exit_codes = st.one_of(st.none(), st.integers(min_value=0, max_value=255))
-
-
-@_settings(500)
-@given(any_state, exit_codes)
-def test_map_state_is_total_and_consistent(state: str, code: int | None) -> None:
-    status, final = map_state(state, code)
-    assert isinstance(status, RunStatus)
-    # Final exactly for the ends; an end is never SCHEDULED or RUNNING.
-    assert final == status.is_terminal
-    if status is RunStatus.FINISHED:
-        assert state.split()[0].rstrip("+").upper() == "COMPLETED"
-        assert not code  # a non-zero exit is never FINISHED
-    if state.split() and state.split()[0].rstrip("+").upper() == "CANCELLED":
-        assert status is RunStatus.KILLED
-    info = JobInfo(state=state, exit_code=code)
-    assert (info.status, info.final) == (status, final)
-
-
-_KNOWN = SCHEDULED_STATES | RUNNING_STATES | FAILED_STATES | {"COMPLETED", "CANCELLED"}
-
-
-def _unknown(state: str) -> bool:
-    words = state.split()
-    return not words or words[0].rstrip("+").upper() not in _KNOWN
-
-
-@_settings(300)
-@given(st.text(max_size=30).filter(_unknown))
-def test_unknown_states_are_never_final(state: str) -> None:
-    assert map_state(state, 1) == (RunStatus.RUNNING, False)
-
-
-@_settings(300)
-@given(st.text(max_size=12))
-def test_parse_exit_code_is_total(text: str) -> None:
-    parsed = parse_exit_code(text)
-    assert parsed is None or (parsed[0] >= 0 and parsed[1] >= 0)
-    assert parse_exit_code("3:0") == (3, 0)
-    assert parse_exit_code("0:9") == (0, 9)
+# -- how a job ended, in words -------------------------------------------------------
 
 
 def test_describe_end_says_state_reason_and_code() -> None:
