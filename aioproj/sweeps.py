@@ -710,7 +710,11 @@ class Sweep:
         tuners, which propose one trial at a time."""
         if self._tuner is not None or len(self.trials) < 2:
             return None
-        if not submits_batches(await runner._backend(self._args.backend)):
+        try:
+            backend = await runner._backend(self._args.backend)
+        except AioprojError:  # each trial's run() reports it
+            return None
+        if not submits_batches(backend):
             return None
         return TrialBatch(
             key=self.parent_run_id or str(id(self)),

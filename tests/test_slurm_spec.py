@@ -6,8 +6,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 
+from aioproj.backends.batch import TrialBatch
+from aioproj.backends.slurm._arrays import ArrayCollector
 from aioproj.backends.slurm._cli import parse_job_id, parse_sacct, parse_squeue
 from aioproj.backends.slurm._config import (
     CONFIG_KEYS,
@@ -263,3 +266,59 @@ def test_an_array_script_runs_each_task_s_own_run(tmp_path: Path) -> None:
 def test_srun_starts_a_multi_node_command() -> None:
     part = RunPart("r", "1", "/p", "python train.py", use_srun=True)
     assert part.render().splitlines()[-1] == "exec srun --export=ALL bash -c 'python train.py'"
+
+
+# -- grouping a sweep's starts into arrays ------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_runs_of_a_batch_are_submitted_together() -> None:
+    submitted: list[tuple[list[int], int]] = []
+    fail = [False]
+
+    async def submit(members: list[int], max_parallel: int) -> list[str]:
+        submitted.append((list(members), max_parallel))
+        if fail[0]:
+            raise BackendError("sbatch refused the job: no")
+        return [f"job_{m}" for m in members]
+
+    collector: ArrayCollector[int, str] = ArrayCollector(submit, quiet=0.2, longest=5.0)
+    batch = TrialBatch(key="sweep", size=5, max_parallel=2)
+    got: dict[int, str] = {}
+
+    async def join(member: int, delay: float, key: str = "same") -> None:
+        await anyio.sleep(delay)
+        got[member] = await collector.join(batch, key, member)
+
+    # Four arrive within the quiet window, one with other options: two submissions.
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as tg:
+            for member in range(4):
+                tg.start_soon(join, member, 0.01 * member)
+            tg.start_soon(join, 4, 0.0, "other options")
+    assert got == {m: f"job_{m}" for m in range(5)}
+    assert sorted(submitted) == [([0, 1, 2, 3], 2), ([4], 2)]
+
+    # A failed submission raises in every member; their retries form a group again.
+    fail[0] = True
+    batch = TrialBatch(key="sweep 2", size=2, max_parallel=2)
+    errors: list[BaseException] = []
+
+    async def join_failing(member: int) -> None:
+        try:
+            await collector.join(batch, "same", member)
+        except BackendError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(join_failing, 10)
+        tg.start_soon(join_failing, 11)
+    assert len(errors) == 2
+    assert errors[0] is not errors[1]
+    assert all("sbatch refused" in str(e) for e in errors)
+    fail[0] = False
+    submitted.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(join, 10, 0.0)
+        tg.start_soon(join, 11, 0.05)
+    assert submitted == [([10, 11], 2)]

@@ -99,6 +99,8 @@ class ArrayCollector(Generic[M, R]):
             group.results = await self._submit(group.members, batch.max_parallel)
         except BaseException as exc:
             group.error = exc
+            # Not submitted: their retries may form an array again.
+            self._submitted[batch.key] -= len(group.members)
             raise
         finally:
             group.done.set()
