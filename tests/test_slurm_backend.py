@@ -28,7 +28,14 @@ from aioproj.journal import RECOVERED_TAG
 
 from .mlflow_server import MlflowServer
 from .slurm_support import SlurmCluster, slurm  # noqa: F401  (the session fixture)
-from .support import all_runs, amake_project, process_gone, read_run, wait_for_file
+from .support import (
+    all_runs,
+    amake_project,
+    journal_runs,
+    process_gone,
+    read_run,
+    wait_for_file,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("slurm")]
 
@@ -566,13 +573,6 @@ asyncio.run(main())
 """
 
 
-async def _journal() -> list[dict[str, Any]]:
-    folder = anyio.Path(os.environ["AIOPROJ_CACHE_DIR"]) / "journal"
-    if not await folder.is_dir():
-        return []
-    return [json.loads(await p.read_text()) async for p in folder.glob("*.json")]
-
-
 async def test_recover_asks_slurm_how_a_killed_driver_s_job_ended(
     project: Path, shared: Path, tmp_path: Path, tracking_uri: str
 ) -> None:
@@ -588,14 +588,14 @@ async def test_recover_asks_slurm_how_a_killed_driver_s_job_ended(
     try:
         await _wait_for_pid(pids)
         with anyio.fail_after(10):
-            while not await _journal():  # noqa: ASYNC110 (a file another process writes)
+            while not any(run.started for run in await journal_runs()):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
-    (entry,) = await _journal()
-    job = entry["state"]["job_id"]
-    assert entry["backend"] == "slurm"
+    (entry,) = await journal_runs()
+    job = entry.state["job_id"]
+    assert entry.backend == "slurm"
     assert await slurm_state(job) == "RUNNING"  # the job outlives its driver
     (still,) = await aioproj.recover()
     assert (still.status, still.action) == (None, "still running on its backend; left as is")
@@ -604,12 +604,44 @@ async def test_recover_asks_slurm_how_a_killed_driver_s_job_ended(
         while await slurm_state(job) != "COMPLETED":  # noqa: ASYNC110 (Slurm's state)
             await anyio.sleep(0.1)
     (done,) = await aioproj.recover()
-    assert (done.run_id, done.status) == (entry["run_id"], "FINISHED")
-    record = await read_run(tracking_uri, entry["run_id"])
+    assert (done.run_id, done.status) == (entry.run_id, "FINISHED")
+    record = await read_run(tracking_uri, entry.run_id)
     assert record.info.status == "FINISHED"
     assert "slurm run ended FINISHED" in record.data.tags[RECOVERED_TAG]
-    assert await _journal() == []
+    assert await journal_runs() == []
     assert await leftovers(shared) == []
+
+
+async def test_recover_finds_a_job_by_its_run_s_name_when_its_id_was_not_noted(
+    backend: SlurmBackend, shared: Path, tmp_path: Path
+) -> None:
+    # The driver died between sbatch and noting the job id: only the intent's state.
+    flag = tmp_path / "flag"
+    run_id = uuid.uuid4().hex
+    state = {"mlflow_run_id": run_id, "shared_dir": str(shared), "started": False}
+    run_dir = shared / "jobs" / run_id
+    await anyio.Path(run_dir).mkdir(parents=True)
+    submitted = await anyio.run_process(
+        [
+            "sbatch", "--parsable", f"--job-name=mlflow-{run_id}", "--output=/dev/null",
+            f"--wrap=while [ ! -e {flag} ]; do sleep 0.05; done",
+        ]
+    )  # fmt: skip
+    job = submitted.stdout.decode().strip()
+    with anyio.fail_after(20):
+        while await slurm_state(job) != "RUNNING":  # noqa: ASYNC110 (Slurm's state)
+            await anyio.sleep(0.05)
+    assert await backend.recover(state) is None
+    assert await anyio.Path(run_dir).exists()
+    await anyio.Path(flag).touch()
+    with anyio.fail_after(20):
+        while await slurm_state(job) != "COMPLETED":  # noqa: ASYNC110 (Slurm's state)
+            await anyio.sleep(0.05)
+    assert await backend.recover(state) is RunStatus.FINISHED
+    assert not await anyio.Path(run_dir).exists()
+    # No job of that name: never submitted.
+    other = {"mlflow_run_id": uuid.uuid4().hex, "shared_dir": str(shared), "started": False}
+    assert await backend.recover(other) is RunStatus.FAILED
 
 
 # -- bad input --------------------------------------------------------------------------

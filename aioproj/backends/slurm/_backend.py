@@ -291,30 +291,42 @@ class SlurmBackend:
     async def recover(self, state: Mapping[str, Any]) -> RunStatus | None:
         """The real end of a run whose driver died (see :func:`aioproj.recover`).
 
-        ``state`` is the run's journal entry (job id, files, ``SLURM_CONF``). Asks
-        ``squeue`` and, for a job slurmctld no longer holds, the accounts (``sacct``,
-        ``sacct -c``): FINISHED, FAILED or KILLED once the job has ended (then its files
-        are removed), None while it is pending or running, FAILED if Slurm no longer
-        knows the job. Raises BackendError if Slurm cannot be asked.
+        ``state`` is the run's journal entry (job id, files, ``SLURM_CONF``, the shared
+        directory, the MLflow run id). Asks ``squeue`` and, for a job slurmctld no longer
+        holds, the accounts (``sacct``, ``sacct -c``): FINISHED, FAILED or KILLED once the
+        job has ended (then its files are removed), None while it is pending or running.
+        FAILED if Slurm no longer knows the job, or if the driver died before it noted
+        the job and no job carries the run's name (it was never submitted). Raises
+        BackendError if Slurm cannot be asked.
         """
-        job = str(state["job_id"])
         conf = state.get("slurm_conf")
         cli = SlurmCli(env={"SLURM_CONF": conf} if isinstance(conf, str) and conf else None)
+        files = [str(f) for f in state.get("files") or [] if isinstance(f, str)]
+        job = state.get("job_id")
+        if not isinstance(job, str) or not job:
+            # The driver died between sbatch and noting the job: a job of its own (not an
+            # array task) has the run's name.
+            run_id, shared = state.get("mlflow_run_id"), state.get("shared_dir")
+            if isinstance(run_id, str) and isinstance(shared, str):
+                files.append(str(Path(shared) / "jobs" / run_id))
+            found = await cli.find(f"mlflow-{run_id}") if isinstance(run_id, str) else None
+            if found is None:
+                await run_short(remove_files, tuple(files))
+                return RunStatus.FAILED
+            job = found
         row = (await cli.queue()).get(job)
         info: JobInfo | None = row.info if row is not None else None
         if info is not None and not info.final:
             return None
         raw = row.raw_id if row is not None else ("" if "_" in job else job)
-        found = (await cli.ended({job: raw})).get(job)
-        if found is not None and found.final:
+        found_info = (await cli.ended({job: raw})).get(job)
+        if found_info is not None and found_info.final:
             info = (
-                found
+                found_info
                 if info is None
-                else JobInfo(info.state, info.reason, found.exit_code, found.signal)
+                else JobInfo(info.state, info.reason, found_info.exit_code, found_info.signal)
             )
-        files = state.get("files") or []
-        if isinstance(files, list):
-            await run_short(remove_files, tuple(str(f) for f in files))
+        await run_short(remove_files, tuple(files))
         if info is None:
             logger.warning("Slurm no longer knows job %s; its run is recorded FAILED", job)
             return RunStatus.FAILED
@@ -341,6 +353,15 @@ class SlurmLaunch:
     tracking_uri: str = field(repr=False)
     build_output: bytes = field(default=b"", repr=False)
     launch_tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def journal_state(self) -> dict[str, object]:
+        """What ``aioproj recover`` needs before the job exists: the cluster and the
+        shared directory (the job id comes once it is submitted)."""
+        return {
+            "slurm_conf": os.environ.get("SLURM_CONF"),
+            "shared_dir": str(self.config.shared_dir),
+        }
 
     @property
     def tags(self) -> Mapping[str, str]:

@@ -256,6 +256,16 @@ class SlurmCli:
             raise BackendError(f"squeue failed: {_message(result)}")
         return parse_squeue(result.stdout)
 
+    async def find(self, name: str) -> str | None:
+        """The id of this user's job named ``name`` that slurmctld still holds, or None.
+        Raises :class:`BackendError` with squeue's message if it fails."""
+        self.status_calls += 1
+        result = await self.run("squeue", ["--me", "-h", "-t", "all", "-n", name, "-o", "%i"])
+        if result.returncode != 0:
+            raise BackendError(f"squeue failed: {_message(result)}")
+        jobs = result.stdout.split()
+        return jobs[-1] if jobs else None
+
     async def ended(self, jobs: Mapping[str, str]) -> dict[str, JobInfo]:
         """How ``jobs`` ended (state and exit code), keyed as given; ``jobs`` maps each
         job id (``123``, ``123_4``) to its raw id (``127``: what ``sacct -c`` knows an
