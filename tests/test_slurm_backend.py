@@ -242,6 +242,47 @@ async def test_template_modules_and_environment(
     ]
 
 
+async def test_the_environment_is_built_once_in_the_shared_directory(
+    tmp_path: Path,
+    backend: SlurmBackend,
+    shared: Path,
+    tracking_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("UV_OFFLINE", "1")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    project = await amake_project(
+        tmp_path / "envproj",
+        """\
+        name: envproj
+        entry_points:
+          main:
+            command: "python -c 'import sys; print(\\"prefix\\", sys.prefix)'"
+        """,
+    )
+    async with Runner(echo="off") as runner:
+        runs = []
+        async with anyio.create_task_group() as tg:
+
+            async def start() -> None:
+                run = await runner.run(
+                    str(project), backend=backend, backend_config=config(shared),
+                    env_manager="uv", synchronous=False,
+                )  # fmt: skip
+                runs.append(run)
+
+            for _ in range(3):
+                tg.start_soon(start)
+        assert [await run for run in runs] == [RunStatus.FINISHED] * 3
+    envs = [p async for p in anyio.Path(shared / "envs").glob("uv-*") if await p.is_dir()]
+    assert len(envs) == 1  # one build, shared by the three runs
+    for run in runs:
+        lines = [line async for line in run.logs()]
+        assert f"prefix {envs[0]}\n" in lines  # the job ran in it
+    for record in await all_runs(tracking_uri):
+        assert record.data.tags["mlflow.project.env"] == "uv"
+
+
 # -- stopping ---------------------------------------------------------------------------
 
 
