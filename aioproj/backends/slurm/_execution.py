@@ -26,7 +26,7 @@ logger = logging.getLogger("aioproj.slurm")
 
 _CHUNK = 1024 * 1024
 #: Seconds between reads of a running job's output file: the shortest, the longest.
-_TAIL_INTERVAL = (0.1, 1.0)
+_TAIL_INTERVAL = (0.1, 2.0)
 
 
 def read_from(path: Path, offset: int, limit: int = _CHUNK) -> bytes:

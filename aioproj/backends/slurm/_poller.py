@@ -132,7 +132,10 @@ class Poller:
         """
         self._watches[watch.job_id] = watch
         watch.followers += 1
-        self._interval = self.min_interval  # a new job: look at it soon
+        if self._interval >= 4 * self.min_interval:
+            # A new job after a quiet spell: look soon, not up to max_interval later
+            # (but not once per job of a burst: the interval is short during one).
+            self.nudge()
         try:
             while not watch.done.is_set():
                 if self._leader is None:
