@@ -238,7 +238,7 @@ class SlurmCluster:
             self._pid(self.root / "slurmctld.pid"),
             self._munged_pid,
         ]
-        _stop_pids([pid for pid in pids if pid is not None])
+        _stop_pids([pid for pid in pids if pid is not None], grace=3.0)
         self.started = False
 
     @staticmethod
