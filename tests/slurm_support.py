@@ -226,19 +226,30 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Cancel what is left of the jobs, stop the daemons by their pids, wait for them."""
+        """Cancel what is left of the jobs and wait until they are over (so that their
+        slurmstepd can report to slurmd and exit), stop the daemons by their pids, then
+        any slurmstepd of this cluster that is still there."""
         if not self.started:
             return
         env = self._cmd_env()
         with contextlib.suppress(SlurmUnavailable, subprocess.TimeoutExpired, OSError):
-            _run(["scancel", "--full", "--state=RUNNING"], env=env, timeout=10)
-            _run(["scancel", "--state=PENDING"], env=env, timeout=10)
+            active = "PENDING,CONFIGURING,RUNNING,COMPLETING,SUSPENDED"
+            jobs = _run(["squeue", "-h", "-t", active, "-o", "%i"], env=env, timeout=10).split()
+            if jobs:
+                _run(["scancel", *jobs], env=env, timeout=10)
+            deadline = time.monotonic() + 15
+            while (
+                time.monotonic() < deadline
+                and _run(["squeue", "-h", "-t", active, "-o", "%i"], env=env, timeout=10).split()
+            ):
+                time.sleep(0.1)
         pids = [
             self._pid(self.root / "slurmd.pid"),
             self._pid(self.root / "slurmctld.pid"),
             self._munged_pid,
         ]
         _stop_pids([pid for pid in pids if pid is not None], grace=3.0)
+        _stop_pids(_steps_of(str(self.conf)), grace=1.0)
         self.started = False
 
     @staticmethod
@@ -247,6 +258,24 @@ class SlurmCluster:
             return int(path.read_text().strip())
         except (OSError, ValueError):
             return None
+
+
+def _steps_of(conf: str) -> list[int]:
+    """The slurmstepd processes of the cluster whose configuration is ``conf``."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if not f.read().startswith(b"slurmstepd"):
+                    continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if f"SLURM_CONF={conf}".encode() in f.read().split(b"\0"):
+                    pids.append(int(name))
+        except OSError:
+            continue
+    return pids
 
 
 def _alive(pid: int) -> bool:
