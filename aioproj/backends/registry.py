@@ -68,8 +68,10 @@ def load_backend(name: str) -> Backend:
         from .mlflow_plugin import MlflowPluginBackend
 
         return MlflowPluginBackend.from_entry_point(mlflow_plugins[name])
-    # MLflow's order: databricks, kubernetes, then its registry ("local"); plugins after.
+    # MLflow's order: databricks, kubernetes, then its registry ("local"); aioproj's own
+    # (slurm) and plugins after.
     known = ["databricks", "kubernetes", "local"]
+    known += [builtin for builtin in BUILTIN_BACKENDS if builtin not in known]
     known += sorted((set(plugins) | set(mlflow_plugins)) - set(known))
     raise ExecutionError(
         f"Got unsupported execution mode {name}. Supported values: {known}. Install a "
