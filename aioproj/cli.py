@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-_SYNC_BY_DEFAULT = ("local", "kubernetes")
+_SYNC_BY_DEFAULT = ("local", "kubernetes", "slurm")
 
 #: Options that fall back to an environment variable, as in ``mlflow run``.
 _ENV_DEFAULTS = {
@@ -80,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="wait",
         action="store_true",
         default=None,
-        help="Wait for the run to end (default for local and kubernetes).",
+        help="Wait for the run to end (default for local, kubernetes and slurm).",
     )
     wait.add_argument(
         "--no-wait",
@@ -139,7 +139,7 @@ def _add_project_options(
         "--backend",
         default="local",
         metavar="BACKEND",
-        help="local (default), databricks, kubernetes, or a plugin backend.",
+        help="local (default), databricks, kubernetes, slurm, or a plugin backend.",
     )
     parser.add_argument(
         "-c",

@@ -34,6 +34,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from aioproj.backends.batch import TrialBatch, current_batch, submits_batches
 from aioproj.errors import (
     AioprojError,
     BackendError,
@@ -684,7 +685,10 @@ class Sweep:
         journal.note(key, "done")
 
     async def _run_trials(self, runner: Runner) -> None:
-        slots = anyio.Semaphore(self._max_parallel)
+        batch = await self._trial_batch(runner)
+        # The sweep runs in a task of its own: the batch is seen by its trials' starts only.
+        current_batch.set(batch)
+        slots = anyio.Semaphore(batch.size if batch is not None else self._max_parallel)
         async with anyio.create_task_group() as tg:
             index = 0
             while True:
@@ -699,6 +703,24 @@ class Sweep:
             for state in self.trials:
                 if state.status == "QUEUED":
                     self._changed(state, "SKIPPED")
+
+    async def _trial_batch(self, runner: Runner) -> TrialBatch | None:
+        """The trials as one batch, for a backend that runs a batch as one unit and
+        enforces ``max_parallel`` itself (Slurm: one job array); None otherwise, and for
+        tuners, which propose one trial at a time."""
+        if self._tuner is not None or len(self.trials) < 2:
+            return None
+        try:
+            backend = await runner._backend(self._args.backend)
+        except AioprojError:  # each trial's run() reports it
+            return None
+        if not submits_batches(backend):
+            return None
+        return TrialBatch(
+            key=self.parent_run_id or str(id(self)),
+            size=len(self.trials),
+            max_parallel=self._max_parallel,
+        )
 
     async def _next_trial(self, index: int) -> TrialState | None:
         if self._tuner is None:

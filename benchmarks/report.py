@@ -44,6 +44,7 @@ RUNS: dict[str, dict[str, list[list[str]]]] = {
     "load": {"small": [["-n", "50", "--sweep", "200"]], "full": [[]]},
     "databricks_sweep": {"small": [["-n", "50"]], "full": [[]]},
     "kubernetes_sweep": {"small": [["-n", "20"]], "full": [[]]},
+    "slurm_sweep": {"small": [["-n", "20", "--reps", "3"]], "full": [[]]},
     "rest_requests": {"small": [["-n", "10"]], "full": [["-n", "50"]]},
 }
 #: MLflow's own runs take ~3 s each: its comparison uses smaller N.

@@ -220,7 +220,7 @@ async def test_unknown_backend_names_the_installed_plugins(
             await runner.run(str(project), backend="nowhere")
     assert (
         "Got unsupported execution mode nowhere. Supported values: ['databricks',"
-        f" 'kubernetes', 'local', '{mlflow_test_plugin}']"
+        f" 'kubernetes', 'local', 'slurm', '{mlflow_test_plugin}']"
     ) in str(caught.value)
     assert await all_runs(tracking_uri) == []
 

@@ -6,7 +6,10 @@
   ``termination_details`` codes), and maps the documented states as documented;
 - Kubernetes: :func:`run_status`, :func:`job_outcome` and :func:`pod_problem` are total
   over Job and pod objects with random conditions, phases, container states and reasons,
-  missing fields and nulls, and agree with each other.
+  missing fields and nulls, and agree with each other;
+- Slurm: its ``map_state`` is total over job states as squeue and sacct print them (and
+  any text), maps the documented states as documented, never calls a non-zero exit or an
+  unknown state FINISHED or final.
 
 Every test is derandomized with a bounded number of examples, like tests/test_properties.py:
 CI sees the same inputs on every run and the module takes a few seconds.
@@ -28,6 +31,7 @@ from aioproj.backends.kubernetes._state import (
     pod_problem,
     run_status,
 )
+from aioproj.backends.slurm import _state as slurm
 from aioproj.handle import RunStatus
 
 
@@ -380,3 +384,79 @@ def test_pod_problem_is_total_and_consistent(pod: dict[str, Any]) -> None:
     else:
         assert stuck
         assert any(reason in text for reason in STUCK_REASONS)
+
+
+# -- Slurm ------------------------------------------------------------------------------
+
+_SLURM_KNOWN = (
+    slurm.SCHEDULED_STATES | slurm.RUNNING_STATES | slurm.FAILED_STATES | {"COMPLETED", "CANCELLED"}
+)
+
+
+def test_slurm_states_map_as_documented() -> None:
+    for state in ("PENDING", "CONFIGURING"):
+        assert slurm.map_state(state) == (RunStatus.SCHEDULED, False)
+    for state in ("RUNNING", "COMPLETING", "SUSPENDED"):
+        assert slurm.map_state(state) == (RunStatus.RUNNING, False)
+    assert slurm.map_state("COMPLETED", 0) == (RunStatus.FINISHED, True)
+    assert slurm.map_state("COMPLETED") == (RunStatus.FINISHED, True)
+    assert slurm.map_state("CANCELLED") == (RunStatus.KILLED, True)
+    assert slurm.map_state("CANCELLED by 1000") == (RunStatus.KILLED, True)  # sacct's form
+    for state in (
+        "FAILED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "PREEMPTED",
+    ):
+        assert slurm.map_state(state) == (RunStatus.FAILED, True)
+        assert slurm.map_state(state + "+", 1) == (RunStatus.FAILED, True)
+
+
+slurm_known_states = st.sampled_from(sorted(_SLURM_KNOWN))
+slurm_any_state = st.one_of(
+    slurm_known_states,
+    slurm_known_states.map(lambda s: s.lower()),
+    slurm_known_states.map(lambda s: f"{s}+"),
+    slurm_known_states.map(lambda s: f"{s} by 1000"),
+    st.text(max_size=20),
+)
+slurm_exit_codes = st.one_of(st.none(), st.integers(min_value=0, max_value=255))
+
+
+@_settings(500)
+@given(slurm_any_state, slurm_exit_codes)
+def test_slurm_map_state_is_total_and_consistent(state: str, code: int | None) -> None:
+    status, final = slurm.map_state(state, code)
+    assert isinstance(status, RunStatus)
+    # Final exactly for the ends; an end is never SCHEDULED or RUNNING.
+    assert final == status.is_terminal
+    if status is RunStatus.FINISHED:
+        assert state.split()[0].rstrip("+").upper() == "COMPLETED"
+        assert not code  # a non-zero exit is never FINISHED
+    if state.split() and state.split()[0].rstrip("+").upper() == "CANCELLED":
+        assert status is RunStatus.KILLED
+    info = slurm.JobInfo(state=state, exit_code=code)
+    assert (info.status, info.final) == (status, final)
+
+
+def _unknown_slurm(state: str) -> bool:
+    words = state.split()
+    return not words or words[0].rstrip("+").upper() not in _SLURM_KNOWN
+
+
+@_settings(300)
+@given(st.text(max_size=30).filter(_unknown_slurm))
+def test_unknown_slurm_states_are_never_final(state: str) -> None:
+    assert slurm.map_state(state, 1) == (RunStatus.RUNNING, False)
+
+
+@_settings(300)
+@given(st.text(max_size=12))
+def test_slurm_exit_code_parsing_is_total(text: str) -> None:
+    parsed = slurm.parse_exit_code(text)
+    assert parsed is None or (parsed[0] >= 0 and parsed[1] >= 0)
+    assert slurm.parse_exit_code("3:0") == (3, 0)
+    assert slurm.parse_exit_code("0:9") == (0, 9)

@@ -10,7 +10,12 @@ from .base import Backend
 __all__ = ["BUILTIN_BACKENDS", "ENTRY_POINT_GROUP", "MLFLOW_ENTRY_POINT_GROUP", "load_backend"]
 
 #: Backends that ship with aioproj, by name, with the extra they need (None: core).
-BUILTIN_BACKENDS: dict[str, str | None] = {"local": None, "databricks": None, "kubernetes": None}
+BUILTIN_BACKENDS: dict[str, str | None] = {
+    "local": None,
+    "databricks": None,
+    "kubernetes": None,
+    "slurm": None,
+}
 
 ENTRY_POINT_GROUP = "aioproj.backends"
 #: Where MLflow finds third-party project backends (mlflow-slurm, mlflow-yarn, ...).
@@ -42,6 +47,10 @@ def load_backend(name: str) -> Backend:
         from .kubernetes import KubernetesBackend
 
         return KubernetesBackend()
+    if name == "slurm":
+        from .slurm import SlurmBackend
+
+        return SlurmBackend()
     from importlib.metadata import entry_points  # slow to import; plugins are rare
 
     plugins = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
@@ -59,8 +68,10 @@ def load_backend(name: str) -> Backend:
         from .mlflow_plugin import MlflowPluginBackend
 
         return MlflowPluginBackend.from_entry_point(mlflow_plugins[name])
-    # MLflow's order: databricks, kubernetes, then its registry ("local"); plugins after.
+    # MLflow's order: databricks, kubernetes, then its registry ("local"); aioproj's own
+    # (slurm) and plugins after.
     known = ["databricks", "kubernetes", "local"]
+    known += [builtin for builtin in BUILTIN_BACKENDS if builtin not in known]
     known += sorted((set(plugins) | set(mlflow_plugins)) - set(known))
     raise ExecutionError(
         f"Got unsupported execution mode {name}. Supported values: {known}. Install a "
