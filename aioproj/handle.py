@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -72,6 +72,7 @@ class SubmittedRun:
         journal: Journal | None = None,
         journal_key: str = "",
         leave_remote_running: bool = False,
+        start_soon: Callable[[Callable[[], Coroutine[Any, Any, None]]], object] | None = None,
     ) -> None:
         self._run_id = run_id
         self._experiment_id = experiment_id
@@ -88,12 +89,13 @@ class SubmittedRun:
         #: A detached run's supervisor process records its status; the handle only
         #: follows it, from whichever task awaits it (no task of the runner).
         self._drives_itself = bool(getattr(execution, "records_own_status", False))
-        self._drive_lock = anyio.Lock()
+        self._drive_lock = anyio.Lock() if self._drives_itself else None
         self._final: RunStatus | None = None
         self._done = anyio.Event()
         self._cancel_requested = False
-        self._stop_requested = anyio.Event()
-        self._stop_accepted = anyio.Event()
+        #: Starts the stop in a task of the runner (created on the first cancel()).
+        self._start_soon = start_soon
+        self._stop_accepted: anyio.Event | None = None
         self._cleanup_timeout = cleanup_timeout
         #: The error that stopped aioproj from following the run, if any (then FAILED).
         self.error: Exception | None = None
@@ -161,15 +163,23 @@ class SubmittedRun:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
                 await self._final_status()
             return
-        # The run's supervisor does the stop, so no cancellation of this task can cut it
+        # A task of the runner does the stop, so no cancellation of this task can cut it
         # short, not even asyncio's own (Task.cancel(), asyncio.timeout), which anyio's
         # shields do not hold back: here we only wait for it.
-        self._stop_requested.set()
+        accepted = self._request_stop()
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._cleanup_timeout):
             if self._execution.waits_for_stop:
                 await self._done.wait()
             else:
-                await self._stop_accepted.wait()
+                await accepted.wait()
+
+    def _request_stop(self) -> anyio.Event:
+        """Start stopping the run (once) in a task of the runner; set when accepted."""
+        if self._stop_accepted is None:
+            self._stop_accepted = anyio.Event()
+            assert self._start_soon is not None, "a handle without a runner cannot stop"
+            self._start_soon(self._stop_and_accept)
+        return self._stop_accepted
 
     def logs(self) -> AsyncIterator[str]:
         """Iterate over the run's output lines, from the start, live until the run ends."""
@@ -197,7 +207,7 @@ class SubmittedRun:
         return self._final_status().__await__()
 
     async def _final_status(self) -> RunStatus:
-        if self._drives_itself and not self._done.is_set():
+        if self._drive_lock is not None and not self._done.is_set():
             async with self._drive_lock:
                 if not self._done.is_set():
                     await self._supervise()
@@ -219,16 +229,7 @@ class SubmittedRun:
         status = RunStatus.FAILED
         self._left_running = False
         try:
-            error: Exception | None = None
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._stop_when_asked)
-                try:
-                    status = await self._execution.wait()
-                except Exception as exc:  # handled below, outside the task group
-                    error = exc
-                tg.cancel_scope.cancel()
-            if error is not None:
-                raise error
+            status = await self._execution.wait()
             if self._cancel_requested and status is not RunStatus.FINISHED:
                 status = RunStatus.KILLED
         except anyio.get_cancelled_exc_class():
@@ -259,14 +260,15 @@ class SubmittedRun:
             if not self._left_running:
                 await self._record(status)
 
-    async def _stop_when_asked(self) -> None:
-        """Stop the run when :meth:`cancel` asks; part of :meth:`_supervise`."""
-        await self._stop_requested.wait()
+    async def _stop_and_accept(self) -> None:
+        """Stop the run for :meth:`cancel`, in a task of the runner."""
         try:
-            await self._stop_bounded()
+            if not self._done.is_set():
+                await self._stop_bounded()
         except Exception as exc:
             logger.error("Run %s: stopping it failed: %r", self._run_id, exc)
         finally:
+            assert self._stop_accepted is not None
             self._stop_accepted.set()
 
     async def _stop_bounded(self) -> None:
@@ -288,7 +290,8 @@ class SubmittedRun:
         recorded = False
         if self._drives_itself:  # the detached supervisor has recorded it
             self._done.set()
-            self._stop_accepted.set()
+            if self._stop_accepted is not None:
+                self._stop_accepted.set()
             if self._on_done is not None:
                 self._on_done(self)
             return
@@ -314,7 +317,8 @@ class SubmittedRun:
             logger.error("Run %s: could not update the run journal: %s", self._run_id, exc)
         finally:
             self._done.set()
-            self._stop_accepted.set()  # a cancel() waiting for a stop that the end made moot
+            if self._stop_accepted is not None:  # a cancel() waiting for a stop made moot
+                self._stop_accepted.set()
             if self._on_done is not None:
                 self._on_done(self)
 

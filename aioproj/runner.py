@@ -546,7 +546,8 @@ class Runner:
     async def _track_and_start(
         self, prepared: _Prepared, *, run_id: str | None, run_name: str | None
     ) -> SubmittedRun:
-        """Journal, track and start a prepared run; return its supervised handle.
+        """Journal, track and start a prepared run; return its handle (the task that
+        called this supervises it next: see :meth:`_start_in_runner`).
 
         Write-ahead: the run's intent is in the journal before its tracking run exists,
         and its tracking run exists before its process or job does, which carries the
@@ -633,10 +634,9 @@ class Runner:
             journal=journal,
             journal_key=key,
             leave_remote_running=self._is_default,
+            start_soon=self._tg.start_soon if self._tg is not None else None,
         )
         self._live.add(handle)
-        assert self._tg is not None
-        self._tg.start_soon(handle._supervise, name=f"aioproj run {record.run_id}")
         return handle
 
     async def _abandon(
@@ -715,16 +715,18 @@ class Runner:
             try:
                 with anyio.CancelScope(shield=True):
                     handle = await start()
-                self._held[handle] = held  # released by _run_done
-                outcome.append(handle)
             except BaseException as exc:
                 for slots in held:
                     slots.release()
                 failure.append(exc)
+                done.set()
                 if not isinstance(exc, Exception):
                     raise
-            finally:
-                done.set()
+                return
+            self._held[handle] = held  # released by _run_done
+            outcome.append(handle)
+            done.set()
+            await handle._supervise()  # the same task follows the run to its end
 
         async def stop_once_started() -> None:
             await done.wait()

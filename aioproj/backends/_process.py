@@ -9,6 +9,7 @@ reaped, and the group counts as gone only when no live member is left in it.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -43,6 +44,14 @@ def _kill_live_groups() -> None:
 
 
 atexit.register(_kill_live_groups)
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, if aioproj runs on asyncio (None on trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _open_pidfd(pid: int) -> int | None:
@@ -163,6 +172,79 @@ class ProcessGroup:
             if not data:
                 return
             self._on_output(data)
+
+    async def follow(self, grace_period: float) -> int:
+        """Read output and wait for the leader's exit; reap it and what it left in its
+        group; return its exit code.
+
+        Output is read until EOF, or until ``grace_period`` after the group is gone (a
+        process that left the group may keep the pipe open). On asyncio the pipe and the
+        pidfd are watched by loop callbacks feeding two futures: no task and no wait per
+        chunk for what is most runs' whole life. Elsewhere, :meth:`pump_output` and
+        :meth:`wait_exit` in a task group.
+        """
+        loop = _asyncio_loop()
+        if loop is None or self._pidfd is None or self._out_fd is None:
+            return await self._follow_with_tasks(grace_period)
+        async with self._exit_lock:  # one watcher of the pidfd at a time
+            exited, eof = loop.create_future(), loop.create_future()
+            out_fd, pidfd = self._out_fd, self._pidfd
+
+            def on_output() -> None:
+                if self._out_fd is None:
+                    loop.remove_reader(out_fd)
+                    return
+                try:
+                    data = os.read(out_fd, 65536)
+                except BlockingIOError:
+                    return
+                if data:
+                    self._on_output(data)
+                    return
+                loop.remove_reader(out_fd)
+                if not eof.done():
+                    eof.set_result(None)
+
+            def on_exit() -> None:
+                self._try_reap()
+                if self.returncode is not None:
+                    loop.remove_reader(pidfd)
+                    if not exited.done():
+                        exited.set_result(None)
+
+            loop.add_reader(out_fd, on_output)
+            loop.add_reader(pidfd, on_exit)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+        try:
+            await self.reap_stragglers(grace_period)
+            with anyio.move_on_after(grace_period):
+                await eof
+        finally:
+            loop.remove_reader(out_fd)
+        assert self.returncode is not None
+        return self.returncode
+
+    async def _follow_with_tasks(self, grace_period: float) -> int:
+        pumped = anyio.Event()
+
+        async def pump() -> None:
+            try:
+                await self.pump_output()
+            finally:
+                pumped.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            code = await self.wait_exit()
+            await self.reap_stragglers(grace_period)
+            # A process that left the group may still hold the pipe: stop reading then.
+            with anyio.move_on_after(grace_period):
+                await pumped.wait()
+            tg.cancel_scope.cancel()
+        return code
 
     async def wait_exit(self) -> int:
         """Wait for the group leader to exit, reap it, return its exit code."""

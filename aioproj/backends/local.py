@@ -208,22 +208,7 @@ class LocalExecution:
         group = self._group
         self._waiting = True
         try:
-            pumped = anyio.Event()
-
-            async def pump() -> None:
-                try:
-                    await group.pump_output()
-                finally:
-                    pumped.set()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(pump)
-                code = await group.wait_exit()
-                await group.reap_stragglers(self._grace)
-                # A process that left the group may still hold the pipe: stop reading then.
-                with anyio.move_on_after(self._grace):
-                    await pumped.wait()
-                tg.cancel_scope.cancel()
+            code = await group.follow(self._grace)
         finally:
             self._waiting = False
             if group.empty:
