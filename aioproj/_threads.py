@@ -14,6 +14,7 @@ so they cannot hold these threads.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -94,7 +95,9 @@ class _Batches:
 
 
 def _run_all(batch: list[_Call]) -> None:
-    for call in batch:
+    for index, call in enumerate(batch):
+        if index:
+            time.sleep(0)  # let the event loop's thread have the GIL between calls
         call.run()
 
 

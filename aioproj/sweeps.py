@@ -23,7 +23,6 @@ import logging
 import math
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from aioproj._keys import new_key
 from aioproj.backends.batch import TrialBatch, current_batch, submits_batches
 from aioproj.errors import (
     AioprojError,
@@ -615,7 +615,7 @@ class Sweep:
 
         args = self._args
         journal = await runner._open_journal()
-        key = uuid.uuid4().hex
+        key = new_key()
         await journal.intent(
             key, tracking_uri=store.uri, backend="sweep", experiment_id=experiment_id,
             kind="sweep",

@@ -126,6 +126,14 @@ def _spawn(shell: str, command: str, cwd: Path, env: Mapping[str, str]) -> tuple
     return pid, read_fd
 
 
+def _spawn_watched(
+    shell: str, command: str, cwd: Path, env: Mapping[str, str]
+) -> tuple[int, int, int | None]:
+    """:func:`_spawn`, and the child's pidfd, in the same worker-thread call."""
+    pid, read_fd = _spawn(shell, command, cwd, env)
+    return pid, read_fd, _open_pidfd(pid)
+
+
 class ProcessGroup:
     """A shell command as the leader of a new session, with merged stdout/stderr.
 
@@ -134,11 +142,17 @@ class ProcessGroup:
     parent process is. Create one with :meth:`start`.
     """
 
-    def __init__(self, pid: int, read_fd: int, on_output: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        pid: int,
+        read_fd: int,
+        on_output: Callable[[bytes], None],
+        pidfd: int | None = None,
+    ) -> None:
         self.pid = pid
         self._out_fd: int | None = read_fd
         self._on_output = on_output
-        self._pidfd = _open_pidfd(pid)
+        self._pidfd = pidfd if pidfd is not None else _open_pidfd(pid)
         self._exit_lock = anyio.Lock()
         self.returncode: int | None = None
         self.empty = False
@@ -155,8 +169,8 @@ class ProcessGroup:
     ) -> ProcessGroup:
         """Start the group (in a worker thread; not interrupted by cancellation, so a
         started process is never lost). Raises OSError if the shell cannot be started."""
-        pid, read_fd = await run_short(_spawn, shell, command, cwd, env)
-        return cls(pid, read_fd, on_output)
+        pid, read_fd, pidfd = await run_short(_spawn_watched, shell, command, cwd, env)
+        return cls(pid, read_fd, on_output, pidfd)
 
     async def pump_output(self) -> None:
         """Read output until every writer has closed the pipe (EOF), or it is closed."""
