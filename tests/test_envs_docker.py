@@ -398,7 +398,7 @@ async def test_missing_image_is_pulled_then_run_command_built(
     )  # fmt: skip
     assert env.wrap("python show.py 'a b'") == (
         "MLFLOW_TRACKING_URI=file:///mlflow/tmp/mlruns "
-        f"{exe} run --rm --gpus all --privileged --label \"aioproj.run_id=$MLFLOW_RUN_ID\" "
+        f'{exe} run --rm --gpus all --privileged --label "aioproj.run_id=$MLFLOW_RUN_ID" '
         f"-v {project}:/mlflow/projects/code -v /t/mlruns:/mlflow/tmp/mlruns "
         "-v /t/mlruns:/t/mlruns -v /data/in:/in:ro "
         '-v "$AIOPROJ_DOCKER_ENV_FILE:/run/aioproj/env:ro" -w /mlflow/projects/code '
@@ -710,7 +710,7 @@ async def test_secrets_never_leave_the_environment(
     assert any(f"AWS_SECRET_ACCESS_KEY {digest}" in line for line in lines)  # it arrived
     assert any(f"DATABRICKS_TOKEN {db_digest}" in line for line in lines)
     log = await docker.raw_log()
-    assert '"-v", "/' in log and ':/run/aioproj/env:ro"' in log  # the env file's mount
+    assert ':/run/aioproj/env:ro"' in log  # the env file's mount
     assert '"AWS_SECRET_ACCESS_KEY"' not in log  # not even by name: it is in the file
     captured = await anyio.to_thread.run_sync(capfd.readouterr)
     assert digest in captured.out + captured.err  # the echo was captured
