@@ -7,11 +7,14 @@ its volumes, variables and docker_args, and leaves no container behind on any pa
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -71,6 +74,8 @@ entry_points:
     parameters:
       use_start_run: bool
     command: "python tracking_test.py {{use_start_run}}"
+  limits:
+    command: "python limits.py"
 """
 
 TRACKING_PY = """
@@ -101,11 +106,52 @@ print("logged", flush=True)
 
 LIMITS_PY = """
 import os
+print("cwd=" + os.getcwd())
+mounts = [line.split()[4] for line in open("/proc/self/mountinfo")]
+print("code_mounted=" + str("/mlflow/projects/code" in mounts))
+print("files=" + ",".join(sorted(os.listdir("."))))
 for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
     if os.path.exists(path):
         print("memory=" + open(path).read().strip())
 caps = [l for l in open("/proc/self/status") if l.startswith("CapEff")]
 print("capeff=" + caps[0].split()[1])
+try:
+    open("/rootfs-probe", "w")
+    print("rootfs=writable")
+except OSError:
+    print("rootfs=readonly")
+"""
+
+
+#: CAP_SYS_ADMIN: not in a container's effective set unless docker_args add it. (The
+#: tests add it with ``cap-add``: ``--privileged`` needs every capability, and this
+#: machine's root lacks CAP_SYS_RESOURCE, so runc refuses privileged containers here.)
+CAP_SYS_ADMIN = 1 << 21
+#: docker_args with a value, a flag (``--read-only``) and a limit, all visible inside.
+DOCKER_ARGS: dict[str, str | bool] = {"memory": "1g", "cap-add": "SYS_ADMIN", "read-only": True}
+
+VOLUMES_MLPROJECT = f"""
+name: volumes
+docker_env:
+  image: {BASE_IMAGE}
+  volumes: ["$AIOPROJ_TEST_DATA:/data", "$AIOPROJ_TEST_DATA/ro:/ro:ro"]
+  environment: [["DEFINED_VAR", "defined value"], "COPIED_VAR"]
+entry_points:
+  main:
+    command: "python env.py"
+"""
+
+ENV_PY = """
+import os
+print("in=" + open("/data/in.txt").read().strip())
+open("/data/out.txt", "w").write("written in the container")
+try:
+    open("/ro/x", "w")
+    print("ro=writable")
+except OSError:
+    print("ro=readonly")
+print("defined=" + os.environ.get("DEFINED_VAR", "-"))
+print("copied=" + os.environ.get("COPIED_VAR", "-"))
 """
 
 
@@ -151,6 +197,15 @@ async def image_id(daemon: DockerDaemon, image: str) -> str:
 
 async def logs_of(run: aioproj.SubmittedRun) -> str:
     return "\n".join([line async for line in run.logs()])
+
+
+async def finished(runner: Runner, uri: str, **kwargs: Any) -> tuple[aioproj.SubmittedRun, str]:
+    """Run to its end; the handle and the output, which an assertion shows if it failed."""
+    run = await runner.run(uri, synchronous=False, **kwargs)
+    status = await run
+    output = await logs_of(run)
+    assert status is RunStatus.FINISHED, f"run {status}:\n{output}"
+    return run, output
 
 
 def fields(text: str) -> dict[str, str]:
@@ -344,3 +399,188 @@ async def test_the_container_logs_to_an_mlflow_server_on_the_bridge_gateway(
     record = await read_run(bridge_server.uri, run.run_id)
     assert record.data.metrics == {"some_key": 3}
     assert record.info.status == "FINISHED"
+
+
+# -- volumes, environment, docker_args -------------------------------------------------------
+
+
+async def test_volumes_environment_and_docker_args_reach_the_container(
+    docker_daemon: DockerDaemon,
+    tmp_path: Path,
+    tracking_uri: str,
+    test_label: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = tmp_path / "data"
+    await anyio.Path(data / "ro").mkdir(parents=True)
+    await anyio.Path(data / "in.txt").write_text("from the host")
+    monkeypatch.setenv("AIOPROJ_TEST_DATA", str(data))  # expanded on the host side
+    monkeypatch.setenv("COPIED_VAR", "copied value")
+    project = await amake_project(
+        tmp_path / "volumes", VOLUMES_MLPROJECT, {"env.py": ENV_PY, "limits.py": LIMITS_PY}
+    )
+    async with Runner(echo="off") as runner:
+        _, output = await finished(
+            runner,
+            str(project),
+            docker_args={"label": test_label},
+        )
+        seen = fields(output)
+        _, output = await finished(
+            runner,
+            str(project),
+            entry_point="limits.py",
+            docker_args=DOCKER_ARGS,
+        )
+        limits = fields(output)
+        _, output = await finished(runner, str(project), entry_point="limits.py")
+        defaults = fields(output)
+    assert seen["in"] == "from the host"
+    assert await anyio.Path(data / "out.txt").read_text() == "written in the container"
+    assert seen["ro"] == "readonly"
+    assert seen["defined"] == "defined value"
+    assert seen["copied"] == "copied value"
+    assert limits["memory"] == str(1 << 30)
+    assert int(limits["capeff"], 16) & CAP_SYS_ADMIN
+    assert limits["rootfs"] == "readonly"
+    assert limits["memory"] != defaults["memory"]
+    assert not int(defaults["capeff"], 16) & CAP_SYS_ADMIN
+    assert defaults["rootfs"] == "writable"
+    assert await containers(docker_daemon, test_label) == []  # --rm, and the label was set
+
+
+async def test_the_cli_passes_docker_args_with_dash_a(
+    docker_daemon: DockerDaemon, tracking_project: Path, tracking_uri: str
+) -> None:
+    done = await anyio.run_process(
+        [
+            AIOPROJ, "run", str(tracking_project), "-e", "limits",
+            "-A", "memory=512m", "-A", "cap-add=SYS_ADMIN", "-A", "read-only",
+        ],
+        check=False,
+    )  # fmt: skip
+    output = done.stdout.decode()
+    assert done.returncode == 0, output + done.stderr.decode()
+    seen = fields(output)
+    assert seen["memory"] == str(512 << 20)
+    assert int(seen["capeff"], 16) & CAP_SYS_ADMIN
+    assert seen["rootfs"] == "readonly"
+
+
+# -- --build-image ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_start_run", ["0", "1"])
+async def test_build_image_runs_the_project_from_its_image_as_mlflow_does(
+    docker_daemon: DockerDaemon, tracking_project: Path, tracking_uri: str, use_start_run: str
+) -> None:
+    await anyio.Path(tracking_project / "mlruns").mkdir()  # not copied into the image
+    async with Runner(echo="off") as runner:
+        run = await runner.run(
+            str(tracking_project),
+            experiment_id="0",
+            parameters={"use_start_run": use_start_run},
+            entry_point="test_tracking",
+            build_image=True,
+            docker_args={"memory": "1g", "cap-add": "SYS_ADMIN"},
+        )
+        _, output = await finished(
+            runner, str(tracking_project), entry_point="limits", build_image=True,
+            docker_args=DOCKER_ARGS,
+        )  # fmt: skip
+        seen = fields(output)
+    record = await read_run(tracking_uri, run.run_id)
+    assert record.data.params == {"use_start_run": use_start_run}
+    assert record.data.metrics == {"some_key": 3}
+    tags = record.data.tags
+    assert tags["mlflow.project.env"] == "docker"
+    assert tags["mlflow.project.backend"] == "local"
+    assert tags["mlflow.docker.image.uri"] == "docker-example:latest"  # not a git repo
+    assert tags["mlflow.docker.image.id"].startswith("sha256:")
+    assert tags["mlflow.docker.image.id"] == await image_id(docker_daemon, "docker-example:latest")
+    # The code is in the image, not mounted; MLflow's build context leaves mlruns out.
+    assert seen["cwd"] == "/mlflow/projects/code"
+    assert seen["code_mounted"] == "False"
+    assert seen["files"] == "MLproject,limits.py,tracking_test.py"
+    assert seen["memory"] == str(1 << 30)  # docker_args apply to a built image's run too
+
+
+async def test_build_image_tags_a_git_project_with_its_commit(
+    docker_daemon: DockerDaemon, tmp_path: Path, tracking_uri: str
+) -> None:
+    from dulwich import porcelain
+
+    project = await amake_project(tmp_path / "gitproj", PROBE_MLPROJECT, {"probe.py": PROBE_PY})
+
+    def commit() -> str:
+        repo = porcelain.init(str(project))
+        porcelain.add(repo, [str(project / "MLproject"), str(project / "probe.py")])
+        sha = porcelain.commit(repo, b"probe", author=b"t <t@e>", committer=b"t <t@e>")
+        return sha.decode()
+
+    sha = await anyio.to_thread.run_sync(commit)
+    async with Runner(echo="off") as runner:
+        run = await runner.run(str(project), build_image=True)
+        seen = fields(await logs_of(run))
+    tags = (await read_run(tracking_uri, run.run_id)).data.tags
+    assert tags["mlflow.docker.image.uri"] == f"probe:{sha[:7]}"
+    assert tags["mlflow.docker.image.id"] == await image_id(docker_daemon, f"probe:{sha[:7]}")
+    assert seen["code_mounted"] == "False"
+
+
+async def test_a_burst_of_runs_shares_one_image_build(
+    docker_daemon: DockerDaemon, tmp_path: Path, tracking_uri: str
+) -> None:
+    project = await amake_project(
+        tmp_path / "burst", PROBE_MLPROJECT.replace("name: probe", "name: burst"),
+        {"probe.py": PROBE_PY},
+    )  # fmt: skip
+    since = str(int(time.time()))
+    runs: list[aioproj.SubmittedRun] = []
+    async with Runner(echo="off") as runner:
+
+        async def one() -> None:
+            runs.append(await runner.run(str(project), build_image=True, synchronous=False))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(one)
+        assert [await run for run in runs] == [RunStatus.FINISHED] * 4
+        outputs = [await logs_of(run) for run in runs]
+    await anyio.sleep(1.1)  # docker events counts in whole seconds
+    events = await docker_out(
+        docker_daemon, "events", "--since", since, "--until", str(int(time.time())),
+        "--filter", "type=image", "--filter", "event=tag", "--format", "{{json .}}",
+    )  # fmt: skip
+    tagged = [
+        e for e in map(json.loads, events.splitlines())
+        if e["Actor"]["Attributes"].get("name") == "burst:latest"
+    ]  # fmt: skip
+    assert len(tagged) == 1  # one build for the four runs
+    # Its output is in the log of the run that built it, and only there.
+    assert sum("burst:latest" in output for output in outputs) == 1
+    ids = {
+        (await read_run(tracking_uri, r.run_id)).data.tags["mlflow.docker.image.id"] for r in runs
+    }
+    assert len(ids) == 1
+
+
+async def test_an_image_built_beforehand_is_used_as_it_is(
+    docker_daemon: DockerDaemon, tmp_path: Path, tracking_uri: str
+) -> None:
+    """MLflow's test_docker_build_image_local."""
+    await anyio.to_thread.run_sync(
+        docker_daemon.build, f"FROM {BASE_IMAGE}\nRUN python --version\n", "my-python:latest"
+    )
+    project = await amake_project(
+        tmp_path / "local-image",
+        "name: test\ndocker_env:\n  image: my-python\nentry_points:\n  main:\n"
+        "    command: python --version\n",
+    )
+    async with Runner(echo="off") as runner:
+        run = await runner.run(str(project))
+        output = await logs_of(run)
+    assert "Python 3.11" in output
+    tags = (await read_run(tracking_uri, run.run_id)).data.tags
+    assert tags["mlflow.docker.image.uri"] == "my-python"
+    assert tags["mlflow.docker.image.id"] == await image_id(docker_daemon, "my-python")
