@@ -22,10 +22,12 @@ import pytest
 import aioproj
 from aioproj import Runner, RunStatus
 from aioproj.errors import RunFailedError
+from aioproj.testing.kubernetes import FakeKubernetes
 
-from .docker_daemon import BASE_IMAGE, MLFLOW_IMAGE, DockerDaemon
+from .docker_daemon import BASE_IMAGE, MLFLOW_IMAGE, DockerDaemon, Registry
 from .mlflow_server import MlflowServer
 from .support import amake_project, read_run
+from .test_kubernetes_backend import config, kube, mlproject, template  # noqa: F401
 
 # The session fixture may install packages and build images first (minutes on a fresh
 # machine, once): the per-test timeout counts the test itself only.
@@ -547,16 +549,7 @@ async def test_a_burst_of_runs_shares_one_image_build(
                 tg.start_soon(one)
         assert [await run for run in runs] == [RunStatus.FINISHED] * 4
         outputs = [await logs_of(run) for run in runs]
-    await anyio.sleep(1.1)  # docker events counts in whole seconds
-    events = await docker_out(
-        docker_daemon, "events", "--since", since, "--until", str(int(time.time())),
-        "--filter", "type=image", "--filter", "event=tag", "--format", "{{json .}}",
-    )  # fmt: skip
-    tagged = [
-        e for e in map(json.loads, events.splitlines())
-        if e["Actor"]["Attributes"].get("name") == "burst:latest"
-    ]  # fmt: skip
-    assert len(tagged) == 1  # one build for the four runs
+    assert await tag_events(docker_daemon, since, "burst:latest") == 1  # one build for four
     # Its output is in the log of the run that built it, and only there.
     assert sum("burst:latest" in output for output in outputs) == 1
     ids = {
@@ -584,3 +577,101 @@ async def test_an_image_built_beforehand_is_used_as_it_is(
     tags = (await read_run(tracking_uri, run.run_id)).data.tags
     assert tags["mlflow.docker.image.uri"] == "my-python"
     assert tags["mlflow.docker.image.id"] == await image_id(docker_daemon, "my-python")
+
+
+async def tag_events(daemon: DockerDaemon, since: str, name: str) -> int:
+    """How many times docker tagged an image ``name`` since ``since`` (a build, a tag)."""
+    await anyio.sleep(1.1)  # docker events counts in whole seconds
+    events = await docker_out(
+        daemon, "events", "--since", since, "--until", str(int(time.time())),
+        "--filter", "type=image", "--filter", "event=tag", "--format", "{{json .}}",
+    )  # fmt: skip
+    return sum(
+        1 for e in map(json.loads, events.splitlines())
+        if e["Actor"]["Attributes"].get("name") == name
+    )  # fmt: skip
+
+
+# -- registries --------------------------------------------------------------------------------
+
+
+async def test_a_missing_image_is_pulled_from_its_registry_after_docker_login(
+    docker_daemon: DockerDaemon,
+    docker_registry: Registry,
+    tmp_path: Path,
+    tracking_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MLflow's test_docker_build_image_remote, with the registry on this machine."""
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))  # login writes it
+    remote = f"{docker_registry.host}/aioproj/python:remote"
+    await docker_out(docker_daemon, "tag", BASE_IMAGE, remote)
+    await docker_out(docker_daemon, "push", remote)
+    await docker_out(docker_daemon, "rmi", remote)
+    project = await amake_project(
+        tmp_path / "remote",
+        f"name: test\ndocker_env:\n  image: {remote}\nentry_points:\n  main:\n"
+        "    command: python --version\n",
+    )
+    password = f"pw-{uuid.uuid4().hex}"
+    auth = {"registry": docker_registry.host, "username": "tester", "password": password}
+    try:
+        async with Runner(echo="off") as runner:
+            run, output = await finished(runner, str(project), docker_auth=auth)
+        assert "Python 3.11" in output
+        assert password not in output
+        tags = (await read_run(tracking_uri, run.run_id)).data.tags
+        assert tags["mlflow.docker.image.uri"] == remote
+        assert tags["mlflow.docker.image.id"] == await image_id(docker_daemon, remote)
+        config_file = tmp_path / "docker-config" / "config.json"
+        assert docker_registry.host in await anyio.Path(config_file).read_text()  # logged in
+    finally:
+        await docker_out(docker_daemon, "rmi", remote, check=False)
+
+
+async def test_build_image_on_kubernetes_pushes_once_and_the_job_names_the_image(
+    docker_daemon: DockerDaemon,
+    docker_registry: Registry,
+    kube: FakeKubernetes,  # noqa: F811
+    template: Path,  # noqa: F811
+    tmp_path: Path,
+    tracking_uri: str,
+) -> None:
+    repository = f"{docker_registry.host}/aioproj/k8s-demo"
+    project = await amake_project(
+        tmp_path / "proj", mlproject("python -c 'print(1)'", image=BASE_IMAGE)
+    )
+    since = str(int(time.time()))
+    runs: list[aioproj.SubmittedRun] = []
+    async with Runner(echo="off") as runner:
+
+        async def one() -> None:
+            run = await runner.run(
+                str(project),
+                backend="kubernetes",
+                build_image=True,
+                synchronous=False,
+                backend_config=config(kube, template, **{"repository-uri": repository}),
+            )
+            runs.append(run)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(one)
+        for run in runs:
+            await run
+    digest = await anyio.to_thread.run_sync(
+        docker_registry.manifest_digest, "aioproj/k8s-demo", "latest"
+    )
+    assert digest is not None
+    assert digest.startswith("sha256:")
+    jobs = kube.objects("jobs", "default")
+    assert len(jobs) == 3
+    for job in jobs:
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == f"{repository}@{digest}"
+    for run in runs:
+        tags = (await read_run(tracking_uri, run.run_id)).data.tags
+        assert tags["mlflow.docker.image.uri"] == repository
+        assert tags["mlflow.docker.image.id"] == digest
+    assert await tag_events(docker_daemon, since, f"{repository}:latest") == 1  # one build
