@@ -11,7 +11,7 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from . import mlflow_plugin_wheel
-from .docker_daemon import DockerDaemon, DockerUnavailable, Registry
+from .docker_daemon import TEST_LABEL, DockerDaemon, DockerUnavailable, Registry
 from .mlflow_server import MlflowServer
 
 
@@ -115,7 +115,10 @@ def docker_daemon(request: pytest.FixtureRequest) -> Iterator[DockerDaemon]:
     try:
         yield daemon
     finally:
-        daemon.close()
+        try:
+            daemon.remove_containers(TEST_LABEL)  # what a failed test may have left
+        finally:
+            daemon.close()
 
 
 @pytest.fixture(scope="session")

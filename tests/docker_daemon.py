@@ -49,6 +49,8 @@ MLFLOW_VERSION = version("mlflow")
 MLFLOW_IMAGE = f"aioproj-test/mlflow:{MLFLOW_VERSION}-r{RECIPE}"
 #: The label of every test image, so they can be told apart from a user's.
 IMAGE_LABEL = "aioproj.test-image"
+#: The label tests give their containers (with docker_args), with a value of their own.
+TEST_LABEL = "aioproj.test"
 
 STATE_DIR = Path("/run/aioproj-tests")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aioproj-tests"
@@ -368,6 +370,12 @@ LABEL {IMAGE_LABEL}=mlflow
     def docker_json(self, *args: str) -> object:
         """``docker <args>`` parsed as JSON (blocking)."""
         return json.loads(_run([self.docker, *args], timeout=60, what=f"docker {args[0]}"))
+
+    def remove_containers(self, label: str) -> None:
+        """Remove every container with ``label``, running or not."""
+        found = self.containers(label)
+        if found:
+            _run([self.docker, "rm", "-f", *found], timeout=120, what="docker rm")
 
     def containers(self, label: str) -> list[str]:
         """Ids of every container (running or not) that has ``label``."""

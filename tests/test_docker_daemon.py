@@ -8,6 +8,8 @@ its volumes, variables and docker_args, and leaves no container behind on any pa
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,11 +24,12 @@ import pytest
 import aioproj
 from aioproj import Runner, RunStatus
 from aioproj.errors import RunFailedError
+from aioproj.journal import RECOVERED_TAG, recover
 from aioproj.testing.kubernetes import FakeKubernetes
 
-from .docker_daemon import BASE_IMAGE, MLFLOW_IMAGE, DockerDaemon, Registry
+from .docker_daemon import BASE_IMAGE, MLFLOW_IMAGE, TEST_LABEL, DockerDaemon, Registry
 from .mlflow_server import MlflowServer
-from .support import amake_project, read_run
+from .support import all_runs, amake_project, process_gone, read_run
 from .test_kubernetes_backend import config, kube, mlproject, template  # noqa: F401
 
 # The session fixture may install packages and build images first (minutes on a fresh
@@ -157,6 +160,39 @@ print("copied=" + os.environ.get("COPIED_VAR", "-"))
 """
 
 
+# The entry points run as the container's PID 1: ``sleep`` has no SIGTERM handler, so the
+# kernel ignores SIGTERM for it and only SIGKILL (docker stop's, after the grace period)
+# ends it; ``polite`` exits on SIGTERM. ``environment`` makes it go through the env file.
+SLEEPER_MLPROJECT = f"""
+name: sleeper
+docker_env:
+  image: {BASE_IMAGE}
+  environment: [["SLEEPER_VAR", "set"]]
+entry_points:
+  sleep:
+    command: "python -c 'import time; print(\\"sleeping\\", flush=True); time.sleep(300)'"
+  polite:
+    command: "python polite.py"
+"""
+
+POLITE_PY = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *args: sys.exit(143))
+print("sleeping", flush=True)
+time.sleep(300)
+"""
+
+DRIVER = """
+import asyncio, sys
+import aioproj
+
+async def main():
+    await aioproj.run(sys.argv[1], entry_point="sleep", docker_args={"label": sys.argv[2]})
+
+asyncio.run(main())
+"""
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 
@@ -223,7 +259,7 @@ def fields(text: str) -> dict[str, str]:
 @pytest.fixture
 def test_label() -> str:
     """A label for the containers of one test, passed with docker_args."""
-    return f"aioproj.test={uuid.uuid4().hex}"
+    return f"{TEST_LABEL}={uuid.uuid4().hex}"
 
 
 @pytest.fixture
@@ -675,3 +711,197 @@ async def test_build_image_on_kubernetes_pushes_once_and_the_job_names_the_image
         assert tags["mlflow.docker.image.uri"] == repository
         assert tags["mlflow.docker.image.id"] == digest
     assert await tag_events(docker_daemon, since, f"{repository}:latest") == 1  # one build
+
+
+# -- cancellation and crashes -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sleeper(tmp_path: Path) -> Path:
+    return await amake_project(tmp_path / "sleeper", SLEEPER_MLPROJECT, {"polite.py": POLITE_PY})
+
+
+def docker_cli_pids(pgid: int) -> list[int]:
+    """The docker CLI processes in process group ``pgid`` (blocking: reads /proc)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat.partition(" (")[2].rpartition(")")[::2]
+        if comm == "docker" and int(rest.split()[2]) == pgid:
+            pids.append(int(name))
+    return pids
+
+
+async def gone(pid: int) -> bool:
+    return await anyio.to_thread.run_sync(process_gone, pid)
+
+
+async def env_dirs() -> list[str]:
+    """The env-file directories of runs that exist now."""
+
+    def listing() -> list[str]:
+        return [n for n in os.listdir("/dev/shm") if n.startswith("aioproj-docker-env-")]
+
+    return await anyio.to_thread.run_sync(listing)
+
+
+async def test_cancel_stops_and_removes_a_container_that_ignores_sigterm(
+    docker_daemon: DockerDaemon, sleeper: Path, tracking_uri: str
+) -> None:
+    before = set(await env_dirs())
+    async with Runner(echo="off", grace_period=1) as runner:
+        run = await runner.run(str(sleeper), entry_point="sleep", synchronous=False)
+        label = f"aioproj.run_id={run.run_id}"
+        await wait_running(docker_daemon, label)
+        assert set(await env_dirs()) - before  # the run's env file exists while it runs
+        pgid = run._execution.pid
+        await run.cancel()
+        assert await run.get_status() is RunStatus.KILLED
+        assert await containers(docker_daemon, label) == []
+        assert await anyio.to_thread.run_sync(docker_cli_pids, pgid) == []
+        assert await gone(pgid)
+    assert (await read_run(tracking_uri, run.run_id)).info.status == "KILLED"
+    assert set(await env_dirs()) == before
+
+
+async def test_cancelling_at_any_moment_of_the_start_leaves_no_container(
+    docker_daemon: DockerDaemon, sleeper: Path, tracking_uri: str, test_label: str
+) -> None:
+    async with Runner(echo="off", grace_period=1) as runner:
+        for delay in (0.0, 0.2, 0.5, 1.0):
+            run = await runner.run(
+                str(sleeper), entry_point="sleep", synchronous=False,
+                docker_args={"label": test_label},
+            )  # fmt: skip
+            await anyio.sleep(delay)
+            await run.cancel()
+            assert await containers(docker_daemon, test_label) == [], f"after {delay} s"
+    assert {r.info.status for r in await all_runs(tracking_uri)} == {"KILLED"}
+
+
+async def test_a_runner_left_by_an_exception_stops_its_containers(
+    docker_daemon: DockerDaemon, sleeper: Path, tracking_uri: str, test_label: str
+) -> None:
+
+    async def caller() -> None:
+        async with Runner(echo="off", grace_period=1) as runner:
+            for entry_point in ("sleep", "polite"):
+                await runner.run(
+                    str(sleeper), entry_point=entry_point, synchronous=False,
+                    docker_args={"label": test_label},
+                )  # fmt: skip
+            await wait_running(docker_daemon, test_label)
+            raise RuntimeError("the caller failed")
+
+    with pytest.raises(RuntimeError, match="the caller failed"):
+        await caller()
+    assert await containers(docker_daemon, test_label) == []
+    assert [r.info.status for r in await all_runs(tracking_uri)] == ["KILLED", "KILLED"]
+
+
+async def test_a_timeout_stops_the_container(
+    docker_daemon: DockerDaemon, sleeper: Path, tracking_uri: str, test_label: str
+) -> None:
+    async with Runner(echo="off", grace_period=1) as runner:
+        with anyio.move_on_after(5) as scope:
+            await runner.run(str(sleeper), entry_point="sleep", docker_args={"label": test_label})
+        assert scope.cancelled_caught
+        assert await containers(docker_daemon, test_label) == []
+    (record,) = await all_runs(tracking_uri)
+    assert record.info.status == "KILLED"
+
+
+async def test_ctrl_c_of_the_cli_stops_the_container(
+    docker_daemon: DockerDaemon, sleeper: Path, tracking_uri: str, test_label: str
+) -> None:
+    process = await anyio.open_process(
+        [AIOPROJ, "run", str(sleeper), "-e", "polite", "-A", f"label={test_label}"],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        await wait_running(docker_daemon, test_label)
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()
+    assert code == 130
+    assert await containers(docker_daemon, test_label) == []
+    (record,) = await all_runs(tracking_uri)
+    assert record.info.status == "KILLED"
+
+
+async def test_a_docker_cli_killed_under_its_container_leaves_no_container(
+    docker_daemon: DockerDaemon, sleeper: Path, tracking_uri: str
+) -> None:
+    async with Runner(echo="off", grace_period=1) as runner:
+        run = await runner.run(str(sleeper), entry_point="sleep", synchronous=False)
+        label = f"aioproj.run_id={run.run_id}"
+        await wait_running(docker_daemon, label)
+        (cli,) = await anyio.to_thread.run_sync(docker_cli_pids, run._execution.pid)
+        os.kill(cli, signal.SIGKILL)  # the container goes on without its client
+        assert await run == RunStatus.FAILED
+        assert await containers(docker_daemon, label) == []  # removed when the run ended
+
+
+async def _journal_entries() -> list[dict[str, Any]]:
+    def read() -> list[dict[str, Any]]:
+        folder = Path(os.environ["AIOPROJ_CACHE_DIR"]) / "journal"
+        if not folder.is_dir():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+    return await anyio.to_thread.run_sync(read)
+
+
+@pytest.mark.parametrize("cli_killed_too", [False, True])
+async def test_recover_stops_the_container_of_a_killed_driver(
+    docker_daemon: DockerDaemon,
+    sleeper: Path,
+    tmp_path: Path,
+    tracking_uri: str,
+    test_label: str,
+    cli_killed_too: bool,
+) -> None:
+    driver = tmp_path / "driver.py"
+    await anyio.Path(driver).write_text(DRIVER)
+    process = await anyio.open_process([sys.executable, str(driver), str(sleeper), test_label])
+    try:
+        await wait_running(docker_daemon, test_label)
+        with anyio.fail_after(10):
+            while not (entries := await _journal_entries()):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        process.kill()
+        await process.wait()
+    finally:
+        await process.aclose()
+    (entry,) = entries
+    run_id, state = entry["run_id"], entry["state"]
+    assert state["docker"]  # what recover needs to find the container
+    if cli_killed_too:  # the container is all that is left
+        os.killpg(state["pgid"], signal.SIGKILL)
+        with anyio.fail_after(10):
+            while not await gone(state["pgid"]):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+    assert await containers(docker_daemon, test_label)  # the SIGKILL left it running
+    (dry,) = await recover(dry_run=True)
+    assert (dry.run_id, dry.status) == (run_id, None)
+    assert await containers(docker_daemon, test_label)  # a dry run touches nothing
+
+    (result,) = await recover(grace_period=1)
+    assert (result.run_id, result.status) == (run_id, "KILLED")
+    assert "stopped its docker container" in result.action
+    assert await containers(docker_daemon, test_label) == []
+    assert await gone(state["pgid"])
+    assert not await anyio.Path(state["docker_env_dir"]).exists()
+    record = await read_run(tracking_uri, run_id)
+    assert record.info.status == "KILLED"
+    assert "aioproj recover stopped it" in record.data.tags[RECOVERED_TAG]
+    assert await _journal_entries() == []
