@@ -59,6 +59,8 @@ DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 _apt_updated = False
+#: Seconds this process spent in apt-get (the fixture reports it).
+apt_seconds = 0.0
 
 
 class DockerUnavailable(Exception):
@@ -101,9 +103,10 @@ def _flock(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[int]:
 
 def apt_install(*packages: str, binaries: tuple[str, ...]) -> None:
     """Install ``packages`` unless every one of ``binaries`` is on PATH already."""
-    global _apt_updated
+    global _apt_updated, apt_seconds
     if all(shutil.which(b) or Path(b).exists() for b in binaries):
         return
+    start = time.monotonic()
     if os.geteuid() != 0:
         raise DockerUnavailable(
             f"{', '.join(binaries)} missing and installing {', '.join(packages)} needs root"
@@ -121,6 +124,7 @@ def apt_install(*packages: str, binaries: tuple[str, ...]) -> None:
         what=f"apt-get install {' '.join(packages)}",
         env=env,
     )
+    apt_seconds += time.monotonic() - start
 
 
 # -- the daemon ----------------------------------------------------------------------------
