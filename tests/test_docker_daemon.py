@@ -399,6 +399,24 @@ async def test_a_sqlite_store_is_mounted_and_its_uri_rewritten(
     assert record.info.status == "FINISHED"
 
 
+async def logs_to_the_server(
+    server: MlflowServer, project: Path, docker_args: dict[str, str | bool]
+) -> None:
+    """The project's own mlflow calls reach ``server`` (MLFLOW_TRACKING_URI points there)."""
+    async with Runner(echo="off") as runner:
+        run, output = await finished(
+            runner,
+            str(project),
+            entry_point="test_tracking",
+            parameters={"use_start_run": "1"},
+            docker_args=docker_args,
+        )
+    assert f"uri={server.uri}" in output
+    record = await read_run(server.uri, run.run_id)
+    assert record.data.metrics == {"some_key": 3}
+    assert record.info.status == "FINISHED"
+
+
 async def test_the_container_logs_to_an_mlflow_server_over_the_host_network(
     docker_daemon: DockerDaemon,
     tracking_project: Path,
@@ -406,18 +424,8 @@ async def test_the_container_logs_to_an_mlflow_server_over_the_host_network(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    async with Runner(echo="off") as runner:
-        run = await runner.run(
-            str(tracking_project),
-            entry_point="test_tracking",
-            parameters={"use_start_run": "1"},
-            docker_args={"network": "host"},  # 127.0.0.1 is the host's own
-        )
-        output = await logs_of(run)
-    assert f"uri={mlflow_server.uri}" in output
-    record = await read_run(mlflow_server.uri, run.run_id)
-    assert record.data.metrics == {"some_key": 3}
-    assert record.info.status == "FINISHED"
+    # 127.0.0.1 is the host's own only on the host's network.
+    await logs_to_the_server(mlflow_server, tracking_project, {"network": "host"})
 
 
 async def test_the_container_logs_to_an_mlflow_server_on_the_bridge_gateway(
@@ -427,17 +435,7 @@ async def test_the_container_logs_to_an_mlflow_server_on_the_bridge_gateway(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", bridge_server.uri)
-    async with Runner(echo="off") as runner:  # the default network: docker's bridge
-        run = await runner.run(
-            str(tracking_project),
-            entry_point="test_tracking",
-            parameters={"use_start_run": "0"},
-        )
-        output = await logs_of(run)
-    assert f"uri={bridge_server.uri}" in output
-    record = await read_run(bridge_server.uri, run.run_id)
-    assert record.data.metrics == {"some_key": 3}
-    assert record.info.status == "FINISHED"
+    await logs_to_the_server(bridge_server, tracking_project, {})  # docker's default bridge
 
 
 # -- volumes, environment, docker_args -------------------------------------------------------
@@ -1032,3 +1030,32 @@ async def test_secrets_reach_the_container_and_no_argv_inspect_log_or_record(
     # `aioproj recover`; see aioproj/journal.py): that one is by design, nothing else is.
     assert leaks == [("journal", "MLFLOW_TRACKING_PASSWORD")]
     assert f"alice:{password}" not in seen["argv of every process"]
+
+
+async def test_a_detached_run_keeps_its_docker_args_and_its_cancel_stops_the_container(
+    docker_daemon: DockerDaemon,
+    tracking_project: Path,
+    sleeper: Path,
+    tracking_uri: str,
+    test_label: str,
+) -> None:
+    """MLflow's test_docker_project_execution_async_docker_args: an asynchronous run that
+    a separate process supervises (aioproj's detach=True) gets the same docker_args."""
+    async with Runner(echo="off") as runner:
+        run = await runner.run(
+            str(tracking_project), entry_point="limits", synchronous=False, detach=True,
+            docker_args={"memory": "512m", "read-only": True, "label": test_label},
+        )  # fmt: skip
+        assert await run == RunStatus.FINISHED
+        sleeping = await runner.run(
+            str(sleeper), entry_point="polite", synchronous=False, detach=True,
+            docker_args={"label": test_label},
+        )  # fmt: skip
+        await wait_running(docker_daemon, test_label)
+        await sleeping.cancel()
+        assert await sleeping == RunStatus.KILLED
+    assert await containers(docker_daemon, test_label) == []
+    log = Path(tracking_uri.removeprefix("file://")) / "0" / run.run_id / "artifacts"
+    seen = fields(await anyio.Path(log / "aioproj" / "output.log").read_text())
+    assert seen["memory"] == str(512 << 20)
+    assert seen["rootfs"] == "readonly"
