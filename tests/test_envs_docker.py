@@ -1,9 +1,13 @@
-"""docker_env projects through the docker CLI, with a stand-in ``docker`` on PATH.
+"""docker_env projects through the docker CLI: the exact commands, with a stand-in
+``docker`` on PATH.
 
-No docker daemon exists here. The stand-in logs its argv as JSON lines, keeps a small
-image registry in a JSON file, builds "images" by copying the build context, and runs
-``docker run`` commands locally (container paths mapped back to the host), so runs are
-real: exit codes, output and tracking records flow as they would from a container.
+The behaviour (containers, mounts, tracking from inside, clean-up, secrets) is proved on
+a real Docker daemon in tests/test_docker_daemon.py. These tests pin what aioproj asks
+docker for, call by call and argument by argument, and inject the faults a daemon does
+not produce on demand (a failing ``docker info``, pull or build). The stand-in logs its
+argv as JSON lines, keeps a small image registry in a JSON file, builds "images" by
+copying the build context, and runs ``docker run`` commands locally (container paths
+mapped back to the host), so the runner's side of a run is exercised too.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from aioproj.envs.docker import (
     image_tag,
     tracking_mount,
 )
-from aioproj.errors import EnvironmentBuildError, RunFailedError
+from aioproj.errors import EnvironmentBuildError
 from aioproj.project import load_project
 
 from .support import all_runs, make_project, process_gone, read_run
@@ -464,6 +468,30 @@ async def test_a_loopback_tracking_server_without_host_network_is_warned_about(
     await prepare(project, tracking_uri="http://127.0.0.1:5000", docker_args={"network": "host"})
 
 
+async def test_concurrent_preparations_share_one_info_pull_and_build(
+    docker: FakeDocker, project: Path
+) -> None:
+    envs: list[DockerPreparedEnv] = []
+
+    async def one() -> None:
+        envs.append(await prepare(project, build_image=True))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(one)
+    assert [argv[:2] for argv in await docker.argvs()] == [
+        ["info"],
+        ["image", "inspect"],
+        ["pull", "python:3.11-fake"],
+        ["image", "inspect"],
+        ["build", "-t"],
+        ["image", "inspect"],
+    ]
+    assert len({env.image_id for env in envs}) == 1
+    await prepare(project, build_image=True)  # once done, a new call looks again
+    assert [argv[0] for argv in await docker.argvs()].count("build") == 2
+
+
 async def test_present_image_is_not_pulled(docker: FakeDocker, project: Path) -> None:
     await anyio.to_thread.run_sync(docker.add_image, "python:3.11-fake")
     env = await prepare(project)
@@ -632,28 +660,6 @@ async def test_docker_run_finishes_with_output_and_tags(
     assert tags["mlflow.project.backend"] == "local"
     assert tags["mlflow.docker.image.uri"] == "python:3.11-fake"
     assert tags["mlflow.docker.image.id"].startswith("sha256:")
-
-
-@pytest.mark.allow_blocking  # mlflow inside the "container" is imported by a child process
-async def test_container_logs_into_its_run(
-    docker: FakeDocker, project: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with Runner(echo="off") as runner:
-        run = await runner.run(str(project), entry_point="track.py", build_image=True)
-        assert await run.get_status() is RunStatus.FINISHED
-    record = await read_run(tracking_uri, run.run_id)
-    assert record.data.metrics == {"from_container": 1.5}
-    assert record.data.tags["mlflow.docker.image.uri"] == "docker-example:latest"
-
-
-async def test_failing_container_fails_the_run(
-    docker: FakeDocker, project: Path, tracking_uri: str
-) -> None:
-    async with Runner(echo="off") as runner:
-        with pytest.raises(RunFailedError):
-            await runner.run(str(project), entry_point="fail")
-    (run,) = await all_runs(tracking_uri)
-    assert run.info.status == "FAILED"
 
 
 async def test_missing_host_variable_creates_no_run(
