@@ -30,7 +30,7 @@ from aioproj.testing.kubernetes import FakeKubernetes
 
 from .docker_daemon import BASE_IMAGE, MLFLOW_IMAGE, TEST_LABEL, DockerDaemon, Registry
 from .mlflow_server import MlflowServer
-from .support import all_runs, amake_project, process_gone, read_run
+from .support import all_runs, amake_project, journal_runs, process_gone, read_run
 from .test_kubernetes_backend import config, kube, mlproject, template  # noqa: F401
 
 # The session fixture may install packages and build images first (minutes on a fresh
@@ -850,12 +850,13 @@ async def test_a_docker_cli_killed_under_its_container_leaves_no_container(
         assert await containers(docker_daemon, label) == []  # removed when the run ended
 
 
-async def _journal_entries() -> list[dict[str, Any]]:
-    def read() -> list[dict[str, Any]]:
+async def journal_text() -> str:
+    """Every run journal of this test's cache, as written."""
+
+    def read() -> str:
         folder = Path(os.environ["AIOPROJ_CACHE_DIR"]) / "journal"
-        if not folder.is_dir():
-            return []
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        files = sorted(folder.glob("*.log")) if folder.is_dir() else []
+        return "".join(p.read_text(errors="replace") for p in files)
 
     return await anyio.to_thread.run_sync(read)
 
@@ -874,15 +875,15 @@ async def test_recover_stops_the_container_of_a_killed_driver(
     process = await anyio.open_process([sys.executable, str(driver), str(sleeper), test_label])
     try:
         await wait_running(docker_daemon, test_label)
-        with anyio.fail_after(10):
-            while not (entries := await _journal_entries()):  # noqa: ASYNC110
+        with anyio.fail_after(10):  # the driver notes the start right after it
+            while not [r for r in await journal_runs() if r.started]:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
+        (entry,) = await journal_runs()
         process.kill()
         await process.wait()
     finally:
         await process.aclose()
-    (entry,) = entries
-    run_id, state = entry["run_id"], entry["state"]
+    run_id, state = entry.run_id, entry.state
     assert state["docker"]  # what recover needs to find the container
     if cli_killed_too:  # the container is all that is left
         os.killpg(state["pgid"], signal.SIGKILL)
@@ -903,7 +904,7 @@ async def test_recover_stops_the_container_of_a_killed_driver(
     record = await read_run(tracking_uri, run_id)
     assert record.info.status == "KILLED"
     assert "aioproj recover stopped it" in record.data.tags[RECOVERED_TAG]
-    assert await _journal_entries() == []
+    assert await journal_runs() == []
 
 
 # -- secrets -------------------------------------------------------------------------------------
@@ -998,7 +999,7 @@ async def test_secrets_reach_the_container_and_no_argv_inspect_log_or_record(
         assert lines[-1:] == ["waiting"], lines
         seen["argv of every process"] = await anyio.to_thread.run_sync(cmdlines)
         seen["docker inspect"] = await docker_out(docker_daemon, "inspect", container)
-        seen["journal"] = json.dumps(await _journal_entries())
+        seen["journal"] = await journal_text()
         inspected = json.loads(seen["docker inspect"])[0]
         await anyio.Path(signal_dir / "go").write_text("")
         assert await run == RunStatus.FINISHED
