@@ -721,7 +721,7 @@ async def sleeper(tmp_path: Path) -> Path:
 
 
 def docker_cli_pids(pgid: int) -> list[int]:
-    """The docker CLI processes in process group ``pgid`` (blocking: reads /proc)."""
+    """The live docker CLI processes in process group ``pgid`` (blocking: reads /proc)."""
     pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -731,7 +731,8 @@ def docker_cli_pids(pgid: int) -> list[int]:
         except OSError:
             continue
         comm, rest = stat.partition(" (")[2].rpartition(")")[::2]
-        if comm == "docker" and int(rest.split()[2]) == pgid:
+        state, _ppid, group = rest.split()[:3]
+        if comm == "docker" and int(group) == pgid and state != "Z":  # zombies have ended
             pids.append(int(name))
     return pids
 
