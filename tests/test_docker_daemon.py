@@ -183,6 +183,37 @@ print("sleeping", flush=True)
 time.sleep(300)
 """
 
+# A driver that dies after its run's container exists but before the start is journalled:
+# only the intent (with what the docker launch noted) and the tracking run are on record.
+EARLY_DEATH = """
+import anyio, os, subprocess, sys
+from aioproj.journal import Journal
+from aioproj.tracking import open_store
+
+async def main(uri, docker, image, label):
+    store = open_store(uri)
+    experiment = await store.resolve_experiment(experiment_name=None, experiment_id=None)
+    record = await store.create_run(experiment, run_name=None, tags={}, params={})
+    journal = Journal()
+    await journal.open()
+    key = "k" * 32
+    await journal.intent(
+        key, tracking_uri=uri, backend="local", experiment_id=experiment,
+        state={"docker": docker},
+    )
+    await journal.commit(key, "tracked", run=record.run_id)
+    subprocess.run(
+        [docker, "run", "-d", "--label", "aioproj.run_id=" + record.run_id, "--label", label,
+         image, "sleep", "300"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    os.mkdir("/dev/shm/aioproj-docker-env-" + record.run_id + "-x", 0o700)
+    print(record.run_id, flush=True)
+    os._exit(0)
+
+anyio.run(main, *sys.argv[1:])
+"""
+
 DRIVER = """
 import asyncio, sys
 import aioproj
@@ -1032,6 +1063,23 @@ async def test_secrets_reach_the_container_and_no_argv_inspect_log_or_record(
     # `aioproj recover`; see aioproj/journal.py): that one is by design, nothing else is.
     assert leaks == [("journal", "MLFLOW_TRACKING_PASSWORD")]
     assert f"alice:{password}" not in seen["argv of every process"]
+
+
+async def test_recover_finds_the_container_of_a_run_whose_start_was_never_journalled(
+    docker_daemon: DockerDaemon, tmp_path: Path, tracking_uri: str, test_label: str
+) -> None:
+    driver = tmp_path / "early_death.py"
+    await anyio.Path(driver).write_text(EARLY_DEATH)
+    done = await anyio.run_process(
+        [sys.executable, str(driver), tracking_uri, docker_daemon.docker, BASE_IMAGE, test_label]
+    )
+    run_id = done.stdout.decode().strip()
+    assert await containers(docker_daemon, test_label)
+    (result,) = await recover(grace_period=1)
+    assert (result.run_id, result.status) == (run_id, "KILLED")
+    assert result.action == "stopped its docker container"
+    assert await containers(docker_daemon, test_label) == []
+    assert not [d for d in await env_dirs() if run_id in d]
 
 
 async def test_a_detached_run_keeps_its_docker_args_and_its_cancel_stops_the_container(

@@ -492,6 +492,20 @@ async def test_concurrent_preparations_share_one_info_pull_and_build(
     assert [argv[0] for argv in await docker.argvs()].count("build") == 2
 
 
+async def test_the_launch_notes_where_to_look_for_its_container(
+    docker: FakeDocker, project: Path
+) -> None:
+    """What the journal gets with the run's intent, before any container exists (the
+    state tests/test_docker_daemon.py's early-death driver writes)."""
+    env = await prepare(project)
+
+    class Inner:
+        tags: dict[str, str] = {}
+
+    launch = env.wrap_launch(Inner())  # type: ignore[arg-type]
+    assert launch.journal_state == {"docker": docker_exe()}  # type: ignore[attr-defined]
+
+
 async def test_present_image_is_not_pulled(docker: FakeDocker, project: Path) -> None:
     await anyio.to_thread.run_sync(docker.add_image, "python:3.11-fake")
     env = await prepare(project)

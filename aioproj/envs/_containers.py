@@ -16,8 +16,9 @@ a container). So every container aioproj starts carries the label
 
 The values that may be secret reach the container through the run's env file (see
 :mod:`aioproj.envs.docker`): created at start in a private directory (mode 0700; on the
-memory-backed ``/dev/shm`` where there is one), mounted read-only, and removed when the
-run ends, whichever way it ends (by ``aioproj recover`` after a crash).
+memory-backed ``/dev/shm`` where there is one) named after the run, mounted read-only,
+and removed when the run ends, whichever way it ends (by ``aioproj recover``, which
+finds it by the run id, after a crash).
 """
 
 from __future__ import annotations
@@ -120,16 +121,38 @@ async def recover_containers(
     if dry_run:
         return len(await run_containers(docker, run_id))
     count = await stop_run_containers(run_id, grace_period=grace_period, docker=docker)
-    env_dir = state.get("docker_env_dir")
-    if isinstance(env_dir, str):
-        await run_short(_remove_env_dir, Path(env_dir))
+    await run_short(_remove_env_dirs_of, run_id)
     return count
 
 
-def _write_env_file(values: Mapping[str, str]) -> Path:
-    """A new private directory holding the env file; returns the file's path (blocking)."""
-    parent = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK | os.X_OK) else None
-    directory = Path(tempfile.mkdtemp(prefix="aioproj-docker-env-", dir=parent))  # 0700
+def _env_parent() -> str:
+    """Where env-file directories go: memory-backed /dev/shm if usable, else the temp dir."""
+    if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK | os.X_OK):
+        return _SHM
+    return tempfile.gettempdir()
+
+
+def _env_prefix(run_id: str) -> str:
+    return f"aioproj-docker-env-{run_id}-"
+
+
+def _remove_env_dirs_of(run_id: str) -> None:
+    """Remove the env-file directories of ``run_id`` that this user owns (blocking)."""
+    parent = Path(_env_parent())
+    for directory in parent.glob(_env_prefix(run_id) + "*"):
+        with contextlib.suppress(OSError):
+            if directory.is_dir() and directory.stat().st_uid == os.getuid():
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def _write_env_file(run_id: str, values: Mapping[str, str]) -> Path:
+    """A new private directory holding the env file; returns the file's path (blocking).
+
+    The directory's name starts with the run id (``aioproj recover`` finds it by that
+    after a crash) and ends with a random part: mkdtemp creates it, mode 0700, and never
+    reuses one that exists, so nobody can prepare it in a shared directory.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=_env_prefix(run_id), dir=_env_parent()))
     path = directory / "env"
     try:
         # Readable by whatever user the image runs as: the 0700 directory is the fence.
@@ -158,6 +181,14 @@ class ContainerLaunch:
     def tags(self) -> Mapping[str, str]:
         return self._inner.tags
 
+    @property
+    def journal_state(self) -> dict[str, Any]:
+        """Noted with the run's intent, before anything exists: if the driver dies while
+        the run starts, ``aioproj recover`` still looks for its container."""
+        state = dict(getattr(self._inner, "journal_state", None) or {})
+        state["docker"] = self._env.docker
+        return state
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)  # what else the backend's launch offers
 
@@ -168,7 +199,7 @@ class ContainerLaunch:
         if self._env.file_env_names:
             merged = {**os.environ, **self._env.defined, **request.tracking_env}
             values = {n: merged[n] for n in self._env.file_env_names if n in merged}
-            env_file = await run_short(_write_env_file, values)
+            env_file = await run_short(_write_env_file, request.run_id, values)
             env_dir = env_file.parent
             request = replace(
                 request, tracking_env={**request.tracking_env, ENV_FILE_VAR: str(env_file)}
