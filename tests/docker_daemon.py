@@ -101,10 +101,22 @@ def _flock(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[int]:
 # -- packages ----------------------------------------------------------------------------
 
 
+def find_program(name: str) -> str | None:
+    """``name`` on PATH, or in the sbin/bin directories packages install to (a PATH
+    without the sbin directories is common for non-login shells)."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    for folder in ("/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        if os.access(f"{folder}/{name}", os.X_OK):
+            return f"{folder}/{name}"
+    return None
+
+
 def apt_install(*packages: str, binaries: tuple[str, ...]) -> None:
     """Install ``packages`` unless every one of ``binaries`` is on PATH already."""
     global _apt_updated, apt_seconds
-    if all(shutil.which(b) or Path(b).exists() for b in binaries):
+    if all(find_program(b) for b in binaries):
         return
     start = time.monotonic()
     if os.geteuid() != 0:
@@ -132,7 +144,7 @@ def apt_install(*packages: str, binaries: tuple[str, ...]) -> None:
 
 def docker_client() -> str:
     """The docker CLI tests and aioproj use: the first on PATH."""
-    found = shutil.which("docker") or shutil.which("/usr/bin/docker")
+    found = find_program("docker")
     if found is None:
         raise DockerUnavailable("no docker client on PATH after installing docker.io")
     return found
@@ -203,7 +215,7 @@ class DockerDaemon:
         return daemon
 
     def _spawn(self) -> None:
-        dockerd = shutil.which("dockerd")
+        dockerd = find_program("dockerd")
         if dockerd is None:
             raise DockerUnavailable("dockerd is not on PATH after installing docker.io")
         # Detached (not this process's child): the daemon may outlive this session when
@@ -305,9 +317,12 @@ class DockerDaemon:
         apt_install("debootstrap", binaries=("debootstrap",))
         with tempfile.TemporaryDirectory(prefix="aioproj-rootfs-") as tmp:
             rootfs = Path(tmp) / "rootfs"
+            debootstrap = find_program("debootstrap")
+            if debootstrap is None:
+                raise DockerUnavailable("debootstrap is not installed after apt-get")
             _run(
                 [
-                    "debootstrap",
+                    debootstrap,
                     "--variant=minbase",
                     "--include=python3,python3-venv,python-is-python3",
                     "bookworm",
@@ -433,9 +448,12 @@ class Registry:
                 }
             )
         )
+        registry = find_program("docker-registry")
+        if registry is None:
+            raise DockerUnavailable("docker-registry is not installed after apt-get")
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(
-                ["docker-registry", "serve", str(config)],
+                [registry, "serve", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
