@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from . import mlflow_plugin_wheel
+from .docker_daemon import TEST_LABEL, DockerDaemon, DockerUnavailable, Registry
 from .mlflow_server import MlflowServer
 
 
@@ -75,3 +77,74 @@ def mlflow_test_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
         yield mlflow_plugin_wheel.PLUGIN_NAME
     finally:
         mlflow_plugin_wheel.uninstall()
+
+
+def unavailable(reason: str) -> None:
+    """Skip, with the reason, where a system service cannot be had; fail in CI."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: a service the tests need must be available)")
+    pytest.skip(reason)
+
+
+_DOCKER_TIMINGS = pytest.StashKey[dict[str, float]]()
+
+
+@pytest.fixture(scope="session")
+def docker_daemon(request: pytest.FixtureRequest) -> Iterator[DockerDaemon]:
+    """A real Docker daemon (installed and started if needed) with the test images.
+
+    See tests/docker_daemon.py. The first session on a fresh machine installs docker.io
+    and builds the images (minutes); later sessions find them. Tests using it mark their
+    timeout ``func_only``, so this set-up is not counted in the first test's timeout.
+    """
+    start = time.monotonic()
+    try:
+        daemon = DockerDaemon.start()
+    except DockerUnavailable as exc:
+        unavailable(f"No Docker daemon: {exc}")
+    from . import docker_daemon as module
+
+    timings = {
+        "install": module.apt_seconds,
+        "daemon": time.monotonic() - module.apt_seconds - start,
+    }
+    try:
+        timings.update(daemon.ensure_images())
+    except DockerUnavailable as exc:
+        daemon.close()
+        unavailable(f"The test images could not be made: {exc}")
+    except BaseException:
+        daemon.close()
+        raise
+    request.config.stash[_DOCKER_TIMINGS] = timings
+    try:
+        yield daemon
+    finally:
+        try:
+            daemon.remove_containers(TEST_LABEL)  # what a failed test may have left
+        finally:
+            daemon.close()
+
+
+@pytest.fixture(scope="session")
+def docker_registry(
+    docker_daemon: DockerDaemon, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Registry]:
+    """Debian's docker-registry on 127.0.0.1, for the session."""
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    try:
+        registry.start()
+    except DockerUnavailable as exc:
+        unavailable(f"No container registry: {exc}")
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say what the Docker fixture cost this session (installs, daemon, images)."""
+    timings = terminalreporter.config.stash.get(_DOCKER_TIMINGS, None)
+    if timings:
+        parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+        terminalreporter.write_line(f"docker fixture: {parts}")

@@ -30,12 +30,14 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` on 127.0.0.1; ``uri`` is its tracking URI once :meth:`start` returns."""
+    """``mlflow server`` on ``host`` (127.0.0.1 unless given); ``uri`` is its tracking URI
+    once :meth:`start` returns."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1") -> None:
         self.root = root
+        self.host = host
         self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.uri = f"http://{host}:{self.port}"
         self.log_path = root / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -48,7 +50,7 @@ class MlflowServer:
             MLFLOW, "server",
             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
             "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1",
+            "--host", self.host,
             "--port", str(self.port),
             "--workers", "1",
         ]  # fmt: skip

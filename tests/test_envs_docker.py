@@ -1,9 +1,13 @@
-"""docker_env projects through the docker CLI, with a stand-in ``docker`` on PATH.
+"""docker_env projects through the docker CLI: the exact commands, with a stand-in
+``docker`` on PATH.
 
-No docker daemon exists here. The stand-in logs its argv as JSON lines, keeps a small
-image registry in a JSON file, builds "images" by copying the build context, and runs
-``docker run`` commands locally (container paths mapped back to the host), so runs are
-real: exit codes, output and tracking records flow as they would from a container.
+The behaviour (containers, mounts, tracking from inside, clean-up, secrets) is proved on
+a real Docker daemon in tests/test_docker_daemon.py. These tests pin what aioproj asks
+docker for, call by call and argument by argument, and inject the faults a daemon does
+not produce on demand (a failing ``docker info``, pull or build). The stand-in logs its
+argv as JSON lines, keeps a small image registry in a JSON file, builds "images" by
+copying the build context, and runs ``docker run`` commands locally (container paths
+mapped back to the host), so the runner's side of a run is exercised too.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from aioproj.envs.docker import (
     image_tag,
     tracking_mount,
 )
-from aioproj.errors import EnvironmentBuildError, RunFailedError
+from aioproj.errors import EnvironmentBuildError
 from aioproj.project import load_project
 
 from .support import all_runs, make_project, process_gone, read_run
@@ -128,7 +132,7 @@ elif cmd == "build":
     print("Successfully tagged " + tag)
 elif cmd == "run":
     rest = args[1:]
-    mounts, envs, workdir, flags = [], [], None, []
+    mounts, envs, workdir, flags, labels, entrypoint = [], [], None, [], [], None
     with_value = {{"--gpus", "--memory", "--name", "--network", "--shm-size", "-m"}}
     while rest and rest[0].startswith("-"):
         opt = rest.pop(0)
@@ -138,6 +142,10 @@ elif cmd == "run":
             envs.append(rest.pop(0))
         elif opt == "-w":
             workdir = rest.pop(0)
+        elif opt == "--label":
+            labels.append(rest.pop(0))
+        elif opt == "--entrypoint":
+            entrypoint = rest.pop(0)
         elif opt in with_value:
             flags += [opt, rest.pop(0)]
         else:
@@ -145,8 +153,11 @@ elif cmd == "run":
     image, command = rest[0], rest[1:]
     images = load()
     entry.update(image=image, mounts=mounts, env_names=envs, workdir=workdir, flags=flags,
-                 command=command, tracking_uri_seen=os.environ.get("MLFLOW_TRACKING_URI"),
+                 labels=labels, entrypoint=entrypoint, command=command,
+                 tracking_uri_seen=os.environ.get("MLFLOW_TRACKING_URI"),
                  env_present={{n: n in os.environ for n in envs}})
+    if entrypoint is not None:
+        command = [entrypoint] + command
     log()
     if image not in images:
         print("Unable to find image " + image, file=sys.stderr)
@@ -164,6 +175,8 @@ elif cmd == "run":
     cwd = to_host(workdir) if workdir else images[image]["code"] or state_dir
     sys.stdout.flush()
     sys.exit(subprocess.call([to_host(c) for c in command], cwd=cwd, env=env))
+elif cmd in ("ps", "stop", "rm"):
+    log()  # its "containers" are processes that are gone once `run` returns: none to list
 else:
     log()
     print("fake docker: unknown command " + " ".join(args), file=sys.stderr)
@@ -275,15 +288,39 @@ def test_docker_run_argv_is_exact() -> None:
         "/bin/docker",
         "img:1",
         docker_args={"gpus": "all", "privileged": True},
+        labels=["aioproj.run_id=r1"],
         mounts=["/h:/c", "/data:/data:ro"],
         workdir="/mlflow/projects/code",
         env_names=["MLFLOW_RUN_ID", "API_TOKEN"],
     )
     assert argv == [
         "/bin/docker", "run", "--rm", "--gpus", "all", "--privileged",
+        "--label", "aioproj.run_id=r1",
         "-v", "/h:/c", "-v", "/data:/data:ro", "-w", "/mlflow/projects/code",
         "-e", "MLFLOW_RUN_ID", "-e", "API_TOKEN", "img:1",
     ]  # fmt: skip
+
+
+def test_env_file_mode_starts_the_loader_then_the_entrypoint() -> None:
+    argv = docker_run_argv(
+        "/bin/docker",
+        "img:1",
+        docker_args={"entrypoint": "/ignored", "m": "1g"},
+        mounts=["$F:/run/aioproj/env:ro"],
+        entrypoint=("/docker-entrypoint.sh", "--flag"),
+    )
+    assert argv == [
+        "/bin/docker", "run", "--rm", "-m", "1g", "-v", "$F:/run/aioproj/env:ro",
+        "--entrypoint", "/bin/sh", "img:1", "-c", '. /run/aioproj/env && exec "$@"',
+        "aioproj-env", "/docker-entrypoint.sh", "--flag",
+    ]  # fmt: skip
+
+
+def test_env_file_holds_values_as_shell_data() -> None:
+    from aioproj.envs.docker import env_file_text
+
+    text = env_file_text({"A": "it's $(rm -rf /) `x`\nline2", "B": ""})
+    assert text == "export A='it'\"'\"'s $(rm -rf /) `x`\nline2'\nexport B=''\n"
 
 
 def test_tracking_mount_for_local_stores_only() -> None:
@@ -348,29 +385,125 @@ async def test_missing_image_is_pulled_then_run_command_built(
         ["pull", "python:3.11-fake"],
         ["image", "inspect", "python:3.11-fake"],
     ]
+    # The project has docker_env.environment: its values go through the env file.
     assert env.run_argv == (
         exe, "run", "--rm", "--gpus", "all", "--privileged",
+        "--label", "aioproj.run_id=$MLFLOW_RUN_ID",
         "-v", f"{project}:/mlflow/projects/code",
         "-v", "/t/mlruns:/mlflow/tmp/mlruns",
         "-v", "/t/mlruns:/t/mlruns",
         "-v", "/data/in:/in:ro",
+        "-v", "$AIOPROJ_DOCKER_ENV_FILE:/run/aioproj/env:ro",
         "-w", "/mlflow/projects/code",
         "-e", "MLFLOW_RUN_ID", "-e", "MLFLOW_TRACKING_URI", "-e", "MLFLOW_EXPERIMENT_ID",
-        "-e", "MLFLOW_ALLOW_FILE_STORE", "-e", "DEFINED_VAR", "-e", "COPIED_VAR",
-        "python:3.11-fake",
+        "-e", "MLFLOW_ALLOW_FILE_STORE",
+        "--entrypoint", "/bin/sh", "python:3.11-fake",
+        "-c", '. /run/aioproj/env && exec "$@"', "aioproj-env",
     )  # fmt: skip
     assert env.wrap("python show.py 'a b'") == (
         "MLFLOW_TRACKING_URI=file:///mlflow/tmp/mlruns "
-        + " ".join(env.run_argv)
-        + " python show.py 'a b'"
+        f'{exe} run --rm --gpus all --privileged --label "aioproj.run_id=$MLFLOW_RUN_ID" '
+        f"-v {project}:/mlflow/projects/code -v /t/mlruns:/mlflow/tmp/mlruns "
+        "-v /t/mlruns:/t/mlruns -v /data/in:/in:ro "
+        '-v "$AIOPROJ_DOCKER_ENV_FILE:/run/aioproj/env:ro" -w /mlflow/projects/code '
+        "-e MLFLOW_RUN_ID -e MLFLOW_TRACKING_URI -e MLFLOW_EXPERIMENT_ID "
+        "-e MLFLOW_ALLOW_FILE_STORE --entrypoint /bin/sh python:3.11-fake "
+        "-c '. /run/aioproj/env && exec \"$@\"' aioproj-env python show.py 'a b'"
     )
-    assert env.env_vars == {"DEFINED_VAR": "defined-value"}
+    assert env.file_env_names == ("DEFINED_VAR", "COPIED_VAR")
+    assert env.defined == {"DEFINED_VAR": "defined-value"}
+    assert env.env_vars == {}  # values never reach the docker CLI's environment
     image_id = "sha256:" + hashlib.sha256(b"python:3.11-fake").hexdigest()
     assert env.tag == "docker"
     assert env.tags == {
         "mlflow.docker.image.uri": "python:3.11-fake",
         "mlflow.docker.image.id": image_id,
     }
+
+
+async def test_without_secrets_the_command_is_mlflows_plus_a_label(
+    docker: FakeDocker, tmp_path: Path
+) -> None:
+    root = await anyio.to_thread.run_sync(
+        make_project,
+        tmp_path / "plain",
+        "name: plain\ndocker_env:\n  image: img:1\nentry_points:\n  main:\n    command: x\n",
+    )
+    await anyio.to_thread.run_sync(docker.add_image, "img:1")
+    env = await prepare(root, tracking_uri="file:///t/mlruns")
+    assert env.run_argv == (
+        docker_exe(), "run", "--rm", "--label", "aioproj.run_id=$MLFLOW_RUN_ID",
+        "-v", f"{root}:/mlflow/projects/code",
+        "-v", "/t/mlruns:/mlflow/tmp/mlruns", "-v", "/t/mlruns:/t/mlruns",
+        "-w", "/mlflow/projects/code",
+        "-e", "MLFLOW_RUN_ID", "-e", "MLFLOW_TRACKING_URI", "-e", "MLFLOW_EXPERIMENT_ID",
+        "-e", "MLFLOW_ALLOW_FILE_STORE", "img:1",
+    )  # fmt: skip
+    assert env.file_env_names == ()
+
+
+async def test_a_remote_tracking_uri_goes_through_the_env_file(
+    docker: FakeDocker, project: Path
+) -> None:
+    env = await prepare(project, tracking_uri="https://mlflow.example")
+    names = [env.run_argv[i + 1] for i, a in enumerate(env.run_argv) if a == "-e"]
+    assert names == ["MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE"]
+    assert env.file_env_names == (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_INSECURE_TLS",
+        "MLFLOW_TRACKING_SERVER_CERT_PATH",
+        "DEFINED_VAR",
+        "COPIED_VAR",
+    )
+
+
+async def test_a_loopback_tracking_server_without_host_network_is_warned_about(
+    docker: FakeDocker, project: Path
+) -> None:
+    with pytest.warns(UserWarning, match=r"network.*host"):
+        await prepare(project, tracking_uri="http://127.0.0.1:5000")
+    await prepare(project, tracking_uri="http://127.0.0.1:5000", docker_args={"network": "host"})
+
+
+async def test_concurrent_preparations_share_one_info_pull_and_build(
+    docker: FakeDocker, project: Path
+) -> None:
+    envs: list[DockerPreparedEnv] = []
+
+    async def one() -> None:
+        envs.append(await prepare(project, build_image=True))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(one)
+    assert [argv[:2] for argv in await docker.argvs()] == [
+        ["info"],
+        ["image", "inspect"],
+        ["pull", "python:3.11-fake"],
+        ["image", "inspect"],
+        ["build", "-t"],
+        ["image", "inspect"],
+    ]
+    assert len({env.image_id for env in envs}) == 1
+    await prepare(project, build_image=True)  # once done, a new call looks again
+    assert [argv[0] for argv in await docker.argvs()].count("build") == 2
+
+
+async def test_the_launch_notes_where_to_look_for_its_container(
+    docker: FakeDocker, project: Path
+) -> None:
+    """What the journal gets with the run's intent, before any container exists (the
+    state tests/test_docker_daemon.py's early-death driver writes)."""
+    env = await prepare(project)
+
+    class Inner:
+        tags: dict[str, str] = {}
+
+    launch = env.wrap_launch(Inner())  # type: ignore[arg-type]
+    assert launch.journal_state == {"docker": docker_exe()}  # type: ignore[attr-defined]
 
 
 async def test_present_image_is_not_pulled(docker: FakeDocker, project: Path) -> None:
@@ -530,36 +663,17 @@ async def test_docker_run_finishes_with_output_and_tags(
     docker_run = next(c for c in await docker.acalls() if c["argv"][0] == "run")
     assert docker_run["tracking_uri_seen"] == "file:///mlflow/tmp/mlruns"
     assert docker_run["flags"] == ["--rm", "--gpus", "all"]
-    assert docker_run["command"] == ["python", "show.py", "hello there"]
-    assert all(docker_run["env_present"][n] for n in ("MLFLOW_RUN_ID", "DEFINED_VAR"))
+    assert docker_run["labels"] == [f"aioproj.run_id={run.run_id}"]
+    assert docker_run["entrypoint"] == "/bin/sh"
+    assert docker_run["command"][-3:] == ["python", "show.py", "hello there"]
+    assert docker_run["env_present"]["MLFLOW_RUN_ID"]
+    assert "DEFINED_VAR" not in docker_run["env_names"]  # it came through the env file
     record = await read_run(tracking_uri, run.run_id)
     tags = record.data.tags
     assert tags["mlflow.project.env"] == "docker"
     assert tags["mlflow.project.backend"] == "local"
     assert tags["mlflow.docker.image.uri"] == "python:3.11-fake"
     assert tags["mlflow.docker.image.id"].startswith("sha256:")
-
-
-@pytest.mark.allow_blocking  # mlflow inside the "container" is imported by a child process
-async def test_container_logs_into_its_run(
-    docker: FakeDocker, project: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with Runner(echo="off") as runner:
-        run = await runner.run(str(project), entry_point="track.py", build_image=True)
-        assert await run.get_status() is RunStatus.FINISHED
-    record = await read_run(tracking_uri, run.run_id)
-    assert record.data.metrics == {"from_container": 1.5}
-    assert record.data.tags["mlflow.docker.image.uri"] == "docker-example:latest"
-
-
-async def test_failing_container_fails_the_run(
-    docker: FakeDocker, project: Path, tracking_uri: str
-) -> None:
-    async with Runner(echo="off") as runner:
-        with pytest.raises(RunFailedError):
-            await runner.run(str(project), entry_point="fail")
-    (run,) = await all_runs(tracking_uri)
-    assert run.info.status == "FAILED"
 
 
 async def test_missing_host_variable_creates_no_run(
@@ -616,7 +730,8 @@ async def test_secrets_never_leave_the_environment(
     assert any(f"AWS_SECRET_ACCESS_KEY {digest}" in line for line in lines)  # it arrived
     assert any(f"DATABRICKS_TOKEN {db_digest}" in line for line in lines)
     log = await docker.raw_log()
-    assert '"-e", "AWS_SECRET_ACCESS_KEY"' in log
+    assert ':/run/aioproj/env:ro"' in log  # the env file's mount
+    assert '"AWS_SECRET_ACCESS_KEY"' not in log  # not even by name: it is in the file
     captured = await anyio.to_thread.run_sync(capfd.readouterr)
     assert digest in captured.out + captured.err  # the echo was captured
     record = await read_run(tracking_uri, run.run_id)

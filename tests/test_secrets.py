@@ -325,7 +325,14 @@ async def test_docker_runs_leak_no_secret(
         ]
         for label, kwargs in docker_attempts:
             run = await _attempt(
-                runner, surfaces, label, str(project), docker_auth=auth, env_manager=None, **kwargs
+                runner,
+                surfaces,
+                label,
+                str(project),
+                docker_auth=auth,
+                env_manager=None,
+                docker_args={"network": "host"},  # a server on 127.0.0.1 is the host's
+                **kwargs,
             )
             if run is not None:
                 runs.append(run)

@@ -28,7 +28,7 @@ from aioproj.project import ResolvedParameters
 from aioproj.sources.uri import redact_url
 
 from ._process import ProcessGroup
-from .base import Execution, LaunchRequest, StartRequest
+from .base import Execution, Launch, LaunchRequest, StartRequest
 
 __all__ = ["LocalBackend", "LocalExecution", "LocalLaunch"]
 
@@ -55,7 +55,7 @@ class LocalBackend:
         self._shell_path: str | None = None
         self._which = SharedCalls()  # a burst of runs shares the one lookup in flight
 
-    async def prepare(self, request: LaunchRequest) -> LocalLaunch:
+    async def prepare(self, request: LaunchRequest) -> Launch:
         """Choose and prepare the environment. Raises EnvironmentBuildError.
 
         Warns (UserWarning) when ``backend_config`` has keys: the local backend has no
@@ -96,13 +96,14 @@ class LocalBackend:
                 f"The local backend runs commands with {self._shell!r}, which is not on PATH. "
                 "Install it, or pass LocalBackend(shell=...) with a POSIX shell that is."
             )
-        return LocalLaunch(
+        launch = LocalLaunch(
             shell=shell,
             command=env.wrap(request.parameters.command),
             work_dir=request.source.directory,
             env=env,
             build_output=bytes(build_output),
         )
+        return env.wrap_launch(launch)  # docker_env: also follows the run's container
 
     async def aclose(self) -> None:
         """Nothing is shared between local runs."""

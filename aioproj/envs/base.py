@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aioproj.backends.base import Launch
 
 __all__ = ["ENV_MANAGERS", "PreparedEnv"]
 
@@ -32,3 +36,9 @@ class PreparedEnv:
         if self.activate is None:
             return command
         return f"{self.activate} && {command}"
+
+    def wrap_launch(self, launch: Launch) -> Launch:
+        """The launch a local backend hands the runner for a run in this environment:
+        ``launch`` itself, or one that also manages what the environment starts besides
+        the process (docker: the run's container)."""
+        return launch

@@ -12,17 +12,26 @@ Preparation (before any run is tracked) checks what MLflow checks: the project h
   ``WORKDIR /mlflow/projects/code/``) in a temporary copy of the project without
   ``mlruns``, removed afterwards.
 
-The run is ``docker run --rm [docker_args] [-v ...] [-w ...] [-e NAME ...] <image> <command>``
-through bash, the entry-point command appended as MLflow appends it. Every variable goes
-into the container as ``-e NAME``, never ``-e NAME=value``: docker copies the value from
-its own environment, so values (tokens, keys, passwords) never appear on a command line,
-in a log line, in a tag or in an error. A local tracking store is mounted at
-``/mlflow/tmp/mlruns`` (and at its own path, so artifact URIs recorded in it resolve) and
-``MLFLOW_TRACKING_URI`` is rewritten for the container.
+Getting the image is single-flight: concurrent runs of one project (a sweep) share one
+``docker info``, one pull and one build.
+
+The run is ``docker run --rm [docker_args] --label aioproj.run_id=<run id> [-v ...] [-w ...]
+[-e NAME ...] <image> <command>`` through bash, the entry-point command appended as MLflow
+appends it. No value is ever on a command line: the tracking variables go in as
+``-e NAME`` (docker copies the value from its own environment), and the values that may be
+secret (``docker_env.environment``, tracking credentials, a tracking URI that is not a
+local store) do not go through docker's container configuration at all, where ``docker
+inspect`` would show them: they are written to a file readable only through a private
+directory, mounted at ``/run/aioproj/env`` and read by ``/bin/sh`` in the container before
+it ``exec``s the image's entrypoint and the command (see :mod:`aioproj.envs._containers`).
+A local tracking store is mounted at ``/mlflow/tmp/mlruns`` (and at its own path, so
+artifact URIs recorded in it resolve) and ``MLFLOW_TRACKING_URI`` is rewritten for the
+container.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,21 +41,30 @@ import subprocess
 import tempfile
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
+from aioproj._shared import SharedCalls
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project
 
 from ._steps import OutputTail, _kill_group, run_step
 from .base import PreparedEnv
 
+if TYPE_CHECKING:
+    from aioproj.backends.base import Launch
+
 __all__ = [
     "CODE_DIR",
+    "CONTAINER_ENV_FILE",
     "CONTAINER_TRACKING_DIR",
+    "ENV_FILE_VAR",
+    "RUN_ID_LABEL",
     "DockerPreparedEnv",
     "container_env_names",
     "docker_args_argv",
@@ -63,6 +81,14 @@ logger = logging.getLogger("aioproj.envs")
 CODE_DIR = "/mlflow/projects/code"
 #: Where a local tracking store is mounted inside the container (MLflow's path).
 CONTAINER_TRACKING_DIR = "/mlflow/tmp/mlruns"
+#: The label of every container aioproj starts: its run's id (found again by it).
+RUN_ID_LABEL = "aioproj.run_id"
+#: The host variable naming the run's env file (set for the docker CLI at start).
+ENV_FILE_VAR = "AIOPROJ_DOCKER_ENV_FILE"
+#: Where the run's env file is mounted in the container.
+CONTAINER_ENV_FILE = "/run/aioproj/env"
+#: What the container runs first when it gets an env file: read it, become the command.
+ENV_LOADER = f'. {CONTAINER_ENV_FILE} && exec "$@"'
 #: The variables every run passes into its container (by name: values stay on the host).
 TRACKING_ENV_NAMES = (
     "MLFLOW_RUN_ID",
@@ -98,6 +124,16 @@ _EXCLUDED_FROM_BUILD = ("mlruns",)
 
 OutputCallback = Callable[[bytes], None]
 
+#: Concurrent runs needing one image share one info/login/pull/build (see _get_image).
+_IMAGES = SharedCalls()
+
+
+class _Expanded(str):
+    """An argument the run's shell expands: it names a variable set at start (the run id,
+    the env file), so it is double-quoted rather than single-quoted in the command."""
+
+    __slots__ = ()
+
 
 @dataclass(frozen=True)
 class DockerPreparedEnv(PreparedEnv):
@@ -105,18 +141,32 @@ class DockerPreparedEnv(PreparedEnv):
 
     ``run_prefix`` is the shell text before the entry-point command: variable
     assignments that hold no secret (the container's tracking URI) and the quoted
-    ``docker run`` argv.
+    ``docker run`` argv, in which ``$MLFLOW_RUN_ID`` (the label) and
+    ``$AIOPROJ_DOCKER_ENV_FILE`` (the env file's mount) are expanded by the run's shell.
+    ``file_env_names`` are the variables that reach the container through the env file
+    (empty: no env file, the image's own entrypoint runs); ``defined`` holds the values
+    ``docker_env.environment`` sets.
     """
 
     run_prefix: str = ""
     image_uri: str = ""
     image_id: str = ""
     run_argv: tuple[str, ...] = field(default=())
+    docker: str = "docker"
+    file_env_names: tuple[str, ...] = ()
+    defined: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def wrap(self, command: str) -> str:
         """``<prefix> <command>``: the command is appended as MLflow appends it, so the
         host shell splits it into the container's argv."""
         return f"{self.run_prefix} {command}"
+
+    def wrap_launch(self, launch: Launch) -> Launch:
+        """A launch that also writes the run's env file and stops, removes and finds
+        again the run's container (see :mod:`aioproj.envs._containers`)."""
+        from ._containers import ContainerLaunch
+
+        return ContainerLaunch(launch, self)
 
 
 # -- pure command building --------------------------------------------------------------
@@ -192,21 +242,50 @@ def docker_run_argv(
     image: str,
     *,
     docker_args: Mapping[str, str | bool] = {},
+    labels: Sequence[str] = (),
     mounts: Sequence[str] = (),
     workdir: str | None = None,
     env_names: Sequence[str] = (),
+    entrypoint: Sequence[str] | None = None,
 ) -> list[str]:
-    """``docker run --rm`` argv up to the image: docker_args, ``-v`` for each mount (in
-    order), ``-w`` and ``-e NAME`` for each name. Raises nothing."""
-    argv = [docker, "run", "--rm", *docker_args_argv(docker_args)]
+    """``docker run --rm`` argv up to the command: docker_args, ``--label`` for each label,
+    ``-v`` for each mount (in order), ``-w``, ``-e NAME`` for each name, then the image.
+
+    With ``entrypoint`` (the env-file mode) the container starts ``/bin/sh``, which reads
+    :data:`CONTAINER_ENV_FILE` and ``exec``s ``entrypoint`` followed by the command (the
+    image's own entrypoint, or the ``entrypoint`` of ``docker_args``, which is then not
+    passed as an option). Raises nothing.
+    """
+    args = dict(docker_args)
+    if entrypoint is not None:
+        args.pop("entrypoint", None)
+    argv = [docker, "run", "--rm", *docker_args_argv(args)]
+    for label in labels:
+        argv += ["--label", label]
     for mount in mounts:
         argv += ["-v", mount]
     if workdir is not None:
         argv += ["-w", workdir]
     for name in env_names:
         argv += ["-e", name]
-    argv.append(image)
+    if entrypoint is None:
+        argv.append(image)
+    else:
+        argv += ["--entrypoint", "/bin/sh", image, "-c", ENV_LOADER, "aioproj-env", *entrypoint]
     return argv
+
+
+def env_file_text(values: Mapping[str, str]) -> str:
+    """The env file: one ``export NAME='value'`` line per variable, for ``/bin/sh``.
+
+    Names are those an MLproject or aioproj accepts (checked when parsed); values are
+    single-quoted, so the shell reads them as data whatever they hold. Raises nothing.
+    """
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
+
+
+def _shell_text(argv: Sequence[str]) -> str:
+    return " ".join(f'"{a}"' if isinstance(a, _Expanded) else shlex.quote(a) for a in argv)
 
 
 def dockerfile_text(base_image: str) -> str:
@@ -268,8 +347,67 @@ async def prepare_docker_env(
             "ensure all expected environment variables are set."
         )
     directory = project_dir if project_dir is not None else project.directory
-    secrets = _secrets(docker_auth)
     docker = await _find_docker()
+    base = docker_env.image
+    image_uri = image_tag(project.name, git_commit) if build_image else base
+    key = "\0".join(
+        [docker, base, image_uri, str(build_image), str(directory), _auth_key(docker_auth)]
+    )
+    image = await _IMAGES.run(
+        key,
+        lambda: _get_image(
+            docker,
+            base,
+            image_uri if build_image else None,
+            directory,
+            docker_auth,
+            on_output,
+        ),
+    )
+    args = dict(docker_args or {})
+    _warn_unreachable_tracking(tracking_uri, args)
+    # abspath may read the working directory: off the event loop
+    local_store = await anyio.to_thread.run_sync(tracking_mount, tracking_uri)
+    return _run_env(
+        docker,
+        image_uri,
+        image,
+        project_dir=directory,
+        mount_code=not build_image,
+        docker_args=args,
+        volumes=docker_env.volumes,
+        environment=docker_env.environment,
+        tracking_uri=tracking_uri,
+        local_store=local_store,
+    )
+
+
+@dataclass(frozen=True)
+class _Image:
+    """What runs need to know of their image: its id and its entrypoint."""
+
+    id: str
+    entrypoint: tuple[str, ...]
+
+
+def _auth_key(auth: Mapping[str, str] | None) -> str:
+    """Tells registry credentials apart in a single-flight key, without holding them."""
+    if not auth:
+        return ""
+    text = json.dumps(dict(auth), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def _get_image(
+    docker: str,
+    base: str,
+    build_tag: str | None,
+    directory: Path,
+    docker_auth: Mapping[str, str] | None,
+    on_output: OutputCallback | None,
+) -> _Image:
+    """``docker info``, login, pull the base if absent, build ``build_tag`` if given."""
+    secrets = _secrets(docker_auth)
     code, output = await _docker_output([docker, "info"], cwd=directory)
     if code != 0:
         raise EnvironmentBuildError(
@@ -278,9 +416,8 @@ async def prepare_docker_env(
         )
     if docker_auth:
         await _login(docker, docker_auth, cwd=directory)
-    base = docker_env.image
-    image_id = await _image_id(docker, base, cwd=directory)
-    if image_id is None:
+    image = await _inspect_image(docker, base, cwd=directory)
+    if image is None:
         await run_step(
             [docker, "pull", base],
             what=f"Pulling the docker image {base}",
@@ -289,33 +426,39 @@ async def prepare_docker_env(
             env=os.environ,
             on_output=_scrubbing(on_output, secrets),
         )
-        image_id = await _require_image_id(docker, base, cwd=directory)
-    if build_image:
-        image_uri = image_tag(project.name, git_commit)
-        await _build(docker, base, image_uri, directory, on_output)
-        image_id = await _require_image_id(docker, image_uri, cwd=directory)
-    else:
-        image_uri = base
-    # abspath may read the working directory: off the event loop
-    local_store = await anyio.to_thread.run_sync(tracking_mount, tracking_uri)
-    return _run_env(
-        docker,
-        image_uri,
-        image_id,
-        project_dir=directory,
-        mount_code=not build_image,
-        docker_args=docker_args or {},
-        volumes=docker_env.volumes,
-        environment=docker_env.environment,
-        tracking_uri=tracking_uri,
-        local_store=local_store,
+        image = await _require_image(docker, base, cwd=directory)
+    if build_tag is not None:
+        await _build(docker, base, build_tag, directory, on_output)
+        image = await _require_image(docker, build_tag, cwd=directory)
+    return image
+
+
+def _warn_unreachable_tracking(tracking_uri: str, docker_args: Mapping[str, str | bool]) -> None:
+    """Warn when the container would log to itself: a tracking server on the host's
+    loopback address is not reachable from a container on a bridge network."""
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme.lower() not in ("http", "https"):
+        return
+    host = (parsed.hostname or "").lower()
+    if host != "localhost" and not host.startswith("127.") and host != "::1":
+        return
+    if str(docker_args.get("network", docker_args.get("net", ""))) == "host":
+        return
+    warnings.warn(
+        f"The tracking URI {parsed.scheme}://{parsed.hostname}:{parsed.port or ''} is this "
+        "machine's loopback address, which inside a container is the container itself: "
+        "the run's own mlflow calls will not reach the server. Pass "
+        "docker_args={'network': 'host'} (CLI: -A network=host), or use an address the "
+        "container can reach (for example the docker bridge's gateway).",
+        UserWarning,
+        stacklevel=3,
     )
 
 
 def _run_env(
     docker: str,
     image_uri: str,
-    image_id: str,
+    image: _Image,
     *,
     project_dir: Path,
     mount_code: bool,
@@ -339,26 +482,45 @@ def _run_env(
         prefix = f"MLFLOW_TRACKING_URI={shlex.quote(container_uri)} "
     mounts += [expand_volume(volume) for volume in volumes]
     defined = {item[0]: item[1] for item in environment if not isinstance(item, str)}
+    names = container_env_names(environment, tracking_uri)
+    # Only values that cannot be secret go through docker's configuration (-e NAME):
+    # the run id, the experiment and a local store's fixed container path.
+    public = {"MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE"}
+    if local_store is not None:
+        public.add("MLFLOW_TRACKING_URI")
+    file_names = tuple(n for n in names if n not in public)
+    entrypoint: tuple[str, ...] | None = None
+    if file_names:
+        mounts.append(_Expanded(f"${ENV_FILE_VAR}:{CONTAINER_ENV_FILE}:ro"))
+        override = docker_args.get("entrypoint")
+        if isinstance(override, str):  # --entrypoint "" clears the image's
+            entrypoint = (override,) if override else ()
+        else:
+            entrypoint = image.entrypoint
     argv = docker_run_argv(
         docker,
         image_uri,
         docker_args=docker_args,
+        labels=[_Expanded(f"{RUN_ID_LABEL}=$MLFLOW_RUN_ID")],
         mounts=mounts,
         workdir=CODE_DIR if mount_code else None,
-        env_names=container_env_names(environment, tracking_uri),
+        env_names=[n for n in names if n in public],
+        entrypoint=entrypoint,
     )
     return DockerPreparedEnv(
         manager="docker",
         tag="docker",
-        env_vars=defined,
         tags={
             "mlflow.docker.image.uri": image_uri,
-            "mlflow.docker.image.id": image_id,
+            "mlflow.docker.image.id": image.id,
         },
-        run_prefix=prefix + shlex.join(argv),
+        run_prefix=prefix + _shell_text(argv),
         image_uri=image_uri,
-        image_id=image_id,
+        image_id=image.id,
         run_argv=tuple(argv),
+        docker=docker,
+        file_env_names=file_names,
+        defined=defined,
     )
 
 
@@ -386,26 +548,32 @@ async def _login(docker: str, auth: Mapping[str, str], *, cwd: Path) -> None:
         )
 
 
-async def _image_id(docker: str, image: str, *, cwd: Path) -> str | None:
-    """The image's id if it is present locally, else None."""
+async def _inspect_image(docker: str, image: str, *, cwd: Path) -> _Image | None:
+    """The image's id and entrypoint if it is present locally, else None."""
     code, output = await _docker_output([docker, "image", "inspect", image], cwd=cwd)
     if code != 0:
         return None
     try:
-        data = json.loads(output)
-        image_id = data[0]["Id"]
-    except (ValueError, LookupError, TypeError):
+        data = json.loads(output)[0]
+        image_id = data["Id"]
+        config = data.get("Config") or {}
+        entrypoint = config.get("Entrypoint") or []
+    except (ValueError, LookupError, TypeError, AttributeError):
         return None
-    return image_id if isinstance(image_id, str) else None
+    if not isinstance(image_id, str):
+        return None
+    if isinstance(entrypoint, str):  # very old images: a shell string
+        entrypoint = ["/bin/sh", "-c", entrypoint]
+    return _Image(image_id, tuple(str(part) for part in entrypoint))
 
 
-async def _require_image_id(docker: str, image: str, *, cwd: Path) -> str:
-    image_id = await _image_id(docker, image, cwd=cwd)
-    if image_id is None:
+async def _require_image(docker: str, image: str, *, cwd: Path) -> _Image:
+    found = await _inspect_image(docker, image, cwd=cwd)
+    if found is None:
         raise EnvironmentBuildError(
             f"`docker image inspect {image}` did not find the image it just got."
         )
-    return image_id
+    return found
 
 
 async def _build(

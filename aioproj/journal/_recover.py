@@ -155,7 +155,11 @@ async def recover(
         plans = []
         for journal, run in todo:
             alive = journal.dead and f"{journal.journal_id}/{run.key}" in marked
-            plans.append(await _plan(run, alive, now))
+            containers = await _stop_containers(run, grace_period, dry_run) if journal.dead else 0
+            plan = await _plan(run, alive or containers > 0, now)
+            if containers and plan.status == "KILLED":
+                plan = _container_stopped(plan, alive)
+            plans.append(plan)
         if not dry_run and dead_ids:
             # Every leftover process of the dead drivers, builds included, in one stop.
             await _stop(dead_ids, grace_period)
@@ -179,6 +183,29 @@ async def recover(
                     await store.aclose()
             await anyio.to_thread.run_sync(_settle_journals, files)
     return out
+
+
+async def _stop_containers(run: RunState, grace_period: float, dry_run: bool) -> int:
+    """docker_env runs: their container outlives the docker CLI that started it, so it is
+    found by its ``aioproj.run_id`` label and stopped first (the CLI then ends on its own).
+    Returns how many containers there were (a dry run only counts them)."""
+    if "docker" not in run.state or run.run_id is None or run.status is not None:
+        return 0
+    from aioproj.envs._containers import recover_containers
+
+    try:
+        with anyio.CancelScope(shield=not dry_run):
+            return await recover_containers(
+                run.run_id, run.state, grace_period=grace_period, dry_run=dry_run
+            )
+    except AioprojError as exc:
+        logger.error("Run %s: %s", run.run_id, exc)
+    return 0
+
+
+def _container_stopped(plan: Plan, processes_alive: bool) -> Plan:
+    action = "stopped its docker container" + (" and process group" if processes_alive else "")
+    return Plan(plan.status, plan.end_ms, plan.reason, action)
 
 
 async def _stop(journal_ids: set[str], grace_period: float) -> None:

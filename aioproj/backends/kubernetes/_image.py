@@ -1,6 +1,7 @@
 """MLflow's build-and-push mode (``build_image=True``) through the docker CLI: an image
 ``<repository-uri>[:<git sha[:7]>]`` with the project's code at /mlflow/projects/code,
-pushed, and referenced by digest in the Job."""
+pushed, and referenced by digest in the Job. Concurrent runs of one project (a sweep)
+share one build and one push."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from aioproj._shared import SharedCalls
 from aioproj.envs._steps import run_step
-from aioproj.envs.docker import _build, _docker_output, _find_docker, _login, _scrub
+from aioproj.envs.docker import _auth_key, _build, _docker_output, _find_docker, _login, _scrub
 from aioproj.errors import EnvironmentBuildError
 
 __all__ = ["build_and_push", "image_uri"]
+
+_BUILDS = SharedCalls()
 
 
 def image_uri(repository_uri: str, git_commit: str | None) -> str:
@@ -30,12 +34,44 @@ async def build_and_push(
     docker_auth: Mapping[str, str] | None,
     on_output: Callable[[bytes], None] | None = None,
 ) -> tuple[str, str]:
-    """Build the image, push it, return (tag, digest).
+    """Build the image, push it, return (tag, digest); concurrent calls for one project,
+    base image, repository and credentials share one build and push (their output goes
+    to the first caller's ``on_output``).
 
     Raises :class:`EnvironmentBuildError` with the docker output when docker is missing,
     its daemon is not running, or login, build, push or inspect fails. Cancellation kills
     the docker command in progress.
     """
+    key = "\0".join(
+        [
+            base_image,
+            image_uri(repository_uri, git_commit),
+            str(project_dir),
+            _auth_key(docker_auth),
+        ]
+    )
+    return await _BUILDS.run(
+        key,
+        lambda: _build_and_push(
+            base_image=base_image,
+            repository_uri=repository_uri,
+            project_dir=project_dir,
+            git_commit=git_commit,
+            docker_auth=docker_auth,
+            on_output=on_output,
+        ),
+    )
+
+
+async def _build_and_push(
+    *,
+    base_image: str,
+    repository_uri: str,
+    project_dir: Path,
+    git_commit: str | None,
+    docker_auth: Mapping[str, str] | None,
+    on_output: Callable[[bytes], None] | None,
+) -> tuple[str, str]:
     docker = await _find_docker()
     code, output = await _docker_output([docker, "info"], cwd=project_dir)
     if code != 0:
