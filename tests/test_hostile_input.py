@@ -312,6 +312,23 @@ async def test_git_urls_with_injected_options_are_refused(
     assert not await anyio.Path(tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize(
+    "uri",
+    ["http://[::1", "https://[]/x.zip", "A://[", "file://[", "https://alice:s3cret@[::1/r.git"],
+)
+async def test_uris_that_urlsplit_refuses_are_source_errors(
+    sources_cache: Path, tracking_uri: str, in_tmp: Path, uri: str
+) -> None:
+    message = await refused(
+        aioproj.SourceError,
+        "not a well-formed URL",
+        uri,
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert "s3cret" not in message
+
+
 async def test_version_with_injected_option_is_just_an_unknown_version(
     tmp_path: Path, sources_cache: Path, tracking_uri: str, in_tmp: Path
 ) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from aioproj.errors import AioprojError, InvalidArgumentError, ParameterError, SourceError
@@ -40,6 +40,8 @@ from aioproj.sources.uri import (
     archive_kind,
     check_git_url,
     is_git_uri,
+    is_http_uri,
+    local_path_of,
     parse_project_uri,
     redact_text,
     redact_url,
@@ -48,15 +50,9 @@ from aioproj.sources.uri import (
 from aioproj.tracking.base import MAX_KEY_LENGTH, validate_key
 from aioproj.tracking.file_store import _dump_yaml, _load_yaml_text
 
+from .support import property_settings
 
-def _settings(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
+_settings = property_settings
 
 
 DIRECTORY = Path("/nonexistent/project")
@@ -382,7 +378,7 @@ uri_text = st.one_of(
     st.lists(
         st.sampled_from(["https://", "ssh://", "git@", "file://", "host", ":", "/", "#", ".",
                          "..", "sub", "@", "'", '"', " ", "x.zip", ".tar.gz", "?q=1", "%2F",
-                         "user:pw@", "-o", "ext::", "[::1]", ":99999", "\n"]),
+                         "user:pw@", "-o", "ext::", "[::1]", "[", "]", "[]", ":99999", "\n"]),
         max_size=12,
     ).map("".join),
 )  # fmt: skip
@@ -390,7 +386,22 @@ uri_text = st.one_of(
 
 @_settings(500)
 @given(uri=uri_text)
+# What other hypothesis versions found: a bracketed host that urlsplit refuses.
+@example("http://[::1")
+@example("https://[]/x.zip")
+@example("A://[")
+@example("file://[")
+@example("https://user:pw@[::1/x.zip")
+@example("ssh://[::1]:99999/x")
 def test_project_uri_parsing_is_total_and_consistent(uri: str) -> None:
+    # Classification and redaction never fail, whatever the string.
+    for text in (uri, uri.partition("#")[0]):
+        archive_kind(text)
+        is_git_uri(text)
+        is_http_uri(text)
+        local_path_of(text)
+        assert redact_url(redact_url(text)) == redact_url(text)
+        redact_text(text, text)
     try:
         parsed = parse_project_uri(uri)
     except SourceError:
@@ -408,10 +419,6 @@ def test_project_uri_parsing_is_total_and_consistent(uri: str) -> None:
         assert parsed.base == parsed.uri
         assert parsed.subdir == ""
     assert split_subdirectory(f"{parsed.base}#{parsed.subdir}") == (parsed.base, parsed.subdir)
-    # Classification and redaction never fail, whatever the string.
-    archive_kind(parsed.base)
-    is_git_uri(parsed.base)
-    redact_url(parsed.base)
     with contextlib.suppress(SourceError):
         check_git_url(parsed.base)
 
@@ -433,6 +440,11 @@ def test_redaction_removes_the_password(scheme: str, user: str, secret: str, pat
     url = f"{scheme}://{user}:{encoded}@example.com/{path}"
     kept_user = "" if scheme.startswith("http") else f"{user}@"
     assert redact_url(url) == f"{scheme}://{kept_user}example.com/{path}"
+    # A URL urlsplit refuses (an unclosed or empty bracketed host) loses its secret too.
+    for host in ("[::1", "[]", "[x]", "h:99999"):
+        malformed = f"{scheme}://{user}:{encoded}@{host}/{path}"
+        assert redact_url(malformed) == f"{scheme}://{kept_user}{host}/{path}"
+        assert encoded not in redact_text(f"bad {malformed}", malformed)
     message = f"failed to fetch {url}: 401 for {secret} and {encoded}"
     cleaned = redact_text(message, url)
     assert secret not in cleaned

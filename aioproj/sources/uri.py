@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from aioproj.errors import SourceError
 
@@ -20,6 +20,7 @@ __all__ = [
     "ProjectURI",
     "archive_kind",
     "check_git_url",
+    "check_well_formed",
     "file_uri_to_path",
     "is_file_uri",
     "is_git_uri",
@@ -41,6 +42,9 @@ _SCP_LIKE = re.compile(r"^[\w.+-]+@[\w.-]+:(?!//)")
 # git's remote-helper syntax (``ext::<command>``, ``fd::<n>``, ``<transport>::<address>``).
 _REMOTE_HELPER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+# ``scheme://authority``: what :func:`_path_of` drops from a URL urlsplit refuses.
+_AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 _GIT_SCHEMES = frozenset({"http", "https", "ssh", "git", "git+ssh", "ssh+git", "file"})
 _ARCHIVE_SUFFIXES: tuple[tuple[str, ArchiveKind], ...] = (
     (".zip", "zip"),
@@ -86,13 +90,50 @@ def parse_project_uri(uri: str) -> ProjectURI:
     """Strip quotes and split off ``#subdir``.
 
     Raises:
-        SourceError: the URI is empty or its subdirectory contains a ``.``.
+        SourceError: the URI is empty, its subdirectory contains a ``.``, or it has a
+            scheme (``://``) but is not a well-formed URL (an unclosed or empty ``[host]``,
+            a port that is not a number from 0 to 65535).
     """
     stripped = strip_quotes(uri.strip())
     if not stripped:
         raise SourceError("The project URI is empty: give a local path, an archive or a git URL.")
     base, subdir = split_subdirectory(stripped)
+    if "://" in base:
+        check_well_formed(base)
     return ProjectURI(uri=stripped, base=base, subdir=subdir)
+
+
+def check_well_formed(url: str) -> None:
+    """Refuse a URL that :func:`urllib.parse.urlsplit` cannot take apart.
+
+    Raises:
+        SourceError: the host is a bracketed IPv6 address that is unclosed, empty or
+            invalid (``http://[::1``, ``https://[]/x``), or the port is not a number from 0
+            to 65535; the message shows the URL without its credentials.
+    """
+    try:
+        parts = urlsplit(url)
+        _ = parts.hostname, parts.port
+    except ValueError as exc:
+        raise SourceError(
+            f"The project URI {redact_url(url)!r} is not a well-formed URL ({exc}). "
+            "Check the host (an IPv6 address goes in brackets: http://[::1]:8080/) and the port."
+        ) from None
+
+
+def _scheme(uri: str) -> str:
+    """The URI's scheme, lowercased (``""`` for none); never fails, whatever the string."""
+    found = _SCHEME.match(uri)
+    return found.group(1).lower() if found else ""
+
+
+def _path_of(uri: str) -> str:
+    """The path part of a URL (after scheme and host, before ``?``/``#``); never fails."""
+    try:
+        return urlsplit(uri).path
+    except ValueError:
+        rest = _AUTHORITY.sub("", uri, count=1)
+        return re.split(r"[?#]", rest, maxsplit=1)[0]
 
 
 def is_file_uri(uri: str) -> bool:
@@ -101,8 +142,15 @@ def is_file_uri(uri: str) -> bool:
 
 
 def file_uri_to_path(uri: str) -> str:
-    """The local path a ``file://`` URI names (``file://localhost/x`` and ``file:///x``)."""
-    parts = urlsplit(uri)
+    """The local path a ``file://`` URI names (``file://localhost/x`` and ``file:///x``).
+
+    A URI :func:`urllib.parse.urlsplit` refuses (``file://[x``) names the path after
+    ``file://``, which does not exist, so the caller says so.
+    """
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return unquote(uri.partition("://")[2])
     netloc = "" if parts.netloc == "localhost" else parts.netloc
     return unquote(netloc + parts.path)
 
@@ -114,12 +162,12 @@ def local_path_of(base: str) -> str:
 
 def is_http_uri(uri: str) -> bool:
     """True for ``http://`` and ``https://`` URLs."""
-    return urlsplit(uri).scheme.lower() in {"http", "https"}
+    return _scheme(uri) in {"http", "https"}
 
 
 def archive_kind(uri: str) -> ArchiveKind | None:
     """``"zip"`` or ``"tar"`` when the URI (its path, without query) names an archive."""
-    path = urlsplit(uri).path if "://" in uri else uri
+    path = _path_of(uri) if "://" in uri else uri
     lowered = path.lower()
     for suffix, kind in _ARCHIVE_SUFFIXES:
         if lowered.endswith(suffix) and len(lowered) > len(suffix):
@@ -136,7 +184,7 @@ def is_git_uri(uri: str) -> bool:
     """True for URLs git can fetch: http(s), ssh, git, file and scp-like ``user@host:path``."""
     if _SCP_LIKE.match(uri):
         return True
-    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    scheme = _scheme(uri) if "://" in uri else ""
     return scheme in _GIT_SCHEMES
 
 
@@ -194,42 +242,53 @@ def looks_like_local_path(uri: str) -> bool:
     return uri.startswith(("/", "./", "../", "~")) or ":" not in uri
 
 
+def _userinfo(url: str) -> tuple[str, str, str, str] | None:
+    """``(scheme://, userinfo, @host..., rest)`` of a URL with a userinfo, else None.
+
+    Split as :func:`urllib.parse.urlsplit` splits (the authority ends at the first ``/``,
+    ``?`` or ``#``; the userinfo at its last ``@``), but textually, so a URL that urlsplit
+    refuses (``https://user:pw@[::1/x``) is split too.
+    """
+    head, sep, tail = url.partition("://")
+    if not sep or _SCHEME.match(head + ":") is None:
+        return None
+    cut = re.search(r"[/?#]", tail)
+    authority, rest = (tail[: cut.start()], tail[cut.start() :]) if cut else (tail, "")
+    userinfo, at, hostport = authority.rpartition("@")
+    if not at:
+        return None
+    return head + sep, userinfo, at + hostport, rest
+
+
 def _userinfo_secrets(url: str) -> list[str]:
     """The secrets embedded in a URL, raw and percent-decoded (as :func:`redact_url` drops)."""
-    try:
-        parts = urlsplit(url)
-        raw = [parts.password]
-        if parts.scheme.lower() in {"http", "https"}:
-            raw.append(parts.username)
-    except ValueError:
+    split = _userinfo(url)
+    if split is None:
         return []
+    scheme, userinfo, _, _ = split
+    user, colon, password = userinfo.partition(":")
+    raw = [password] if colon else []
+    if scheme.lower() in {"http://", "https://"}:
+        raw.append(user)
     secrets = [s for s in raw if s]
     decoded = [unquote(s) for s in secrets]
     return [s for s in dict.fromkeys(secrets + decoded + [quote(s, safe="") for s in decoded]) if s]
 
 
 def redact_url(url: str) -> str:
-    """The URL without the credentials embedded in it.
+    """The URL without the credentials embedded in it; never fails, whatever the string.
 
     For http(s) the whole userinfo goes (a token is often passed as the user name); for
-    other schemes only the password goes, so ``ssh://git@host/x`` keeps its user.
+    other schemes only the password goes, so ``ssh://git@host/x`` keeps its user. A URL
+    that is not well formed (``https://user:pw@[::1/x``) loses its credentials too.
     """
-    if "://" not in url:
+    split = _userinfo(url)
+    if split is None:
         return url
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        port = parts.port
-    except ValueError:
-        return url
-    if "@" not in parts.netloc or host is None:
-        return url
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None:
-        netloc += f":{port}"
-    if parts.scheme.lower() not in {"http", "https"} and parts.username:
-        netloc = f"{parts.username}@{netloc}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    scheme, userinfo, hostport, rest = split
+    user, _, _ = userinfo.partition(":")
+    kept = f"{user}@" if user and scheme.lower() not in {"http://", "https://"} else ""
+    return f"{scheme}{kept}{hostport[1:]}{rest}"
 
 
 def redact_text(text: str, url: str) -> str:
