@@ -60,9 +60,11 @@ MLPROJECT = DIRECTORY / "MLproject"
 
 # --------------------------------------------------------------------------- strategies
 
-#: Text a command line can carry: any unicode but NUL (and no lone surrogates, which
-#: hypothesis leaves out by default).
-arg_text = st.text(st.characters(blacklist_characters="\x00"), max_size=40)
+#: Text a command line can carry: any unicode but NUL and lone surrogates (which newer
+#: hypothesis versions generate; they are ParameterErrors, tested on their own).
+arg_text = st.text(
+    st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40
+)
 tricky_text = st.sampled_from(
     ["'", '"', "$(touch pwned)", "`id`", "\n", "a b", "-", "--x", "\\", "$HOME", ";", "&&",
      "|", "*", "~", "!", "#", "{}", "{a}", "%s", "'\"'\"'", "\t", "é", "🎉", "\u2028", ""]
@@ -480,13 +482,15 @@ def test_accepted_tracking_keys_are_safe_relative_file_names(key: str) -> None:
 # --------------------------------------------------------------------------- meta.yaml
 
 meta_values = st.one_of(st.none(), st.integers(), st.text(), st.booleans())
+#: Keys like the store's own (``run_name``, ``end_time``): none is a YAML 1.1 boolean
+#: (``on``, ``no``), which PyYAML would read back as True/False.
+meta_keys = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True).filter(
+    lambda key: key not in {"y", "n", "yes", "no", "on", "off", "true", "false"}
+)
 
 
 @_settings(200)
-@given(
-    run_name=meta_values,
-    extra=st.dictionaries(st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True), meta_values),
-)
+@given(run_name=meta_values, extra=st.dictionaries(meta_keys, meta_values))
 def test_meta_yaml_round_trip(run_name: object, extra: dict[str, object]) -> None:
     meta = {**extra, "run_name": run_name, "status": 3, "tags": [], "end_time": None}
     text = _dump_yaml(meta)
