@@ -33,6 +33,7 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from aioproj._redact import redact_credentials
 from aioproj.errors import AioprojError, InvalidArgumentError, ParameterError, SourceError
 from aioproj.project import EntryPoint, Parameter, Project, parse_project, resolve_parameters
 from aioproj.project.spec import EnvType
@@ -447,6 +448,8 @@ def test_redaction_removes_the_password(scheme: str, user: str, secret: str, pat
         malformed = f"{scheme}://{user}:{encoded}@{host}/{path}"
         assert redact_url(malformed) == f"{scheme}://{kept_user}{host}/{path}"
         assert encoded not in redact_text(f"bad {malformed}", malformed)
+    # The one redaction path finds the URL in any text, by its shape alone.
+    assert redact_credentials(f"got str {url!r}") == f"got str {redact_url(url)!r}"
     message = f"failed to fetch {url}: 401 for {secret} and {encoded}"
     cleaned = redact_text(message, url)
     assert secret not in cleaned

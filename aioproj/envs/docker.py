@@ -38,6 +38,7 @@ from pathlib import Path
 
 import anyio
 
+from aioproj._redact import scrub
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project
 
@@ -274,7 +275,7 @@ async def prepare_docker_env(
     if code != 0:
         raise EnvironmentBuildError(
             "Ran `docker info` to ensure docker daemon is running but it failed with the "
-            f"following output:\n{_scrub(output, secrets)}"
+            f"following output:\n{scrub(output, secrets)}"
         )
     if docker_auth:
         await _login(docker, docker_auth, cwd=directory)
@@ -381,7 +382,7 @@ async def _login(docker: str, auth: Mapping[str, str], *, cwd: Path) -> None:
     if code != 0:
         raise EnvironmentBuildError(
             f"docker login to {registry or 'the default registry'} as {username!r} failed "
-            f"(exit code {code}):\n{_scrub(output, _secrets(auth))}\n"
+            f"(exit code {code}):\n{scrub(output, _secrets(auth))}\n"
             "Check docker_auth (registry, username, password)."
         )
 
@@ -487,12 +488,6 @@ def _secrets(auth: Mapping[str, str] | None) -> list[str]:
         return []
     password = auth.get("password", "")
     return [password] if password else []
-
-
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def _scrubbing(on_output: OutputCallback | None, secrets: Sequence[str]) -> OutputCallback | None:

@@ -18,7 +18,6 @@ import re
 import shlex
 import string
 import types
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TypeAlias
 
 import yaml
 
+from aioproj._redact import warn
 from aioproj.errors import EntryPointError, InvalidArgumentError, MLprojectError, SourceError
 from aioproj.tracking.base import validate_key
 
@@ -666,7 +666,7 @@ def normalise_type(declared_type: str, *, parameter: str, entry_point: str) -> s
     """
     normalised = _TYPE_ALIASES.get(declared_type.strip().lower())
     if normalised is None:
-        warnings.warn(
+        warn(
             f"Parameter {parameter!r} of entry point {entry_point!r} has unknown type "
             f"{declared_type!r}; it is treated as a string. Known types: "
             f"{', '.join(_TYPE_ALIASES)}.",

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
+from aioproj._redact import redact_text, redact_url
 from aioproj.errors import SourceError
 
 __all__ = [
@@ -240,60 +241,3 @@ def _git_url_parts(url: str) -> tuple[str, ...] | None:
 def looks_like_local_path(uri: str) -> bool:
     """True when a string is meant as a path: ``/x``, ``./x``, ``../x``, ``~x`` or no ``:``."""
     return uri.startswith(("/", "./", "../", "~")) or ":" not in uri
-
-
-def _userinfo(url: str) -> tuple[str, str, str, str] | None:
-    """``(scheme://, userinfo, @host..., rest)`` of a URL with a userinfo, else None.
-
-    Split as :func:`urllib.parse.urlsplit` splits (the authority ends at the first ``/``,
-    ``?`` or ``#``; the userinfo at its last ``@``), but textually, so a URL that urlsplit
-    refuses (``https://user:pw@[::1/x``) is split too.
-    """
-    head, sep, tail = url.partition("://")
-    if not sep or _SCHEME.match(head + ":") is None:
-        return None
-    cut = re.search(r"[/?#]", tail)
-    authority, rest = (tail[: cut.start()], tail[cut.start() :]) if cut else (tail, "")
-    userinfo, at, hostport = authority.rpartition("@")
-    if not at:
-        return None
-    return head + sep, userinfo, at + hostport, rest
-
-
-def _userinfo_secrets(url: str) -> list[str]:
-    """The secrets embedded in a URL, raw and percent-decoded (as :func:`redact_url` drops)."""
-    split = _userinfo(url)
-    if split is None:
-        return []
-    scheme, userinfo, _, _ = split
-    user, colon, password = userinfo.partition(":")
-    raw = [password] if colon else []
-    if scheme.lower() in {"http://", "https://"}:
-        raw.append(user)
-    secrets = [s for s in raw if s]
-    decoded = [unquote(s) for s in secrets]
-    return [s for s in dict.fromkeys(secrets + decoded + [quote(s, safe="") for s in decoded]) if s]
-
-
-def redact_url(url: str) -> str:
-    """The URL without the credentials embedded in it; never fails, whatever the string.
-
-    For http(s) the whole userinfo goes (a token is often passed as the user name); for
-    other schemes only the password goes, so ``ssh://git@host/x`` keeps its user. A URL
-    that is not well formed (``https://user:pw@[::1/x``) loses its credentials too.
-    """
-    split = _userinfo(url)
-    if split is None:
-        return url
-    scheme, userinfo, hostport, rest = split
-    user, _, _ = userinfo.partition(":")
-    kept = f"{user}@" if user and scheme.lower() not in {"http://", "https://"} else ""
-    return f"{scheme}{kept}{hostport[1:]}{rest}"
-
-
-def redact_text(text: str, url: str) -> str:
-    """``text`` with the URL's embedded credentials replaced by ``***``."""
-    text = text.replace(url, redact_url(url))
-    for secret in sorted(_userinfo_secrets(url), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
