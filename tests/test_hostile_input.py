@@ -621,3 +621,37 @@ async def test_tracking_arguments_that_would_name_other_files(
             await runner.run(str(project), env_manager="local", **kwargs)  # type: ignore[arg-type]
     assert await all_runs(tracking_uri) == []
     assert not await anyio.Path(tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"run_name": "lone \ud800 surrogate"},
+        {"run_name": "undecodable \udcff file name"},
+        {"run_name": "nul \0 byte"},
+        {"run_name": "r" * 251},
+        {"experiment_name": "lone \udc80 surrogate"},
+        {"experiment_name": "nul \0 byte"},
+    ],
+    ids=["run-surrogate", "run-undecodable", "run-nul", "run-long", "exp-surrogate", "exp-nul"],
+)
+async def test_names_no_store_can_take_leave_nothing_written(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str, kwargs: dict[str, str]
+) -> None:
+    """A lone surrogate in a run name raised UnicodeEncodeError and left a run folder
+    without meta.yaml: now every name is checked before anything is written."""
+    project = await _project(tmp_path / "p", MLPROJECT)
+    for detach in (False, True):
+        async with Runner(echo="off") as runner:
+            with pytest.raises(aioproj.InvalidArgumentError, match="no tracking store can"):
+                await runner.run(
+                    str(project), env_manager="local", synchronous=not detach, detach=detach,
+                    **kwargs,  # type: ignore[arg-type]
+                )  # fmt: skip
+    assert await all_runs(tracking_uri) == []
+    store = Path(tracking_uri.removeprefix("file://"))
+    written = await inspect(
+        lambda: sorted(p.name for p in store.glob("*")) if store.exists() else []
+    )
+    assert written in ([], [".trash", "0"])  # at most the Default experiment, no run
+    await inspect(lambda: _cache_is_clean(sources_cache))

@@ -48,7 +48,7 @@ from aioproj.sources.uri import (
     redact_url,
     split_subdirectory,
 )
-from aioproj.tracking.base import MAX_KEY_LENGTH, validate_key
+from aioproj.tracking.base import MAX_KEY_LENGTH, check_record, validate_key
 from aioproj.tracking.file_store import _dump_yaml, _load_yaml_text
 
 from .support import property_settings
@@ -480,6 +480,101 @@ def test_accepted_tracking_keys_are_safe_relative_file_names(key: str) -> None:
     assert posixpath.normpath(key) == key
     root = "/store/params"
     assert posixpath.normpath(posixpath.join(root, key)).startswith(root + "/")
+
+
+# --------------------------------------------------------------------------- user strings
+
+#: Any text, and the text stores choke on: lone surrogates (undecodable file names), NUL,
+#: control characters, URLs with passwords, names past every limit.
+user_text = st.one_of(
+    st.text(max_size=30),
+    st.text(st.characters(whitelist_categories=("Cs", "Cc", "Zs", "Ll")), max_size=10),
+    st.sampled_from(["\ud800", "a\udcffb", "\0", "x\ny", "https://u:pw@h/x", "..", "/etc",
+                     "'", "null", "~", "- x", "r" * 251, "e" * 501, "v" * 8001, ""]),
+)  # fmt: skip
+
+
+def _as_read(value: str, limit: int) -> str:
+    """A tag or param value as the file store reads it back: without URL credentials, cut
+    at ``limit``, and with ``\r`` read as ``\n`` (one file per value, read in text mode,
+    as MLflow's own file store reads it)."""
+    return redact_credentials(value)[:limit].replace("\r\n", "\n").replace("\r", "\n")
+
+
+@_settings(200)
+@given(
+    run_name=st.one_of(st.none(), user_text),
+    experiment_name=st.one_of(st.none(), user_text),
+    tags=st.dictionaries(
+        st.one_of(user_text, st.sampled_from(["t", "a/b"])), user_text, max_size=3
+    ),
+    params=st.dictionaries(st.one_of(user_text, st.sampled_from(["p"])), user_text, max_size=3),
+)
+@example(run_name="\ud800", experiment_name=None, tags={}, params={})
+@example(run_name=None, experiment_name="\udcff", tags={}, params={})
+@example(run_name=None, experiment_name=None, tags={"t": "\ud800"}, params={})
+@example(run_name=None, experiment_name=None, tags={}, params={"p": "a\0b"})
+@example(run_name="\r", experiment_name=None, tags={"t": "\r\n"}, params={"p": "\r"})
+def test_any_user_string_is_recorded_or_refused_with_nothing_written(
+    run_name: str | None,
+    experiment_name: str | None,
+    tags: dict[str, str],
+    params: dict[str, str],
+) -> None:
+    """Run and experiment names, tag and param keys and values, whatever they hold: the
+    file store records them (credentials removed, long values truncated) and reads them
+    back, or refuses them with an aioproj error before it writes anything."""
+    import tempfile
+
+    import anyio
+
+    from aioproj.tracking.file_store import FileStore
+
+    with tempfile.TemporaryDirectory() as root:
+        store = FileStore(root)
+
+        async def record() -> str:
+            try:
+                check_record(
+                    run_name=run_name, experiment_name=experiment_name, tags=tags, params=params
+                )
+                checked = True
+            except InvalidArgumentError:
+                checked = False
+            try:
+                experiment = await store.resolve_experiment(
+                    experiment_name=experiment_name, experiment_id=None
+                )
+            except InvalidArgumentError:
+                return "experiment refused"
+            try:
+                created = await store.create_run(
+                    experiment, run_name=run_name, tags=tags, params=params
+                )
+            except InvalidArgumentError:
+                return "run refused"
+            assert checked or experiment_name == "", "the store took what check_record refused"
+            back = await store.get_run(created.run_id)
+            assert back.params == {k: _as_read(v, 6000) for k, v in params.items()}
+            for key, value in tags.items():
+                if key != "mlflow.runName":
+                    assert back.tags[key] == _as_read(value, 8000)
+            if run_name:
+                assert back.run_name == redact_credentials(run_name)
+            return "recorded"
+
+        outcome = anyio.run(record)
+        experiments = sorted(
+            p.name for p in Path(root).iterdir() if p.is_dir() and p.name != ".trash"
+        )
+        runs = [p for e in experiments for p in (Path(root) / e).iterdir() if p.is_dir()]
+        if outcome == "experiment refused":
+            assert experiments in ([], ["0"])
+        if outcome != "recorded":
+            assert runs == []
+        else:
+            assert len(runs) == 1
+            assert (runs[0] / "meta.yaml").is_file()
 
 
 # --------------------------------------------------------------------------- meta.yaml
