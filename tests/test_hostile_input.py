@@ -494,6 +494,111 @@ async def test_mlproject_values_no_process_can_take(
     )
 
 
+WIDE = """\
+entry_points:
+  main:
+    parameters: {b: {type: string, default: x}}
+    command: "echo %s"
+  filled:
+    parameters: {b: {type: string, default: x}, w: {type: string, default: "5"}}
+    command: "echo {b:>{w}}"
+"""
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize(
+    ("command", "entry_point", "parameters", "error", "message"),
+    [
+        # 125 bytes of MLproject froze the loop for 57 s and grew the driver to 1.9 GB.
+        ("{b:>500000000}", "main", {}, aioproj.MLprojectError, "width or precision of 500000000"),
+        ("{b:>2000000000}", "main", {}, aioproj.MLprojectError, "width or precision"),
+        ("{b:.99999999999999999999}", "main", {}, aioproj.MLprojectError, "width or precision"),
+        ("{b}" + "x" * 140_000, "main", {}, aioproj.MLprojectError, "command line holds less"),
+        ("{b}", "filled", {"w": "500000000"}, aioproj.ParameterError, "filled from a parameter"),
+    ],
+    ids=["width", "width-2e9", "precision", "long-template", "width-from-a-value"],
+)
+async def test_format_widths_no_command_line_can_hold_are_refused_before_rendering(
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    command: str,
+    entry_point: str,
+    parameters: dict[str, str],
+    error: type[Exception],
+    message: str,
+) -> None:
+    project = await _project(tmp_path / "p", WIDE % command)
+    assert await all_runs(tracking_uri) == []  # imports mlflow before the measure
+    before = _peak_rss_mb()
+    await refused(
+        error,
+        message,
+        str(project),
+        entry_point=entry_point,
+        parameters=parameters,
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert _peak_rss_mb() - before < 100  # rendering it would have taken 500 MB to 7.6 GB
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"b": "x" * 140_000}, "'b' of entry point 'main' is 140,000 characters long"),
+        ({f"k{i}": "1" for i in range(100_000)}, "with its 100,000 parameters"),
+        ({"b": "x" * 100_000, "c": "y" * 40_000}, "The longest: 'b' \\(100,000 characters\\)"),
+        ({"b": "é" * 70_000}, "is 140,000 bytes long"),
+    ],
+    ids=["one-140-KB-value", "100000-values", "two-that-add-up", "multibyte"],
+)
+async def test_parameters_no_command_line_can_hold_create_no_run(
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    parameters: dict[str, str],
+    message: str,
+) -> None:
+    """They wrote 100,000 param files, then failed at exec ("Argument list too long")
+    with a FAILED run; now a ParameterError comes before anything is tracked."""
+    project = await _project(tmp_path / "p", WIDE % "{b}")
+    await refused(
+        aioproj.ParameterError,
+        message,
+        str(project),
+        parameters=parameters,
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    store = Path(tracking_uri.removeprefix("file://"))
+    assert not await inspect(lambda: list(store.glob("*/*/params")))
+
+
+async def test_the_longest_command_a_command_line_holds_runs(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """The limit is the system's, not a guess: just under it, the run starts and works."""
+    from aioproj.project.parameters import command_limit
+
+    text = (
+        "entry_points:\n  main:\n    parameters: {b: string}\n"
+        '    command: "printf %s {b} | wc -c"\n'
+    )
+    project = await _project(tmp_path / "p", text)
+    value = "v" * (command_limit() - len("printf %s  | wc -c") - 10)
+    async with Runner(echo="off") as runner:
+        run = await runner.run(str(project), parameters={"b": value}, env_manager="local")
+        assert await run.get_status() is aioproj.RunStatus.FINISHED
+        lines = [line async for line in run.logs()]
+    assert [line.strip() for line in lines] == [str(len(value))]
+
+
 # --------------------------------------------------------------------------- parameters
 
 

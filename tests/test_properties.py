@@ -34,7 +34,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from aioproj._redact import redact_credentials
-from aioproj.errors import AioprojError, InvalidArgumentError, ParameterError, SourceError
+from aioproj.errors import (
+    AioprojError,
+    InvalidArgumentError,
+    MLprojectError,
+    ParameterError,
+    SourceError,
+)
 from aioproj.project import EntryPoint, Parameter, Project, parse_project, resolve_parameters
 from aioproj.project.spec import EnvType
 from aioproj.sources.uri import (
@@ -340,6 +346,53 @@ def test_conversions_and_format_specs_never_split_a_value(a: str, template: str)
     assert words[0] == "prog"
     assert words[-1] == "end"
     assert len(words) == 3, (template, a, command)
+
+
+#: Format specs as an MLproject or a parameter value may write them: fill, align, sign,
+#: widths and precisions from 0 to far past any command line, grouping, a type.
+format_specs = st.builds(
+    "{}{}{}{}{}{}".format,
+    st.sampled_from(["", "<", ">", "^", "=", "x>", "0>", "9<", "{"]),
+    st.sampled_from(["", "+", "-", " ", "#", "0", "z"]),
+    st.one_of(st.just(""), st.integers(0, 10**12).map(str), st.sampled_from(["131072", "9" * 30])),
+    st.sampled_from(["", ",", "_"]),
+    st.one_of(st.just(""), st.integers(0, 10**10).map(".{}".format)),
+    st.sampled_from(["", "s", "d", "f", "x", "%", "{w}", "}"]),
+)
+
+
+@_settings(400)
+@given(spec=format_specs, width=st.one_of(st.integers(0, 10**12).map(str), arg_text), a=arg_text)
+@example(spec=">500000000", width="0", a="x")
+@example(spec=">{w}", width="2000000000", a="x")
+@example(spec=".{w}", width="9" * 5000, a="x")
+def test_any_format_spec_renders_bounded_or_is_an_aioproj_error(
+    spec: str, width: str, a: str
+) -> None:
+    """Whatever the spec (written in the MLproject or filled from a parameter value), the
+    command renders in bounded time and size, or parsing or rendering raises an aioproj
+    error; never a gigabyte, never another exception."""
+    from aioproj.project.parameters import command_limit
+
+    text = yaml.safe_dump(
+        {
+            "entry_points": {
+                "main": {
+                    "parameters": {"a": {"type": "string"}, "w": {"type": "string"}},
+                    "command": f"prog {{a:{spec}}}",
+                }
+            }
+        }
+    )
+    try:
+        project = parse_project(
+            text, directory=DIRECTORY, mlproject_path=MLPROJECT, file_exists=lambda _: True
+        )
+        entry_point = project.get_entry_point("main")
+        command = resolve_parameters(project, entry_point, {"a": a, "w": width}).command
+    except (MLprojectError, ParameterError):
+        return
+    assert len(command.encode("utf-8", "surrogateescape")) <= command_limit()
 
 
 BASH = shutil.which("bash")
