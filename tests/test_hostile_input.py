@@ -385,6 +385,117 @@ async def test_hostile_submodule_urls_are_refused(
     assert not await anyio.Path(tmp_path / "PWNED").exists()
 
 
+@pytest.fixture(scope="module")
+def local_submodules(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[GitServer, Path]]:
+    """Repositories served over HTTP whose ``.gitmodules`` point at a repository of this
+    machine, outside what the server serves (a private repository)."""
+    private = tmp_path_factory.mktemp("private") / "repo"
+    lib = init_repo(private, {"PRIVATE.txt": "private data of this machine\n"})
+    root = tmp_path_factory.mktemp("served-local-submodules")
+    urls = {
+        "abs-path": str(private),
+        "file-url": private.as_uri(),
+        "home-path": "~/private-repo",
+        "bare-name": "private-repo",
+        "other-scheme": "foo://host/repo.git",
+    }
+    with GitServer(root) as server:
+        for name, url in urls.items():
+            make_super_repo(root / name, url, lib)
+            (root / name / "MLproject").write_text(MLPROJECT)
+            git(root / name, "add", "MLproject")
+            git(root / name, "commit", "-q", "-m", "project")
+        yield server, private
+
+
+@pytest.fixture
+def git_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty global git config of the test's own, and no system config."""
+    config = tmp_path / "gitconfig"
+    config.write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(config))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.delenv("GIT_ALLOW_PROTOCOL", raising=False)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("name", "transport"),
+    [
+        ("abs-path", "file"),
+        ("file-url", "file"),
+        ("home-path", "file"),
+        ("bare-name", "file"),
+        ("other-scheme", "foo"),
+    ],
+)
+async def test_a_remote_repository_cannot_name_a_local_submodule(
+    local_submodules: tuple[GitServer, Path],
+    git_config: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    name: str,
+    transport: str,
+) -> None:
+    """A repository served over HTTP whose submodule is ``/srv/private-repo`` had that
+    local repository checked out into the project (and, with -b databricks, shipped to
+    DBFS); git refuses it since 2.38.1 (protocol.file.allow=user), and so does aioproj."""
+    server, _private = local_submodules
+    message = await refused(
+        aioproj.SourceError,
+        f"Refusing submodule 'lib' of {server.url(name)}: .* the '{transport}' transport",
+        server.url(name),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert f"protocol.{transport}.allow" in message
+    leftovers = await inspect(lambda: [p for p in sources_cache.rglob("PRIVATE.txt")])
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("opt_in", ["GIT_ALLOW_PROTOCOL", "protocol.file.allow"])
+async def test_local_submodules_are_fetched_when_git_would_allow_them(
+    local_submodules: tuple[GitServer, Path],
+    git_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tracking_uri: str,
+    opt_in: str,
+) -> None:
+    """The policy is git's: allowed as the user allows it in git (and only so)."""
+    server, _private = local_submodules
+    if opt_in == "GIT_ALLOW_PROTOCOL":
+        monkeypatch.setenv("GIT_ALLOW_PROTOCOL", "http:https:file")
+    else:
+        await anyio.Path(git_config).write_text('[protocol "file"]\n\tallow = always\n')
+    async with Runner(echo="off") as runner:
+        run = await runner.run(server.url("abs-path"), env_manager="local")
+    assert await run.get_status() is aioproj.RunStatus.FINISHED
+    cache = Path(os.environ["AIOPROJ_CACHE_DIR"]) / "sources"
+    assert await inspect(lambda: [p.name for p in cache.rglob("PRIVATE.txt")]) == ["PRIVATE.txt"]
+
+
+async def test_a_local_superproject_may_name_local_submodules(
+    tmp_path: Path, git_config: Path, tracking_uri: str
+) -> None:
+    """A local repository is the user's own: its local submodules are not refused."""
+    lib = await inspect(lambda: init_repo(tmp_path / "lib", {"lib.py": "VALUE = 1\n"}))
+    superproject = tmp_path / "super"
+
+    def make() -> None:
+        make_super_repo(superproject, str(tmp_path / "lib"), lib)
+        (superproject / "MLproject").write_text(MLPROJECT)
+        git(superproject, "add", "MLproject")
+        git(superproject, "commit", "-q", "-m", "project")
+
+    await inspect(make)
+    async with Runner(echo="off") as runner:
+        for uri in (str(superproject), superproject.as_uri()):
+            run = await runner.run(uri, env_manager="local", version="main")
+            assert await run.get_status() is aioproj.RunStatus.FINISHED
+
+
 # --------------------------------------------------------------------------- MLproject
 
 

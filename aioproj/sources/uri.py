@@ -9,6 +9,7 @@ know whether the path exists, which the fetchers check in a worker thread.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -17,12 +18,15 @@ from aioproj._redact import redact_text, redact_url
 from aioproj.errors import SourceError
 
 __all__ = [
+    "GIT_ALWAYS_ALLOWED",
     "ArchiveKind",
     "ProjectURI",
     "archive_kind",
     "check_git_url",
+    "check_submodule_url",
     "check_well_formed",
     "file_uri_to_path",
+    "git_transport",
     "is_file_uri",
     "is_git_uri",
     "is_http_uri",
@@ -236,6 +240,53 @@ def _git_url_parts(url: str) -> tuple[str, ...] | None:
         user, _, host = address.rpartition("@")
         return user, host, path
     return (url,)
+
+
+#: The transports git allows anywhere by default, submodules included (git-config
+#: ``protocol.allow``). ``file`` is ``user`` since git 2.38.1: a submodule may not use it.
+GIT_ALWAYS_ALLOWED = frozenset({"http", "https", "ssh", "git"})
+_SSH_SCHEMES = frozenset({"ssh", "git+ssh", "ssh+git"})
+
+
+def git_transport(url: str) -> str:
+    """The transport a git URL names, as git names it in ``protocol.<name>.allow``.
+
+    ``file`` for ``file://`` URLs and local paths (``/srv/repo``, ``../x``, ``repo``),
+    ``ssh`` for ``ssh://`` and scp-like ``[user@]host:path``, else the scheme.
+    """
+    if "://" in url:
+        scheme = _scheme(url)
+        return "ssh" if scheme in _SSH_SCHEMES else scheme or "file"
+    if looks_like_local_path(url):
+        return "file"
+    return "ssh"
+
+
+def check_submodule_url(
+    url: str, *, path: str, superproject: str, allowed: Callable[[str], bool]
+) -> None:
+    """Refuse a submodule URL whose transport git would refuse for this superproject.
+
+    A remote repository names its submodules in ``.gitmodules``; git fetches them only
+    over the transports ``allowed`` says (``protocol.<name>.allow``, by default
+    :data:`GIT_ALWAYS_ALLOWED`), so a repository served over https cannot make it read a
+    local repository (``url = /srv/private``) and ship its files with the project. A
+    superproject that is itself local may name local submodules.
+
+    Raises:
+        SourceError: the URL's transport is not allowed; the message names the submodule,
+            its URL and the superproject (without credentials) and how to allow it.
+    """
+    transport = git_transport(url)
+    if allowed(transport) or git_transport(superproject) == "file":
+        return
+    raise SourceError(
+        f"Refusing submodule {path!r} of {redact_url(superproject)}: its URL "
+        f"{redact_url(url)!r} uses the {transport!r} transport, which git does not allow for "
+        f"the submodules of a remote repository (protocol.{transport}.allow; 'file' since "
+        "git 2.38.1): it would read a repository of this machine into the project. If you "
+        f"trust it: git config --global protocol.{transport}.allow always"
+    )
 
 
 def looks_like_local_path(uri: str) -> bool:
