@@ -186,3 +186,22 @@ async def test_kubernetes_memory_stays_flat_under_an_unauthenticated_flood(
     assert len(kubernetes.requests) == 0
     assert _rss_mb() - before < 15
     assert kubernetes.requests.maxlen is not None  # an open emulator keeps a bounded log
+
+
+async def test_kubernetes_answers_a_watch_from_a_version_it_never_made_as_a_real_server(
+    kubernetes: FakeKubernetes,
+) -> None:
+    """A client resuming after the API server lost its state asks for a version newer than
+    any it has: "Too large resource version" (504, ResourceVersionTooLarge), on which
+    client-go and aioproj list again, instead of a stream that stays silent forever."""
+    async with _client(kubernetes.url) as client:
+        listed = await client.get(JOBS)
+        current = int(listed.json()["metadata"]["resourceVersion"])
+        response = await client.get(
+            JOBS, params={"watch": "true", "resourceVersion": str(current + 1000)}
+        )
+    assert response.status_code == 504, response.text
+    status = response.json()
+    assert status["reason"] == "Timeout"
+    assert status["message"].startswith("Too large resource version")
+    assert status["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
