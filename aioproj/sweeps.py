@@ -367,14 +367,14 @@ def best_of(results: Sequence[TrialResult], metric: str, goal: Goal) -> TrialRes
 
 @dataclass(frozen=True)
 class _RunArgs:
-    uri: str
+    uri: str = field(repr=False)  # a git URL can carry a password
     entry_point: str
     version: str | None
     docker_args: Mapping[str, str | bool] | None
     experiment_name: str | None
     experiment_id: str | int | None
     backend: str | Backend
-    backend_config: Mapping[str, Any] | str | None
+    backend_config: Mapping[str, Any] | str | None = field(repr=False)  # may hold tokens
     storage_dir: str | Path | None
     env_manager: str | None
     build_image: bool

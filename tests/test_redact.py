@@ -103,3 +103,11 @@ def test_warnings_are_redacted() -> None:
     (warning,) = caught
     assert str(warning.message) == "dropped dependency git+https://github.com/org/repo.git"
     assert warning.filename == __file__  # stacklevel counts from warn()'s caller
+
+
+def test_reprs_of_what_holds_a_uri_show_no_credentials() -> None:
+    from aioproj.sources.uri import parse_project_uri
+
+    sweep = aioproj.sweep(URL, {"alpha": [1, 2]}, backend_config={"token": SECRET})
+    for shown in (repr(parse_project_uri(f"{URL}#sub")), repr(sweep), repr(sweep._args)):
+        assert SECRET not in shown, shown

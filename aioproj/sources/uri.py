@@ -61,17 +61,21 @@ _ARCHIVE_SUFFIXES: tuple[tuple[str, ArchiveKind], ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ProjectURI:
     """A project URI split into the part to fetch and the subdirectory to run in.
 
     ``uri`` is the URI as given with surrounding quotes stripped, ``base`` is everything
     before the first ``#`` and ``subdir`` everything after it (``""`` when there is none).
+    Its ``repr`` shows the URI without credentials.
     """
 
     uri: str
     base: str
     subdir: str
+
+    def __repr__(self) -> str:
+        return f"ProjectURI({redact_url(self.uri)!r})"
 
 
 def strip_quotes(uri: str) -> str:
