@@ -177,8 +177,10 @@ def validate_key(kind: str, key: str) -> None:
 
     Raises:
         InvalidArgumentError: the key is empty, too long, has characters outside
-            alphanumerics, ``_ - . : /`` and space, or is not a normalised relative path
-            (``..``, a leading ``/``, ``a//b``, a trailing ``/``).
+            alphanumerics, ``_ - . : /`` and space, is not a normalised relative path
+            (``..``, a leading ``/``, ``a//b``, a trailing ``/``), or has a part between
+            slashes longer than a file name may be (255 bytes in UTF-8: 250 letters such
+            as ``é`` are 500).
     """
     if not key:
         raise InvalidArgumentError(f"Invalid {kind} key {key!r}: a key name must be provided.")
@@ -197,6 +199,30 @@ def validate_key(kind: str, key: str) -> None:
             f"Invalid {kind} key {key!r}: keys are stored as file paths and must not resolve"
             f" to another name (this one resolves to {norm!r})."
         )
+    if any(len(part.encode("utf-8")) > _NAME_MAX for part in key.split("/")):
+        raise InvalidArgumentError(
+            f"Invalid {kind} key {key[:50]!r}...: keys are stored as file names, and a part"
+            f" of it between slashes is longer than {_NAME_MAX} bytes (UTF-8)."
+        )
+
+
+#: The longest file name (in bytes) common file systems take (ext4, xfs, btrfs, APFS).
+_NAME_MAX = 255
+
+
+def _check_layout(kind: str, keys: list[str]) -> None:
+    """Refuse keys that cannot be files side by side: ``a`` and ``a/b`` (``a`` would be a
+    file and a directory)."""
+    taken = set(keys)
+    for key in keys:
+        parent = key.rpartition("/")[0]
+        while parent:
+            if parent in taken:
+                raise InvalidArgumentError(
+                    f"Invalid {kind} keys {parent!r} and {key!r}: keys are stored as file paths,"
+                    f" and {parent!r} cannot be both a value and a folder of values."
+                )
+            parent = parent.rpartition("/")[0]
 
 
 def check_text(what: str, value: object, *, limit: int | None = None) -> str:
@@ -265,6 +291,7 @@ def check_record(
         for key, value in (values or {}).items():
             validate_key(kind, key)
             check_text(f"value of {kind} {key!r}", value)
+        _check_layout(kind, list(values or {}))
 
 
 def _checked(kind: str, values: Mapping[str, str], limit: int) -> dict[str, str]:
@@ -278,6 +305,7 @@ def _checked(kind: str, values: Mapping[str, str], limit: int) -> dict[str, str]
             _log.warning("%s %r: value truncated to %d characters", kind, key, limit)
             value = value[:limit]
         out[key] = value
+    _check_layout(kind, list(out))
     return out
 
 
