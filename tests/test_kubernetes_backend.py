@@ -68,11 +68,16 @@ with mlflow.start_run():
 """
 
 
-@pytest.fixture
-async def kube(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeKubernetes]:
+def pod_env() -> dict[str, str]:
+    """The environment of the emulator's pods: this Python (with mlflow) first on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    async with FakeKubernetes(env=env, bookmark_interval=0.5) as fake:
+    return env
+
+
+@pytest.fixture
+async def kube(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeKubernetes]:
+    async with FakeKubernetes(env=pod_env(), bookmark_interval=0.5) as fake:
         monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig))
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         yield fake
@@ -747,8 +752,7 @@ async def test_a_job_lost_by_a_restarted_api_server_fails_the_run(
     """The API server restarts with an empty store (the Job and its pods are gone): the
     shared watch lists again and the run fails, saying so. It waited forever before: the
     watch resumed from a resourceVersion the new server never reaches."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = pod_env()
     project = await amake_project(tmp_path / "proj", mlproject("sleep 600"))
     first = FakeKubernetes(env=env, bookmark_interval=0.5)
     await first.start()
