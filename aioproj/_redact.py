@@ -164,6 +164,7 @@ LOGGER_NAMES = (
     "aioproj.envs",
     "aioproj.databricks",
     "aioproj.kubernetes",
+    "aioproj.slurm",
     "aioproj.tracking",
     "aioproj.testing.databricks",
 )
