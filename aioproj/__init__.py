@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typing as _typing
 
+from ._redact import install_log_redaction as _install_log_redaction
 from .errors import (
     AioprojError,
     BackendError,
@@ -39,6 +40,8 @@ if _typing.TYPE_CHECKING:
         sweep,
     )
     from .tracking.metrics import Metric
+
+_install_log_redaction()
 
 __version__ = "0.1.0"
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
+from aioproj._redact import scrub
 from aioproj.errors import AioprojError
 
 __all__ = [
@@ -308,9 +309,7 @@ class OAuthM2M(httpx.Auth):
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret of :meth:`secrets` replaced by ``***``."""
-        for secret in self.secrets():
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self.secrets())
 
     def sync_auth_flow(
         self, request: httpx.Request

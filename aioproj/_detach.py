@@ -3,7 +3,12 @@
 ``run(..., detach=True)`` (and ``aioproj run --no-wait`` on the local backend) hands the
 run to a new aioproj process in its own session. That process starts the run, reports its
 run id (or the error) on a pipe, then supervises it and records its final status, as
-MLflow's asynchronous local runs do by re-executing its CLI. The caller gets a handle
+MLflow's asynchronous local runs do by re-executing its CLI.
+
+Its arguments (the project URI, which may hold a git password, parameter values, the
+backend_config JSON) reach it on another pipe, never on its command line: a command line
+is readable by every local user (``ps``, ``/proc/PID/cmdline``) for the whole run. Its
+command line is ``python -m aioproj`` and nothing else. The caller gets a handle
 whose :class:`DetachedExecution` follows that process: waiting waits for it to exit and
 reads the status it recorded; cancelling sends it SIGTERM, on which it stops the run and
 records KILLED.
@@ -28,16 +33,21 @@ if TYPE_CHECKING:
     from aioproj.tracking.base import TrackingStore
 
 __all__ = [
+    "ARGV_FD_VAR",
     "REPORT_FD_VAR",
     "DetachedExecution",
     "SupervisorError",
     "check_detach",
     "cli_args",
+    "read_argv",
     "spawn_supervisor",
 ]
 
 #: Set in a detached supervisor's environment: the pipe on which it reports its run id.
 REPORT_FD_VAR = "_AIOPROJ_DETACHED_REPORT_FD"
+#: Set in a detached supervisor's environment: the pipe from which it reads its arguments
+#: (a JSON list of strings).
+ARGV_FD_VAR = "_AIOPROJ_DETACHED_ARGV_FD"
 
 
 class SupervisorError(ExecutionError):
@@ -101,34 +111,46 @@ def cli_args(
 def spawn_supervisor(argv: Sequence[str], env: Mapping[str, str]) -> tuple[int, str]:
     """Start ``python -m aioproj <argv>`` detached; return (its pid, the run id it reports).
 
-    The supervisor runs in its own session with stdin, stdout and stderr on /dev/null,
-    and gets the write end of a pipe as descriptor 3 (named by REPORT_FD_VAR). Blocks
-    until it has started the run or failed: call it in a worker thread from async code.
-    It is this process's child: :class:`DetachedExecution` reaps it.
+    The supervisor runs in its own session with stdin, stdout and stderr on /dev/null.
+    It reads ``argv`` from a pipe on descriptor 4 (named by ARGV_FD_VAR), so its command
+    line is ``python -m aioproj`` whatever the arguments hold, and reports on the write
+    end of another pipe, descriptor 3 (named by REPORT_FD_VAR). Blocks until it has
+    started the run or failed: call it in a worker thread from async code. It is this
+    process's child: :class:`DetachedExecution` reaps it.
 
     Raises:
         SupervisorError: the supervisor reported an error, or exited before starting
             the run.
     """
-    read_fd, write_fd = os.pipe()  # both close-on-exec: only the dup below is inherited
+    payload = json.dumps(list(argv)).encode()
+    # Every descriptor is close-on-exec: only the two dups below are inherited.
+    read_fd, write_fd = os.pipe()
+    argv_read, argv_write = os.pipe()
     try:
         pid = os.posix_spawn(
             sys.executable,
-            [sys.executable, "-m", "aioproj", *argv],
-            {**env, REPORT_FD_VAR: str(_REPORT_FD)},
+            [sys.executable, "-m", "aioproj"],
+            {**env, REPORT_FD_VAR: str(_REPORT_FD), ARGV_FD_VAR: str(_ARGV_FD)},
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
                 (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
                 (os.POSIX_SPAWN_DUP2, write_fd, _REPORT_FD),
+                (os.POSIX_SPAWN_DUP2, argv_read, _ARGV_FD),
             ],
             setsid=True,
         )
     except BaseException:
         os.close(read_fd)
+        os.close(argv_write)
         raise
     finally:
         os.close(write_fd)
+        os.close(argv_read)
+    # Written after the spawn: the child reads while we write, so any size fits. If it
+    # died first, the write fails and its report (none) says so below.
+    with contextlib.suppress(BrokenPipeError), os.fdopen(argv_write, "wb") as pipe:
+        pipe.write(payload)
     with os.fdopen(read_fd) as pipe:
         kind, _, text = pipe.read().partition(" ")
     if kind == "ok":
@@ -142,6 +164,21 @@ def spawn_supervisor(argv: Sequence[str], env: Mapping[str, str]) -> tuple[int, 
 
 #: The descriptor on which a detached supervisor reports.
 _REPORT_FD = 3
+#: The descriptor from which a detached supervisor reads its arguments.
+_ARGV_FD = 4
+
+
+def read_argv(fd: int) -> list[str]:
+    """The arguments a detached supervisor was given on descriptor ``fd`` (closed after).
+
+    Raises:
+        ValueError: the pipe did not hold a JSON list of strings.
+    """
+    with os.fdopen(fd, "rb") as pipe:
+        argv = json.loads(pipe.read())
+    if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv):
+        raise ValueError("the detached aioproj process got no argument list")
+    return argv
 
 
 class DetachedExecution:

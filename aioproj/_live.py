@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
+from aioproj._redact import redact_url
+
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.table import Table
@@ -136,7 +138,7 @@ def live_renderable(sweep: Sweep) -> RenderableType:
     ended.sort(key=lambda t: t.ended or 0.0)
     room = max(_MAX_ROWS - len(active), 0)
     rows = sorted(active, key=lambda t: t.index) + (ended[-room:][::-1] if room else [])
-    title = f"aioproj sweep {sweep._args.uri}"
+    title = f"aioproj sweep {redact_url(sweep._args.uri)}"
     if sweep.parent_run_id:
         title += f"  (parent run {sweep.parent_run_id})"
     hidden = len(active) + len(ended) - len(rows)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 _SYNC_BY_DEFAULT = ("local", "kubernetes", "slurm")
+#: aioproj._detach.ARGV_FD_VAR, spelled out so that ``aioproj --help`` imports no more.
+_ARGV_FD_VAR = "_AIOPROJ_DETACHED_ARGV_FD"
 
 #: Options that fall back to an environment variable, as in ``mlflow run``.
 _ENV_DEFAULTS = {
@@ -525,6 +527,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``aioproj`` command."""
     parser = _build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv_fd = os.environ.pop(_ARGV_FD_VAR, None)
+    if argv_fd is not None:  # a detached supervisor: its arguments come on a pipe
+        from aioproj._detach import read_argv
+
+        try:
+            argv = read_argv(int(argv_fd))
+        except (OSError, ValueError) as exc:
+            parser.error(f"cannot read the arguments of a detached run: {exc}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # As `mlflow run`, say which command a local run runs, before it starts.

@@ -5,11 +5,15 @@ Every error a user can see derives from :class:`AioprojError`. MLflow users who 
 base of everything that stops a project from being fetched, validated, prepared or run,
 exactly the cases MLflow raises ``ExecutionException`` for.
 
-Native errors (OSError, httpx, dulwich) are translated at the boundary where they happen,
-with the context that helps: the URI, the run id, the file and line.
+Messages go through the one redaction path (:mod:`aioproj._redact`): a URL's credentials
+never reach an error's text. Native errors (OSError, httpx, dulwich) are translated at
+the boundary where they happen, with the context that helps: the URI, the run id, the
+file and line.
 """
 
 from __future__ import annotations
+
+from aioproj._redact import redact_credentials
 
 __all__ = [
     "AioprojError",
@@ -27,7 +31,15 @@ __all__ = [
 
 
 class AioprojError(Exception):
-    """Base class of every exception raised by aioproj."""
+    """Base class of every exception raised by aioproj.
+
+    Its message never holds the credentials of a URL: ``https://user:token@host`` in any
+    argument is shown as ``https://host`` (see :mod:`aioproj._redact`), whoever raised it
+    and whatever value it quotes.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_credentials(a) if isinstance(a, str) else a for a in args))
 
 
 class InvalidArgumentError(AioprojError, ValueError):

@@ -59,7 +59,7 @@ from aioproj.project import (
 )
 from aioproj.sources import FetchedProject, SourceCache, redact_url
 from aioproj.tracking import TrackingStore, open_store
-from aioproj.tracking.base import RUN_NAME_TAG
+from aioproj.tracking.base import RUN_NAME_TAG, check_record
 from aioproj.tracking.metrics import MetricsPoller
 from aioproj.tracking.resolve import default_tracking_uri
 
@@ -300,6 +300,7 @@ class Runner:
                     f"{type(parameters).__name__}"
                 )
             validate_env_manager(env_manager)
+            check_record(run_name=run_name, experiment_name=experiment_name)
             if detach:
                 check_detach(backend, synchronous, docker_auth)
                 return await self._run_detached(
@@ -462,6 +463,11 @@ class Runner:
             resolved = await anyio.to_thread.run_sync(resolve_parameters, project, ep, parameters)
         else:
             resolved = resolve_parameters(project, ep, parameters)
+        # Tags and params checked before an environment, experiment or run is made.
+        check_record(
+            tags={**_run_tags(source, ep, the_backend.name), **(extra_run_tags.get() or {})},
+            params=resolved.logged,
+        )
         request = LaunchRequest(
             source=source,
             project=project,

@@ -34,6 +34,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from aioproj._keys import new_key
+from aioproj._redact import redact_url
 from aioproj.backends.batch import TrialBatch, current_batch, submits_batches
 from aioproj.errors import (
     AioprojError,
@@ -44,6 +45,7 @@ from aioproj.errors import (
     TrackingError,
 )
 from aioproj.handle import RunStatus, SubmittedRun
+from aioproj.tracking.base import check_record
 
 if TYPE_CHECKING:
     from aioproj._live import ProgressMode
@@ -365,14 +367,14 @@ def best_of(results: Sequence[TrialResult], metric: str, goal: Goal) -> TrialRes
 
 @dataclass(frozen=True)
 class _RunArgs:
-    uri: str
+    uri: str = field(repr=False)  # a git URL can carry a password
     entry_point: str
     version: str | None
     docker_args: Mapping[str, str | bool] | None
     experiment_name: str | None
     experiment_id: str | int | None
     backend: str | Backend
-    backend_config: Mapping[str, Any] | str | None
+    backend_config: Mapping[str, Any] | str | None = field(repr=False)  # may hold tokens
     storage_dir: str | Path | None
     env_manager: str | None
     build_image: bool
@@ -450,7 +452,7 @@ class Sweep:
 
     def __repr__(self) -> str:
         return (
-            f"<Sweep uri={self._args.uri!r} status={self.status.value} "
+            f"<Sweep uri={redact_url(self._args.uri)!r} status={self.status.value} "
             f"trials={len(self.trials)} done={len(self.results)}>"
         )
 
@@ -626,7 +628,7 @@ class Sweep:
                 run_name=self._name,
                 tags={
                     "mlflow.user": _user(),
-                    "mlflow.source.name": args.uri,
+                    "mlflow.source.name": redact_url(args.uri),
                     "mlflow.source.type": "PROJECT",
                     "mlflow.project.entryPoint": args.entry_point,
                     "aioproj.sweep.size": str(self.total if self.total is not None else "?"),
@@ -1029,6 +1031,7 @@ def sweep(
         )
     if not isinstance(uri, str) or not uri:
         raise InvalidArgumentError(f"uri must be a non-empty string, got {uri!r}")
+    check_record(run_name=name, experiment_name=experiment_name)
     planned: list[dict[str, Any]] | None = None
     if tuner is not None:
         if grid is not None:

@@ -12,6 +12,27 @@ import anyio
 
 PYTHON = sys.executable
 
+#: ``AIOPROJ_HYPOTHESIS=thorough`` runs the property tests randomized, with
+#: ``AIOPROJ_HYPOTHESIS_SCALE`` (default 20) times their examples, keeping what fails in
+#: ``.hypothesis/`` to replay it (see README, Reliability). Otherwise they are
+#: derandomized, so CI sees the same inputs every run.
+THOROUGH = os.environ.get("AIOPROJ_HYPOTHESIS") == "thorough"
+
+
+def property_settings(examples: int) -> Any:
+    """Hypothesis settings for a property test with ``examples`` examples in CI."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    scale = int(os.environ.get("AIOPROJ_HYPOTHESIS_SCALE", "20")) if THOROUGH else 1
+    return settings(
+        max_examples=examples * scale,
+        deadline=None,
+        derandomize=not THOROUGH,
+        database=DirectoryBasedExampleDatabase(".hypothesis/examples") if THOROUGH else None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+
 
 def make_project(root: Path, mlproject: str | None, files: dict[str, str] | None = None) -> Path:
     """Write a project directory: an MLproject (dedented) and other files."""

@@ -312,6 +312,23 @@ async def test_git_urls_with_injected_options_are_refused(
     assert not await anyio.Path(tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize(
+    "uri",
+    ["http://[::1", "https://[]/x.zip", "A://[", "file://[", "https://alice:s3cret@[::1/r.git"],
+)
+async def test_uris_that_urlsplit_refuses_are_source_errors(
+    sources_cache: Path, tracking_uri: str, in_tmp: Path, uri: str
+) -> None:
+    message = await refused(
+        aioproj.SourceError,
+        "not a well-formed URL",
+        uri,
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert "s3cret" not in message
+
+
 async def test_version_with_injected_option_is_just_an_unknown_version(
     tmp_path: Path, sources_cache: Path, tracking_uri: str, in_tmp: Path
 ) -> None:
@@ -366,6 +383,117 @@ async def test_hostile_submodule_urls_are_refused(
         cache=sources_cache,
     )
     assert not await anyio.Path(tmp_path / "PWNED").exists()
+
+
+@pytest.fixture(scope="module")
+def local_submodules(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[GitServer, Path]]:
+    """Repositories served over HTTP whose ``.gitmodules`` point at a repository of this
+    machine, outside what the server serves (a private repository)."""
+    private = tmp_path_factory.mktemp("private") / "repo"
+    lib = init_repo(private, {"PRIVATE.txt": "private data of this machine\n"})
+    root = tmp_path_factory.mktemp("served-local-submodules")
+    urls = {
+        "abs-path": str(private),
+        "file-url": private.as_uri(),
+        "home-path": "~/private-repo",
+        "bare-name": "private-repo",
+        "other-scheme": "foo://host/repo.git",
+    }
+    with GitServer(root) as server:
+        for name, url in urls.items():
+            make_super_repo(root / name, url, lib)
+            (root / name / "MLproject").write_text(MLPROJECT)
+            git(root / name, "add", "MLproject")
+            git(root / name, "commit", "-q", "-m", "project")
+        yield server, private
+
+
+@pytest.fixture
+def git_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty global git config of the test's own, and no system config."""
+    config = tmp_path / "gitconfig"
+    config.write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(config))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.delenv("GIT_ALLOW_PROTOCOL", raising=False)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("name", "transport"),
+    [
+        ("abs-path", "file"),
+        ("file-url", "file"),
+        ("home-path", "file"),
+        ("bare-name", "file"),
+        ("other-scheme", "foo"),
+    ],
+)
+async def test_a_remote_repository_cannot_name_a_local_submodule(
+    local_submodules: tuple[GitServer, Path],
+    git_config: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    name: str,
+    transport: str,
+) -> None:
+    """A repository served over HTTP whose submodule is ``/srv/private-repo`` had that
+    local repository checked out into the project (and, with -b databricks, shipped to
+    DBFS); git refuses it since 2.38.1 (protocol.file.allow=user), and so does aioproj."""
+    server, _private = local_submodules
+    message = await refused(
+        aioproj.SourceError,
+        f"Refusing submodule 'lib' of {server.url(name)}: .* the '{transport}' transport",
+        server.url(name),
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert f"protocol.{transport}.allow" in message
+    leftovers = await inspect(lambda: [p for p in sources_cache.rglob("PRIVATE.txt")])
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("opt_in", ["GIT_ALLOW_PROTOCOL", "protocol.file.allow"])
+async def test_local_submodules_are_fetched_when_git_would_allow_them(
+    local_submodules: tuple[GitServer, Path],
+    git_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tracking_uri: str,
+    opt_in: str,
+) -> None:
+    """The policy is git's: allowed as the user allows it in git (and only so)."""
+    server, _private = local_submodules
+    if opt_in == "GIT_ALLOW_PROTOCOL":
+        monkeypatch.setenv("GIT_ALLOW_PROTOCOL", "http:https:file")
+    else:
+        await anyio.Path(git_config).write_text('[protocol "file"]\n\tallow = always\n')
+    async with Runner(echo="off") as runner:
+        run = await runner.run(server.url("abs-path"), env_manager="local")
+    assert await run.get_status() is aioproj.RunStatus.FINISHED
+    cache = Path(os.environ["AIOPROJ_CACHE_DIR"]) / "sources"
+    assert await inspect(lambda: [p.name for p in cache.rglob("PRIVATE.txt")]) == ["PRIVATE.txt"]
+
+
+async def test_a_local_superproject_may_name_local_submodules(
+    tmp_path: Path, git_config: Path, tracking_uri: str
+) -> None:
+    """A local repository is the user's own: its local submodules are not refused."""
+    lib = await inspect(lambda: init_repo(tmp_path / "lib", {"lib.py": "VALUE = 1\n"}))
+    superproject = tmp_path / "super"
+
+    def make() -> None:
+        make_super_repo(superproject, str(tmp_path / "lib"), lib)
+        (superproject / "MLproject").write_text(MLPROJECT)
+        git(superproject, "add", "MLproject")
+        git(superproject, "commit", "-q", "-m", "project")
+
+    await inspect(make)
+    async with Runner(echo="off") as runner:
+        for uri in (str(superproject), superproject.as_uri()):
+            run = await runner.run(uri, env_manager="local", version="main")
+            assert await run.get_status() is aioproj.RunStatus.FINISHED
 
 
 # --------------------------------------------------------------------------- MLproject
@@ -475,6 +603,111 @@ async def test_mlproject_values_no_process_can_take(
         tracking_uri=tracking_uri,
         cache=sources_cache,
     )
+
+
+WIDE = """\
+entry_points:
+  main:
+    parameters: {b: {type: string, default: x}}
+    command: "echo %s"
+  filled:
+    parameters: {b: {type: string, default: x}, w: {type: string, default: "5"}}
+    command: "echo {b:>{w}}"
+"""
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize(
+    ("command", "entry_point", "parameters", "error", "message"),
+    [
+        # 125 bytes of MLproject froze the loop for 57 s and grew the driver to 1.9 GB.
+        ("{b:>500000000}", "main", {}, aioproj.MLprojectError, "width or precision of 500000000"),
+        ("{b:>2000000000}", "main", {}, aioproj.MLprojectError, "width or precision"),
+        ("{b:.99999999999999999999}", "main", {}, aioproj.MLprojectError, "width or precision"),
+        ("{b}" + "x" * 140_000, "main", {}, aioproj.MLprojectError, "command line holds less"),
+        ("{b}", "filled", {"w": "500000000"}, aioproj.ParameterError, "filled from a parameter"),
+    ],
+    ids=["width", "width-2e9", "precision", "long-template", "width-from-a-value"],
+)
+async def test_format_widths_no_command_line_can_hold_are_refused_before_rendering(
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    command: str,
+    entry_point: str,
+    parameters: dict[str, str],
+    error: type[Exception],
+    message: str,
+) -> None:
+    project = await _project(tmp_path / "p", WIDE % command)
+    assert await all_runs(tracking_uri) == []  # imports mlflow before the measure
+    before = _peak_rss_mb()
+    await refused(
+        error,
+        message,
+        str(project),
+        entry_point=entry_point,
+        parameters=parameters,
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    assert _peak_rss_mb() - before < 100  # rendering it would have taken 500 MB to 7.6 GB
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"b": "x" * 140_000}, "'b' of entry point 'main' is 140,000 characters long"),
+        ({f"k{i}": "1" for i in range(100_000)}, "with its 100,000 parameters"),
+        ({"b": "x" * 100_000, "c": "y" * 40_000}, "The longest: 'b' \\(100,000 characters\\)"),
+        ({"b": "é" * 70_000}, "is 140,000 bytes long"),
+    ],
+    ids=["one-140-KB-value", "100000-values", "two-that-add-up", "multibyte"],
+)
+async def test_parameters_no_command_line_can_hold_create_no_run(
+    tmp_path: Path,
+    sources_cache: Path,
+    tracking_uri: str,
+    parameters: dict[str, str],
+    message: str,
+) -> None:
+    """They wrote 100,000 param files, then failed at exec ("Argument list too long")
+    with a FAILED run; now a ParameterError comes before anything is tracked."""
+    project = await _project(tmp_path / "p", WIDE % "{b}")
+    await refused(
+        aioproj.ParameterError,
+        message,
+        str(project),
+        parameters=parameters,
+        tracking_uri=tracking_uri,
+        cache=sources_cache,
+    )
+    store = Path(tracking_uri.removeprefix("file://"))
+    assert not await inspect(lambda: list(store.glob("*/*/params")))
+
+
+async def test_the_longest_command_a_command_line_holds_runs(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """The limit is the system's, not a guess: just under it, the run starts and works."""
+    from aioproj.project.parameters import command_limit
+
+    text = (
+        "entry_points:\n  main:\n    parameters: {b: string}\n"
+        '    command: "printf %s {b} | wc -c"\n'
+    )
+    project = await _project(tmp_path / "p", text)
+    value = "v" * (command_limit() - len("printf %s  | wc -c") - 10)
+    async with Runner(echo="off") as runner:
+        run = await runner.run(str(project), parameters={"b": value}, env_manager="local")
+        assert await run.get_status() is aioproj.RunStatus.FINISHED
+        lines = [line async for line in run.logs()]
+    assert [line.strip() for line in lines] == [str(len(value))]
 
 
 # --------------------------------------------------------------------------- parameters
@@ -604,3 +837,37 @@ async def test_tracking_arguments_that_would_name_other_files(
             await runner.run(str(project), env_manager="local", **kwargs)  # type: ignore[arg-type]
     assert await all_runs(tracking_uri) == []
     assert not await anyio.Path(tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"run_name": "lone \ud800 surrogate"},
+        {"run_name": "undecodable \udcff file name"},
+        {"run_name": "nul \0 byte"},
+        {"run_name": "r" * 251},
+        {"experiment_name": "lone \udc80 surrogate"},
+        {"experiment_name": "nul \0 byte"},
+    ],
+    ids=["run-surrogate", "run-undecodable", "run-nul", "run-long", "exp-surrogate", "exp-nul"],
+)
+async def test_names_no_store_can_take_leave_nothing_written(
+    tmp_path: Path, sources_cache: Path, tracking_uri: str, kwargs: dict[str, str]
+) -> None:
+    """A lone surrogate in a run name raised UnicodeEncodeError and left a run folder
+    without meta.yaml: now every name is checked before anything is written."""
+    project = await _project(tmp_path / "p", MLPROJECT)
+    for detach in (False, True):
+        async with Runner(echo="off") as runner:
+            with pytest.raises(aioproj.InvalidArgumentError, match="no tracking store can"):
+                await runner.run(
+                    str(project), env_manager="local", synchronous=not detach, detach=detach,
+                    **kwargs,  # type: ignore[arg-type]
+                )  # fmt: skip
+    assert await all_runs(tracking_uri) == []
+    store = Path(tracking_uri.removeprefix("file://"))
+    written = await inspect(
+        lambda: sorted(p.name for p in store.glob("*")) if store.exists() else []
+    )
+    assert written in ([], [".trash", "0"])  # at most the Default experiment, no run
+    await inspect(lambda: _cache_is_clean(sources_cache))

@@ -68,11 +68,16 @@ with mlflow.start_run():
 """
 
 
-@pytest.fixture
-async def kube(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeKubernetes]:
+def pod_env() -> dict[str, str]:
+    """The environment of the emulator's pods: this Python (with mlflow) first on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    async with FakeKubernetes(env=env, bookmark_interval=0.5) as fake:
+    return env
+
+
+@pytest.fixture
+async def kube(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeKubernetes]:
+    async with FakeKubernetes(env=pod_env(), bookmark_interval=0.5) as fake:
         monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig))
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         yield fake
@@ -739,3 +744,39 @@ async def test_a_kubernetes_run_outlives_its_loop_and_recover_records_its_end(
     assert record.info.status == "FINISHED"
     assert "kubernetes run ended FINISHED" in record.data.tags[RECOVERED_TAG]
     assert await journal_runs() == []
+
+
+async def test_a_job_lost_by_a_restarted_api_server_fails_the_run(
+    template: Path, tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server restarts with an empty store (the Job and its pods are gone): the
+    shared watch lists again and the run fails, saying so. It waited forever before: the
+    watch resumed from a resourceVersion the new server never reaches."""
+    env = pod_env()
+    project = await amake_project(tmp_path / "proj", mlproject("sleep 600"))
+    first = FakeKubernetes(env=env, bookmark_interval=0.5)
+    await first.start()
+    try:
+        monkeypatch.setenv("KUBECONFIG", str(first.kubeconfig))
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        async with aioproj.Runner(echo="off") as runner:
+            run = await runner.run(
+                str(project),
+                backend="kubernetes",
+                synchronous=False,
+                backend_config=config(first, template),
+            )
+            await wait_until(lambda: len(first.container_pids()) == 1)
+            port = first.port
+            await first.aclose()
+            async with FakeKubernetes(env=env, port=port, bookmark_interval=0.5) as second:
+                with anyio.fail_after(60):
+                    status = await run
+                assert second.count(verb="list", resource="jobs") >= 1
+                assert second.objects("jobs", "default") == []
+            lines = [line async for line in run.logs()]
+    finally:
+        await first.aclose()
+    assert status is aioproj.RunStatus.FAILED
+    assert any("is gone" in line and "API server lost it" in line for line in lines), lines
+    assert (await read_run(tracking_uri, run.run_id)).info.status == "FAILED"

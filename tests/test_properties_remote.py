@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from aioproj.backends.databricks import map_state
@@ -34,15 +34,9 @@ from aioproj.backends.kubernetes._state import (
 from aioproj.backends.slurm import _state as slurm
 from aioproj.handle import RunStatus
 
+from .support import property_settings
 
-def _settings(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
+_settings = property_settings
 
 
 _MISSING = object()

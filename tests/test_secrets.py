@@ -21,7 +21,10 @@ and base64-encoded (as a Basic ``Authorization`` header would carry it):
 from __future__ import annotations
 
 import base64
+import json
 import os
+import signal
+import sys
 import textwrap
 import traceback
 import uuid
@@ -40,7 +43,7 @@ from aioproj import Runner, RunStatus, SubmittedRun
 
 from .gitserver import GitServer, closed_port
 from .mlflow_server import MlflowServer
-from .support import all_runs, make_project
+from .support import all_runs, make_project, process_gone
 from .test_envs_docker import FakeDocker, docker  # noqa: F401  (the stand-in docker CLI)
 from .test_sources import init_repo
 
@@ -129,6 +132,8 @@ entry_points:
     command: "no-such-command-aioproj-test"
   slow:
     command: "echo started; sleep 30"
+  quiet:
+    command: "true"
 """
 
 DOCKER_MLPROJECT = """
@@ -358,5 +363,147 @@ async def test_docker_runs_leak_no_secret(
     argvs = await docker.argvs()
     assert any(argv[0] == "run" for argv in argvs)
     surfaces.add("docker CLI argv of every call", repr(argvs))
+    await _gather_store_and_caches(surfaces, store_root)
+    assert surfaces.leaks(secrets) == []
+
+
+def _tree_cmdlines(root: int) -> list[tuple[int, list[str]]]:
+    """The argv of ``root`` and of all its descendants (blocking)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rpartition(")")[2].split()[1])
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    found = []
+    for pid in sorted(tree):
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        found.append((pid, [arg.decode("utf-8", "replace") for arg in raw.split(b"\0")]))
+    return found
+
+
+async def _running_tree(root: int) -> list[tuple[int, list[str]]]:
+    """:func:`_tree_cmdlines` once the run's ``sleep`` is among them."""
+    with anyio.fail_after(30):
+        while True:
+            found = await anyio.to_thread.run_sync(_tree_cmdlines, root)
+            if any("sleep" in argv for _, argv in found):
+                return found
+            await anyio.sleep(0.05)
+
+
+async def _until_gone(pid: int) -> None:
+    with anyio.fail_after(30):
+        while not await anyio.to_thread.run_sync(process_gone, pid):  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+
+async def test_a_git_password_reaches_no_sweep_record_supervisor_argv_or_error(
+    store: tuple[str, Path],
+    secrets: Secrets,
+    private_git: GitServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The sinks a git password in a project URI reached before: a sweep's parent run
+    (``mlflow.source.name``), the command line of a detached supervisor (``detach=True``
+    and ``aioproj run --no-wait``, with a backend_config JSON), error messages quoting a
+    value, run names and param values. The supervisors' argv is read from
+    /proc/PID/cmdline while they run, as any local user could."""
+    caplog.set_level("DEBUG")
+    tracking_uri, store_root = store
+    private_git.auth = ("user", secrets.git_password)
+    git_url = private_git.url("proj", userinfo=f"user:{secrets.git_password}")
+    config = json.dumps({"token": secrets.backend_token})
+    earlier = {r.info.run_id for r in await all_runs(tracking_uri)}  # a shared server's
+    surfaces = Surfaces()
+    cmdlines: list[tuple[int, list[str]]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with Runner(echo="off", grace_period=2) as runner:
+            # A sweep over the private repository: its parent run and its repr.
+            sweep = aioproj.sweep(
+                git_url, {"alpha": [0.1, 0.2]}, entry_point="quiet", runner=runner,
+                env_manager="local", name="sweep-of-private-repo",
+            )  # fmt: skip
+            surfaces.add("sweep repr", repr(sweep))
+            results = await sweep
+            assert [r.status for r in results] == [RunStatus.FINISHED] * 2
+            assert sweep.parent_run_id is not None
+            # Errors quoting a value that holds the URL (an MLproject value error).
+            for label, kwargs in [
+                ("float given the git URL", {"parameters": {"alpha": git_url}}),
+                ("malformed URL with a password", {"uri": git_url.replace("127.0.0.1", "[::1")}),
+                ("run name with a NUL and the URL", {"run_name": f"{git_url}\0"}),
+            ]:
+                uri = str(kwargs.pop("uri", git_url))
+                with pytest.raises(aioproj.AioprojError) as refused:
+                    await runner.run(uri, env_manager="local", **kwargs)  # type: ignore[arg-type]
+                surfaces.add_error(label, refused.value)
+            # The URL in a run name and a param value: recorded without the password.
+            named = await runner.run(
+                git_url, entry_point="quiet", env_manager="local",
+                run_name=f"try {git_url}", parameters={"data": git_url},
+            )  # fmt: skip
+            # A detached supervisor with the URL and a backend_config JSON.
+            detached = await runner.run(
+                git_url, entry_point="slow", env_manager="local", synchronous=False,
+                detach=True, backend_config=config,
+            )  # fmt: skip
+            supervisor = detached._execution.pid  # type: ignore[attr-defined]
+            cmdlines += await _running_tree(supervisor)
+            surfaces.add("detached repr", repr(detached))
+            await detached.cancel()
+            assert await detached.get_status() is RunStatus.KILLED
+    # `aioproj run --no-wait`: the CLI's supervisor, while it runs.
+    cli = [sys.executable, "-m", "aioproj", "run", git_url, "-e", "slow", "--no-wait"]
+    started = await anyio.run_process([*cli, "--env-manager", "local", "-c", config])
+    surfaces.add("CLI --no-wait stdout", started.stdout.decode())
+    surfaces.add("CLI --no-wait stderr", started.stderr.decode())
+    cli_supervisor = int(started.stderr.decode().split("aioproj process ")[1].split()[0])
+    cmdlines += await _running_tree(cli_supervisor)
+    os.kill(cli_supervisor, signal.SIGTERM)
+    await _until_gone(cli_supervisor)
+    # `aioproj sweep` with the URL, as the report found it.
+    swept = await anyio.run_process(
+        [sys.executable, "-m", "aioproj", "sweep", git_url, "-P", "alpha=0.3,0.4", "-e",
+         "quiet", "--env-manager", "local", "--progress", "lines"],
+    )  # fmt: skip
+    surfaces.add("CLI sweep stdout", swept.stdout.decode())
+    surfaces.add("CLI sweep stderr", swept.stderr.decode())
+    # The supervisors ran with their arguments, on no command line.
+    supervisors = [argv for pid, argv in cmdlines if pid in (supervisor, cli_supervisor)]
+    assert supervisors == [[sys.executable, "-m", "aioproj", ""]] * 2
+    surfaces.add("argv of the supervisors and their descendants", repr(cmdlines))
+    # What was recorded: the sweep parents, the named run, the detached runs.
+    records = [r for r in await all_runs(tracking_uri) if r.info.run_id not in earlier]
+    parents = [r for r in records if "aioproj.sweep.size" in r.data.tags]
+    assert len(parents) == 2
+    assert {r.data.tags["mlflow.source.name"] for r in parents} == {private_git.url("proj")}
+    (record,) = [r for r in records if r.info.run_id == named.run_id]
+    assert record.info.run_name == f"try {private_git.url('proj')}"
+    assert record.data.params["data"] == private_git.url("proj")
+    for record in records:
+        surfaces.add(f"tags of {record.info.run_id}", repr(record.data.tags))
+        surfaces.add(f"params of {record.info.run_id}", repr(record.data.params))
+        surfaces.add(f"name of {record.info.run_id}", record.info.run_name)
+    assert sum(r.info.status == "KILLED" for r in records) == 2  # both supervised runs
+    for warning in caught:
+        surfaces.add("warning", str(warning.message))
+    captured = await anyio.to_thread.run_sync(capfd.readouterr)
+    surfaces.add("stdout", captured.out)
+    surfaces.add("stderr", captured.err)
+    surfaces.add("log records", caplog.text)
     await _gather_store_and_caches(surfaces, store_root)
     assert surfaces.leaks(secrets) == []

@@ -24,7 +24,13 @@ import pytest
 from aioproj.errors import ExecutionError, SourceError
 from aioproj.sources import FetchedProject, SourceCache, parse_project_uri, redact_url
 from aioproj.sources.git import resolve_submodule_url
-from aioproj.sources.uri import archive_kind, is_git_uri, looks_like_local_path, redact_text
+from aioproj.sources.uri import (
+    archive_kind,
+    git_transport,
+    is_git_uri,
+    looks_like_local_path,
+    redact_text,
+)
 from tests.gitserver import FileServer, GitServer, closed_port
 
 pytestmark = pytest.mark.anyio
@@ -214,6 +220,23 @@ def test_submodule_url_resolution() -> None:
     assert resolve_submodule_url("https://h/org/repo", "./lib") == "https://h/org/repo/lib"
     assert resolve_submodule_url("git@h:org/repo.git", "../lib.git") == "git@h:org/lib.git"
     assert resolve_submodule_url("https://h/r", "https://x/y") == "https://x/y"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/srv/private", "srv/private", "~/repo", "file:///srv/x", "file://localhost/srv/x",
+     "host:org/repo", "git@host:x", "https://h/x", "http://h/x", "git://h/x", "ssh://h/x",
+     "git+ssh://h/x", "ssh+git://h/x", "foo://h/x", "HTTPS://h/x"],
+)  # fmt: skip
+def test_git_transport_agrees_with_the_client_dulwich_picks(url: str) -> None:
+    """The submodule policy classifies a URL as the client that would fetch it does: a
+    URL dulwich reads from the local disk is always 'file'."""
+    from dulwich.client import LocalGitClient, get_transport_and_path
+
+    client, _path = get_transport_and_path(url)
+    transport = git_transport(url)
+    assert (transport == "file") == isinstance(client, LocalGitClient), (url, client)
+    assert transport in {"file", "ssh", "http", "https", "git", "foo"}
 
 
 def test_source_error_is_execution_error() -> None:

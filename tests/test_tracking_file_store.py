@@ -279,6 +279,56 @@ async def test_bad_keys_rejected(store: FileStore, key: str) -> None:
         await store.create_run("0", run_name=None, tags={}, params={key: "v"})
 
 
+async def test_keys_the_file_system_cannot_take_are_refused_before_writing(
+    store: FileStore, root: Path
+) -> None:
+    """``\u00e9`` * 200 is 400 bytes, past a file name's 255; ``a`` and ``a/b`` cannot be
+    a file and a folder at once. Both failed half-way through writing a run before."""
+    for tags in ({"\u00e9" * 200: "v"}, {"a": "1", "a/b": "2"}, {"x/y/z": "1", "x": "2"}):
+        with pytest.raises(InvalidArgumentError, match="file"):
+            await store.create_run("0", run_name=None, tags=tags, params={})
+        with pytest.raises(InvalidArgumentError, match="file"):
+            await store.create_run("0", run_name=None, tags={}, params=tags)
+    written = await anyio.to_thread.run_sync(lambda: [p.name for p in root.glob("*/*")])
+    assert [name for name in written if name != "meta.yaml"] == []  # no run folder
+
+
+WRITE_FAILS = """\
+import asyncio, resource, signal, sys
+import aioproj
+
+async def main():
+    async with aioproj.Runner(echo="off", tracking_uri=sys.argv[1]) as runner:
+        await runner.run(sys.argv[2], env_manager="local", parameters={"v": "fits"})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+        try:
+            await runner.run(sys.argv[2], env_manager="local", parameters={"v": "x" * 5000})
+        except aioproj.TrackingError as exc:
+            print("refused:", exc)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_run_that_fails_while_written_leaves_no_folder(root: Path, tmp_path: Path) -> None:
+    """A real write failure half-way through a run (the file size limit gives EFBIG where a
+    full disk gives ENOSPC): the run is refused and no folder without meta.yaml is left."""
+    import sys
+
+    project = tmp_path / "proj"
+    await anyio.Path(project).mkdir()
+    mlproject = "entry_points:\n  main:\n    parameters: {v: string}\n    command: 'true'\n"
+    await anyio.Path(project / "MLproject").write_text(mlproject)
+    script = tmp_path / "write_fails.py"
+    await anyio.Path(script).write_text(WRITE_FAILS)
+    done = await anyio.run_process([sys.executable, str(script), root.as_uri(), str(project)])
+    assert b"refused:" in done.stdout, done.stderr
+    runs = [p async for p in anyio.Path(root / "0").iterdir() if await p.is_dir()]
+    assert len(runs) == 1  # the first run, whole
+    assert await (runs[0] / "meta.yaml").is_file()
+
+
 async def test_unknown_run_and_experiment(store: FileStore) -> None:
     with pytest.raises(TrackingError, match="not found"):
         await store.get_run("0" * 32)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shutil
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +18,12 @@ from pathlib import Path
 import anyio
 
 from aioproj._marks import MARK_VARIABLE
+from aioproj._redact import redact_credentials, warn
 from aioproj._shared import SharedCalls
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import BackendError
 from aioproj.handle import RunStatus
 from aioproj.project import ResolvedParameters
-from aioproj.sources.uri import redact_url
 
 from ._process import ProcessGroup
 from .base import Execution, Launch, LaunchRequest, StartRequest
@@ -34,7 +32,6 @@ __all__ = ["LocalBackend", "LocalExecution", "LocalLaunch"]
 
 #: MLflow's "=== Running command ... ===" line goes here (the CLI shows it).
 logger = logging.getLogger(__name__)
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 class LocalBackend:
@@ -63,7 +60,7 @@ class LocalBackend:
         meant for another backend.
         """
         if request.backend_config:
-            warnings.warn(
+            warn(
                 "The local backend takes no backend_config; ignoring the keys "
                 f"{sorted(map(str, request.backend_config))}. Pass backend_config only to "
                 "backends that read it (databricks, kubernetes, plugins).",
@@ -153,7 +150,7 @@ class LocalLaunch:
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "=== Running command '%s' in run with ID '%s' ===",
-                _URL.sub(lambda url: redact_url(url.group()), self.command),
+                redact_credentials(self.command),
                 request.run_id,
             )
         try:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from aioproj._redact import scrub
 from aioproj._shared import SharedCalls
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project
@@ -412,7 +413,7 @@ async def _get_image(
     if code != 0:
         raise EnvironmentBuildError(
             "Ran `docker info` to ensure docker daemon is running but it failed with the "
-            f"following output:\n{_scrub(output, secrets)}"
+            f"following output:\n{scrub(output, secrets)}"
         )
     if docker_auth:
         await _login(docker, docker_auth, cwd=directory)
@@ -543,7 +544,7 @@ async def _login(docker: str, auth: Mapping[str, str], *, cwd: Path) -> None:
     if code != 0:
         raise EnvironmentBuildError(
             f"docker login to {registry or 'the default registry'} as {username!r} failed "
-            f"(exit code {code}):\n{_scrub(output, _secrets(auth))}\n"
+            f"(exit code {code}):\n{scrub(output, _secrets(auth))}\n"
             "Check docker_auth (registry, username, password)."
         )
 
@@ -655,12 +656,6 @@ def _secrets(auth: Mapping[str, str] | None) -> list[str]:
         return []
     password = auth.get("password", "")
     return [password] if password else []
-
-
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def _scrubbing(on_output: OutputCallback | None, secrets: Sequence[str]) -> OutputCallback | None:

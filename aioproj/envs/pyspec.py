@@ -19,13 +19,13 @@ import hashlib
 import json
 import platform
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from aioproj._redact import warn
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import EnvType, Project
 
@@ -176,7 +176,7 @@ def load_python_spec(project: Project) -> PythonSpec:
     if project.env_type is EnvType.CONDA:
         spec, dropped = parse_conda_env(text, path=path, base_dir=base_dir)
         if dropped:
-            warnings.warn(
+            warn(
                 f"{path}: conda-only dependencies are not installed in a virtualenv and are "
                 f"dropped: {', '.join(dropped)}. Use env_manager='conda' to install them, or "
                 "list pip equivalents under 'pip:'.",

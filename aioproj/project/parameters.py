@@ -11,6 +11,7 @@ Three views of the parameters come out of :func:`resolve_parameters`:
 
 from __future__ import annotations
 
+import heapq
 import numbers
 import os
 import re
@@ -22,10 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aioproj.errors import MLprojectError, ParameterError
-from aioproj.project.spec import EntryPoint, Parameter, Project, parse_command_template
+from aioproj.project.spec import (
+    MAX_ARG_STRLEN,
+    EntryPoint,
+    Parameter,
+    Project,
+    check_format_spec,
+    parse_command_template,
+)
 from aioproj.tracking.base import MAX_KEY_LENGTH
 
-__all__ = ["ResolvedParameters", "render_command", "resolve_parameters"]
+__all__ = ["ResolvedParameters", "command_limit", "render_command", "resolve_parameters"]
 
 _EXTRA_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -107,14 +115,18 @@ def resolve_parameters(
         _check_command_text(rendered[name], context)
         logged[name] = _as_text(raw, context)
 
+    limit = command_limit()
     extra_args: list[str] = []
+    extra_bytes = 0
     for key, value in given.items():
         if key in entry_point.parameters:
             continue
         _check_extra_key(key, entry_point.name)
         context = _Context(key, entry_point.name, is_default=False)
         text = _as_text(value, context)
-        _check_command_text(text, context)
+        extra_bytes += _check_command_text(text, context) + len(key) + 4
+        if extra_bytes > limit:  # stop early: 100,000 extras are refused after a few
+            raise _too_long(entry_point.name, extra_bytes, limit, given)
         values[key] = value
         logged[key] = text
         extra_args.append(f"--{key} {shlex.quote(text)}")
@@ -126,8 +138,25 @@ def resolve_parameters(
         entry_point=entry_point.name,
         mlproject_path=project.mlproject_path,
     )
-    return ResolvedParameters(
-        values=values, logged=logged, command=" ".join([command, *extra_args])
+    full = " ".join([command, *extra_args])
+    size = len(full.encode("utf-8", "surrogateescape"))
+    if size > limit:
+        raise _too_long(entry_point.name, size, limit, given)
+    return ResolvedParameters(values=values, logged=logged, command=full)
+
+
+def _too_long(
+    entry_point: str, size: int, limit: int, given: Mapping[str, object]
+) -> ParameterError:
+    """The error for a command longer than a command line can hold."""
+    sizes = heapq.nlargest(3, ((len(v) if isinstance(v, str) else 0, k) for k, v in given.items()))
+    largest = ", ".join(f"{key!r} ({n:,} characters)" for n, key in sizes if n >= 1024)
+    return ParameterError(
+        f"The command of entry point {entry_point!r} would be at least {size:,} bytes with its"
+        f" {len(given):,} parameters; a command line holds at most {limit:,} bytes (one"
+        f" argument, MAX_ARG_STRLEN, within SC_ARG_MAX with this environment). Pass fewer or"
+        f" shorter parameters, or large data in a file."
+        + (f" The longest: {largest}." if largest else "")
     )
 
 
@@ -169,22 +198,55 @@ def _as_text(raw: object, context: _Context) -> str:
         ) from None
 
 
-def _check_command_text(text: str, context: _Context) -> None:
-    """Refuse text that cannot travel in a command line: NUL, unencodable surrogates."""
+def _check_command_text(text: str, context: _Context) -> int:
+    """Refuse text that cannot travel in a command line: NUL, unencodable surrogates, more
+    bytes than one argument holds. Returns its size in bytes."""
     problem = None
+    size = 0
     if "\0" in text:
         problem = "contains a NUL character"
+    elif len(text) >= MAX_ARG_STRLEN:  # before encoding: a gigabyte is refused at once
+        problem = f"is {len(text):,} characters long"
     else:
         try:
-            text.encode("utf-8", "surrogateescape")
+            size = len(text.encode("utf-8", "surrogateescape"))
         except UnicodeEncodeError:
             problem = "contains a lone surrogate that cannot be encoded"
+        if size >= MAX_ARG_STRLEN:
+            problem = f"is {size:,} bytes long"
     if problem is not None:
         raise ParameterError(
             f"The value of parameter {context.parameter!r} of entry point "
-            f"{context.entry_point!r} {problem}, which no command line can carry."
-            + (" (its default in the MLproject)" if context.is_default else "")
+            f"{context.entry_point!r} {problem}, which no command line can carry"
+            f" (one argument holds less than {MAX_ARG_STRLEN:,} bytes: pass large data in a"
+            " file)." + (" (its default in the MLproject)" if context.is_default else "")
         )
+    return size
+
+
+def command_limit() -> int:
+    """The most bytes a rendered command may have.
+
+    A run is ``bash -c <script>``: one argument, less than :data:`MAX_ARG_STRLEN` bytes,
+    holding the command and what a backend puts around it (``cd -- <directory>``, an
+    environment's activation: :data:`_WRAPPER_MARGIN`). With this process's environment it
+    must also fit in ``SC_ARG_MAX``, the kernel's limit on arguments and environment
+    together, less what a run adds to the environment (``MLFLOW_RUN_ID``, ...).
+    """
+    try:
+        total = os.sysconf("SC_ARG_MAX")
+    except (OSError, ValueError):
+        total = 2 * 1024 * 1024
+    environment = sum(len(k) + len(v) + 2 + 8 for k, v in os.environ.items())
+    one_argument = MAX_ARG_STRLEN - 1 - _WRAPPER_MARGIN
+    return max(0, min(one_argument, total - environment - _WRAPPER_MARGIN - _ENV_MARGIN))
+
+
+#: Room in the one argument for ``cd -- <directory>`` and an activation (two paths of up
+#: to PATH_MAX bytes).
+_WRAPPER_MARGIN = 8 * 1024
+#: Room for what a run adds to the environment (tracking variables).
+_ENV_MARGIN = 16 * 1024
 
 
 # --------------------------------------------------------------------------- coercion
@@ -372,6 +434,15 @@ def render_command(
         filled_spec = render_command(
             spec, quoted, entry_point=entry_point, mlproject_path=mlproject_path
         )
+        try:
+            check_format_spec(filled_spec, field)
+        except ValueError as exc:
+            if filled_spec == spec:  # written in the MLproject
+                raise MLprojectError(f"entry point {entry_point!r}: {exc}", path=where) from None
+            raise ParameterError(  # a parameter value filled it in: {b:>{width}}
+                f"The command of entry point {entry_point!r}: {exc} (the spec is filled from"
+                " a parameter value)"
+            ) from None
         try:
             out.append(format(value, filled_spec))
         except ValueError as exc:

@@ -18,7 +18,6 @@ import re
 import shlex
 import string
 import types
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,12 @@ from typing import TypeAlias
 
 import yaml
 
+from aioproj._redact import warn
 from aioproj.errors import EntryPointError, InvalidArgumentError, MLprojectError, SourceError
 from aioproj.tracking.base import validate_key
 
 __all__ = [
+    "MAX_ARG_STRLEN",
     "SUPPORTED_SCRIPT_EXTENSIONS",
     "DockerEnv",
     "EntryPoint",
@@ -37,6 +38,7 @@ __all__ = [
     "Parameter",
     "Project",
     "TemplatePart",
+    "check_format_spec",
     "load_project",
     "parse_command_template",
     "parse_project",
@@ -52,6 +54,9 @@ MAX_MLPROJECT_BYTES = 1 << 20
 #: stack (a few hundred thousand ``[`` crash the process) and scans flow nesting in
 #: quadratic time. Real files nest five or six levels.
 MAX_MLPROJECT_NESTING = 100
+#: Linux's limit on one command-line argument, the terminating NUL included
+#: (``MAX_ARG_STRLEN``, 32 pages). A command runs as ``bash -c <command>``: one argument.
+MAX_ARG_STRLEN = 128 * 1024
 
 # Type names accepted in an MLproject (lowercased) and the type aioproj treats them as.
 _TYPE_ALIASES: Mapping[str, str] = types.MappingProxyType(
@@ -181,19 +186,46 @@ TemplatePart: TypeAlias = tuple[str, str | None, str, str | None]
 def parse_command_template(command: str) -> list[TemplatePart]:
     """Split a command template (Python ``str.format`` syntax) into its parts.
 
-    Nested fields in format specs are checked too.
+    Nested fields in format specs are checked too, and so are the widths and precisions
+    written in them: rendering ``{b:>500000000}`` would build half a gigabyte, on the
+    event loop, for a command no system can start.
 
     Raises:
-        ValueError: the template is malformed (unbalanced braces, unknown conversion).
+        ValueError: the template is malformed (unbalanced braces, unknown conversion), or
+            a format spec holds a number of :data:`MAX_ARG_STRLEN` or more.
     """
     parts: list[TemplatePart] = []
     for literal, field, spec, conversion in string.Formatter().parse(command):
         if conversion is not None and conversion not in _CONVERSIONS:
             raise ValueError(f"Unknown conversion specifier {conversion!r} in {{{field}}}")
         if spec:
-            parse_command_template(spec)
+            nested = parse_command_template(spec)
+            check_format_spec("".join(part[0] for part in nested), field)
         parts.append((literal, field, spec or "", conversion))
     return parts
+
+
+_NUMBER = re.compile(r"[0-9]+")
+
+
+class FormatSpecTooWide(ValueError):
+    """A format spec's width or precision is larger than any command line."""
+
+
+def check_format_spec(spec: str, field: str | None) -> None:
+    """Refuse a format spec whose width or precision no command line could hold.
+
+    Raises:
+        FormatSpecTooWide: a number in ``spec`` is :data:`MAX_ARG_STRLEN` or more.
+    """
+    for number in _NUMBER.findall(spec):
+        digits = number.lstrip("0")
+        if len(digits) > 7 or (digits and int(digits) >= MAX_ARG_STRLEN):
+            shown = digits if len(digits) <= 20 else f"{digits[:10]}...({len(digits)} digits)"
+            raise FormatSpecTooWide(
+                f"the format spec of {{{field}}} asks for a width or precision of {shown}; "
+                f"a command-line argument holds less than {MAX_ARG_STRLEN:,} bytes"
+            )
 
 
 # --------------------------------------------------------------------------- loading
@@ -594,8 +626,16 @@ def _parse_entry_point(name: str, spec: object, doc: _Document) -> EntryPoint:
         raise doc.error([*keys, "command"], f"must be a string, got {_kind(command)}")
     if "\0" in command:
         raise doc.error([*keys, "command"], "contains a NUL character, which no shell can run")
+    if len(command.encode("utf-8", "surrogateescape")) >= MAX_ARG_STRLEN:
+        raise doc.error(
+            [*keys, "command"],
+            f"is {len(command):,} characters long; a command line holds less than"
+            f" {MAX_ARG_STRLEN:,} bytes in one argument",
+        )
     try:
         parse_command_template(command)
+    except FormatSpecTooWide as exc:
+        raise doc.error([*keys, "command"], f"cannot be rendered: {exc}") from None
     except ValueError as exc:
         raise doc.error(
             [*keys, "command"],
@@ -666,7 +706,7 @@ def normalise_type(declared_type: str, *, parameter: str, entry_point: str) -> s
     """
     normalised = _TYPE_ALIASES.get(declared_type.strip().lower())
     if normalised is None:
-        warnings.warn(
+        warn(
             f"Parameter {parameter!r} of entry point {entry_point!r} has unknown type "
             f"{declared_type!r}; it is treated as a string. Known types: "
             f"{', '.join(_TYPE_ALIASES)}.",

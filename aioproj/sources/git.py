@@ -46,7 +46,14 @@ from dulwich.submodule import iter_cached_submodules
 from aioproj.errors import SourceError
 from aioproj.sources._store import CacheDir, FetchedProject, find_subdirectory, in_thread
 from aioproj.sources.local import safe_tree_path
-from aioproj.sources.uri import ProjectURI, check_git_url, redact_text, redact_url
+from aioproj.sources.uri import (
+    GIT_ALWAYS_ALLOWED,
+    ProjectURI,
+    check_git_url,
+    check_submodule_url,
+    redact_text,
+    redact_url,
+)
 
 __all__ = ["fetch_git", "resolve_submodule_url"]
 
@@ -353,15 +360,49 @@ def _update_submodules(repo: Repo, dest: Path, url: str, depth: int) -> None:
         raise SourceError(f"Submodules of {redact_url(url)} nest deeper than {depth} levels.")
     urls = {path: sub_url for path, sub_url, _name in read_submodules(str(gitmodules))}
     tree = parse_commit(repo, repo.head()).tree
+    allowed = _protocol_policy()
+    wanted: list[tuple[str, bytes, str]] = []
     for path, sha in iter_cached_submodules(repo.object_store, tree):
         if path not in urls:
             continue
         sub_url = resolve_submodule_url(url, urls[path].decode())
-        _clone_submodule(sub_url, dest / safe_tree_path(path), sha.decode("ascii"), depth + 1)
+        # .gitmodules comes from the repository: it may be hostile. Every URL is checked
+        # before any submodule is fetched.
+        check_git_url(sub_url)
+        shown = path.decode("utf-8", "replace")
+        check_submodule_url(sub_url, path=shown, superproject=url, allowed=allowed)
+        wanted.append((sub_url, path, sha.decode("ascii")))
+    for sub_url, path, commit in wanted:
+        _clone_submodule(sub_url, dest / safe_tree_path(path), commit, depth + 1)
+
+
+def _protocol_policy() -> Callable[[str], bool]:
+    """Whether git would fetch a submodule over a transport (blocking: reads git config).
+
+    As git decides it for submodules: ``GIT_ALLOW_PROTOCOL`` (a ``:``-separated list)
+    when set, else ``protocol.<name>.allow`` then ``protocol.allow`` from the git config,
+    where only ``always`` allows (``user`` does not: a submodule is not the user's
+    choice), else git's defaults (:data:`GIT_ALWAYS_ALLOWED`).
+    """
+    listed = os.environ.get("GIT_ALLOW_PROTOCOL")
+    if listed is not None:
+        names = frozenset(listed.split(":"))
+        return lambda transport: transport in names
+    config = StackedConfig.default()
+
+    def allowed(transport: str) -> bool:
+        for section in ((b"protocol", transport.encode()), (b"protocol",)):
+            try:
+                value = config.get(section, b"allow")
+            except KeyError:
+                continue
+            return bytes(value).strip().lower() == b"always"
+        return transport in GIT_ALWAYS_ALLOWED
+
+    return allowed
 
 
 def _clone_submodule(url: str, dest: Path, commit: str, depth: int) -> None:
-    check_git_url(url)  # .gitmodules comes from the repository: it may be hostile
     remote = _ls_remote(url)
     want = commit if remote.advertises(commit) else None
     _clone(url, dest, _Wanted(commit, want, commit, None), depth)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from aioproj._redact import redact_credentials
 from aioproj.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -25,8 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLIENT_KEY_TAG",
+    "MAX_EXPERIMENT_NAME_LENGTH",
     "MAX_KEY_LENGTH",
     "MAX_PARAM_VALUE_LENGTH",
+    "MAX_RUN_NAME_LENGTH",
     "MAX_TAG_VALUE_LENGTH",
     "RUN_NAME_TAG",
     "TERMINAL_STATUSES",
@@ -34,12 +37,14 @@ __all__ = [
     "RunRecord",
     "TrackingStore",
     "check_params",
+    "check_record",
     "check_tags",
+    "check_text",
     "generate_run_name",
     "validate_key",
 ]
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("aioproj.tracking")
 
 RUN_NAME_TAG = "mlflow.runName"
 #: The tag that carries a run's journal key on stores that choose the run id themselves
@@ -51,6 +56,11 @@ TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
+#: MLflow's limit on experiment names (it refuses longer ones).
+MAX_EXPERIMENT_NAME_LENGTH = 500
+#: The run name column of MLflow's SQL schema (``runs.name``, VARCHAR(250)): a tracking
+#: server on PostgreSQL or MySQL refuses longer names.
+MAX_RUN_NAME_LENGTH = 250
 
 # Keys become file names in the file store, so every store accepts the same small alphabet.
 # (fullmatch, not ``$``: ``$`` also matches before a trailing newline.)
@@ -167,8 +177,10 @@ def validate_key(kind: str, key: str) -> None:
 
     Raises:
         InvalidArgumentError: the key is empty, too long, has characters outside
-            alphanumerics, ``_ - . : /`` and space, or is not a normalised relative path
-            (``..``, a leading ``/``, ``a//b``, a trailing ``/``).
+            alphanumerics, ``_ - . : /`` and space, is not a normalised relative path
+            (``..``, a leading ``/``, ``a//b``, a trailing ``/``), or has a part between
+            slashes longer than a file name may be (255 bytes in UTF-8: 250 letters such
+            as ``é`` are 500).
     """
     if not key:
         raise InvalidArgumentError(f"Invalid {kind} key {key!r}: a key name must be provided.")
@@ -187,27 +199,125 @@ def validate_key(kind: str, key: str) -> None:
             f"Invalid {kind} key {key!r}: keys are stored as file paths and must not resolve"
             f" to another name (this one resolves to {norm!r})."
         )
+    if any(len(part.encode("utf-8")) > _NAME_MAX for part in key.split("/")):
+        raise InvalidArgumentError(
+            f"Invalid {kind} key {key[:50]!r}...: keys are stored as file names, and a part"
+            f" of it between slashes is longer than {_NAME_MAX} bytes (UTF-8)."
+        )
+
+
+#: The longest file name (in bytes) common file systems take (ext4, xfs, btrfs, APFS).
+_NAME_MAX = 255
+
+
+def _check_layout(kind: str, keys: list[str]) -> None:
+    """Refuse keys that cannot be files side by side: ``a`` and ``a/b`` (``a`` would be a
+    file and a directory)."""
+    taken = set(keys)
+    for key in keys:
+        parent = key.rpartition("/")[0]
+        while parent:
+            if parent in taken:
+                raise InvalidArgumentError(
+                    f"Invalid {kind} keys {parent!r} and {key!r}: keys are stored as file paths,"
+                    f" and {parent!r} cannot be both a value and a folder of values."
+                )
+            parent = parent.rpartition("/")[0]
+
+
+def check_text(what: str, value: object, *, limit: int | None = None) -> str:
+    """Check a string a store will write (a run or experiment name, a tag or param value).
+
+    Returns ``value``. Every store takes text as UTF-8 and a SQL database refuses NUL, so
+    both are checked here, before anything is written, the same way for every store.
+
+    Raises:
+        InvalidArgumentError: ``value`` is not a string, holds a NUL or a lone surrogate
+            (text that cannot be encoded as UTF-8, such as an undecodable file name), or
+            is longer than ``limit`` characters; the message names ``what``.
+    """
+    if not isinstance(value, str):
+        raise InvalidArgumentError(
+            f"Invalid {what}: a string is needed, got {type(value).__name__}."
+        )
+    problem = None
+    if "\0" in value:
+        problem = "holds a NUL character"
+    elif limit is not None and len(value) > limit:
+        problem = f"is {len(value)} characters long; the limit is {limit}"
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            problem = (
+                f"holds a lone surrogate ({value[exc.start]!r} at position {exc.start}) that "
+                "cannot be written as UTF-8"
+            )
+    if problem is not None:
+        raise InvalidArgumentError(
+            f"Invalid {what} {_shown(value)}: it {problem}; no tracking store can record it."
+        )
+    return value
+
+
+def _shown(value: str) -> str:
+    """A value for a message: shortened, credentials removed, surrogates escaped."""
+    text = repr(value if len(value) <= 60 else f"{value[:50]}...{value[-5:]}")
+    return redact_credentials(text)
+
+
+def check_record(
+    *,
+    run_name: str | None = None,
+    experiment_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> None:
+    """Check every user string of a run before anything of it is written.
+
+    The runner calls it before it builds an environment, creates an experiment or a run;
+    every store checks the same again when it writes (:func:`check_tags`,
+    :func:`check_params`, :func:`named_run_tags`, :func:`choose_experiment`).
+
+    Raises:
+        InvalidArgumentError: a name, key or value that :func:`check_text` or
+            :func:`validate_key` refuses.
+    """
+    if run_name is not None:
+        check_text("run name", run_name, limit=MAX_RUN_NAME_LENGTH)
+    if experiment_name is not None:
+        check_text("experiment name", experiment_name, limit=MAX_EXPERIMENT_NAME_LENGTH)
+    for kind, values in (("tag", tags), ("param", params)):
+        for key, value in (values or {}).items():
+            validate_key(kind, key)
+            check_text(f"value of {kind} {key!r}", value)
+        _check_layout(kind, list(values or {}))
 
 
 def _checked(kind: str, values: Mapping[str, str], limit: int) -> dict[str, str]:
-    """Validate keys and cap values at ``limit`` characters (MLflow truncates too)."""
+    """Validate keys and values, remove URL credentials from values (``https://user:pw@``)
+    and cap them at ``limit`` characters (MLflow truncates too)."""
     out: dict[str, str] = {}
     for key, value in values.items():
         validate_key(kind, key)
+        value = redact_credentials(check_text(f"value of {kind} {key!r}", value))
         if len(value) > limit:
             _log.warning("%s %r: value truncated to %d characters", kind, key, limit)
             value = value[:limit]
         out[key] = value
+    _check_layout(kind, list(out))
     return out
 
 
 def check_params(params: Mapping[str, str]) -> dict[str, str]:
-    """Return ``params`` validated; raises InvalidArgumentError for a bad key."""
+    """Return ``params`` validated and redacted; InvalidArgumentError for a bad key or
+    value."""
     return _checked("param", params, MAX_PARAM_VALUE_LENGTH)
 
 
 def check_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    """Return ``tags`` validated; raises InvalidArgumentError for a bad key."""
+    """Return ``tags`` validated and redacted; InvalidArgumentError for a bad key or
+    value."""
     return _checked("tag", tags, MAX_TAG_VALUE_LENGTH)
 
 
@@ -242,10 +352,14 @@ async def choose_experiment(
     if experiment_id is not None:
         return await by_id(str(experiment_id))
     if experiment_name is not None:
+        check_text("experiment name", experiment_name, limit=MAX_EXPERIMENT_NAME_LENGTH)
         return await by_name(experiment_name)
     env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
     env_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
     if env_name is not None:
+        check_text(
+            "experiment name (MLFLOW_EXPERIMENT_NAME)", env_name, limit=MAX_EXPERIMENT_NAME_LENGTH
+        )
         found = await by_name(env_name)
         if env_id is not None and env_id != found:
             raise InvalidArgumentError(
@@ -262,15 +376,19 @@ def named_run_tags(tags: Mapping[str, str], run_name: str | None) -> tuple[dict[
     The name is ``run_name``, else the ``mlflow.runName`` tag, else a generated one.
 
     Raises:
-        InvalidArgumentError: a bad tag key or value, or ``run_name`` disagreeing with an
-            ``mlflow.runName`` tag.
+        InvalidArgumentError: a bad tag key or value, a run name :func:`check_text`
+            refuses, or ``run_name`` disagreeing with an ``mlflow.runName`` tag.
     """
+    if run_name:
+        run_name = redact_credentials(check_text("run name", run_name))
     all_tags = check_tags(tags)
     tag_name = all_tags.get(RUN_NAME_TAG)
     if run_name and tag_name and run_name != tag_name:
         raise InvalidArgumentError(
             f"run_name={run_name!r} and the tag {RUN_NAME_TAG}={tag_name!r} disagree."
         )
-    name = run_name or tag_name or generate_run_name()
+    name = check_text(
+        "run name", run_name or tag_name or generate_run_name(), limit=MAX_RUN_NAME_LENGTH
+    )
     all_tags[RUN_NAME_TAG] = name
     return all_tags, name

@@ -42,6 +42,7 @@ import anyio.to_thread
 import httpx
 
 from aioproj._databricks_auth import DatabricksAuthError, OAuthM2M, WorkspaceAuth
+from aioproj._redact import scrub
 from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.tracking._http import (
     HostCreds,
@@ -286,9 +287,7 @@ class RestStore:
         secrets = self._creds.secrets() if self._creds else ()
         if self._client is not None and isinstance(self._client.auth, OAuthM2M):
             secrets = (*secrets, *self._client.auth.secrets())
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, secrets)
 
     async def _request(
         self,

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -543,7 +543,7 @@ class DatabricksLaunch:
     command: str
     entry_point: str
     run_name: str
-    tracking_uri: str
+    tracking_uri: str = field(repr=False)  # a server URI can carry credentials
 
     @property
     def tags(self) -> Mapping[str, str]:

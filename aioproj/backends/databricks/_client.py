@@ -20,6 +20,7 @@ import anyio
 import httpx
 
 from aioproj._databricks_auth import DatabricksAuthError, OAuthM2M, WorkspaceAuth
+from aioproj._redact import scrub
 from aioproj.errors import BackendError
 from aioproj.tracking._http import backoff_delay, parse_retry_after
 
@@ -92,10 +93,7 @@ class DatabricksClient:
 
     def scrub(self, text: str) -> str:
         """``text`` without any secret of this client."""
-        secrets = self.oauth.secrets() if self.oauth is not None else self.auth.secrets()
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self.oauth.secrets() if self.oauth is not None else self.auth.secrets())
 
     async def aclose(self) -> None:
         """Close the pooled connections. Shielded from cancellation."""

@@ -260,7 +260,10 @@ class KubernetesExecution:
         self._start_followers(tg, pods)
         if job is None:
             if self._seen_job and self._watch.synced:
-                self.detail = f"the Job {self.namespace}/{self.job_name} was deleted"
+                self.detail = (
+                    f"the Job {self.namespace}/{self.job_name} is gone: it was deleted, or the"
+                    " API server lost it (restarted without its state)"
+                )
                 self._note(self.detail)
                 return RunStatus.FAILED
             return None

@@ -10,9 +10,10 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from aioproj._redact import scrub
 from aioproj._shared import SharedCalls
 from aioproj.envs._steps import run_step
-from aioproj.envs.docker import _auth_key, _build, _docker_output, _find_docker, _login, _scrub
+from aioproj.envs.docker import _auth_key, _build, _docker_output, _find_docker, _login
 from aioproj.errors import EnvironmentBuildError
 
 __all__ = ["build_and_push", "image_uri"]
@@ -78,7 +79,7 @@ async def _build_and_push(
         secrets = [docker_auth["password"]] if docker_auth and docker_auth.get("password") else []
         raise EnvironmentBuildError(
             "Ran `docker info` to ensure docker daemon is running but it failed with the "
-            f"following output:\n{_scrub(output, secrets)}"
+            f"following output:\n{scrub(output, secrets)}"
         )
     if docker_auth:
         await _login(docker, docker_auth, cwd=project_dir)

@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import tarfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from aioproj._redact import warn
 from aioproj.errors import BackendError
 from aioproj.tracking._http import split_uri_credentials
 
@@ -109,7 +109,7 @@ def parse_backend_config(config: Mapping[str, Any] | None) -> KubeBackendConfig:
         raise BackendError("Backend_config file not found.")
     unknown = sorted(map(str, set(config) - _CONFIG_KEYS))
     if unknown:  # MLflow drops them without a word, which hides typos
-        warnings.warn(
+        warn(
             f"Unknown key(s) {unknown} in the Kubernetes backend config are ignored; the"
             f" keys it reads are {sorted(_CONFIG_KEYS)}.",
             UserWarning,

@@ -1,9 +1,12 @@
 """One shared list+watch of aioproj's Jobs and Pods per namespace, for every run in it.
 
 Each resource is listed once, then watched from the list's resourceVersion with
-bookmarks; a stream that ends (server timeout, dropped connection) is resumed from the
-last resourceVersion seen; 410 Expired (HTTP 410 or an ERROR event) means list again and
-watch from the new version; other failures reconnect with jittered backoff. Runs
+bookmarks; a stream that ends (server timeout) is resumed from the last resourceVersion
+seen; 410 Expired (HTTP 410 or an ERROR event) means list again and watch from the new
+version; other failures (a lost connection, "Too large resource version" from a server
+that lost its state) reconnect with jittered backoff and list again, as client-go's
+reflector does: a restarted API server may have forgotten a Job, which only a fresh list
+shows (the run then fails, saying its Job is gone). Runs
 subscribe by Job name and are called back when their Job or one of its pods changes;
 nobody polls a single run's status.
 """
@@ -188,9 +191,10 @@ class NamespaceWatch:
             except Exception as exc:  # API errors, lost connections, malformed objects
                 self.errors += 1
                 failures += 1
+                rv = None  # the server may have lost its state: only a list tells
                 delay = backoff_delay(failures, base=0.2, cap=10.0)
                 logger.warning(
-                    "watch of %s in %s failed (%s); reconnecting in %.1f s",
+                    "watch of %s in %s failed (%s); listing again in %.1f s",
                     kind,
                     self.namespace,
                     exc,

@@ -6,7 +6,6 @@ import base64
 import collections
 import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -24,6 +23,8 @@ from typing import Any
 import anyio
 import anyio.abc
 from aiohttp import web
+
+from aioproj.testing._json import JsonBodyError, loads_bounded
 
 from ._dbfs import DbfsError, FakeDbfs
 from ._jobs import FakeRun, RunScript, drive, run_process, subprocess_env
@@ -49,7 +50,10 @@ _TASK_TYPES = (
     "shell_command_task",
 )
 _LIST_LIMIT_MAX = 25
+#: How many requests :attr:`FakeDatabricks.request_log` keeps.
+REQUEST_LOG_SIZE = 100_000
 _DEFAULT_TOKEN = "dapi-aioproj-emulator"
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 class _ApiError(Exception):
@@ -161,8 +165,14 @@ class FakeDatabricks:
         self.python = python or sys.executable
         self.runs: dict[int, FakeRun] = {}
         self.requests: collections.Counter[str] = collections.Counter()
-        #: Every request as (monotonic time, "<METHOD> <endpoint>"), in order.
-        self.request_log: list[tuple[float, str]] = []
+        #: The last :data:`REQUEST_LOG_SIZE` authenticated requests as (monotonic time,
+        #: "<METHOD> <endpoint>"), in order.
+        self.request_log: collections.deque[tuple[float, str]] = collections.deque(
+            maxlen=REQUEST_LOG_SIZE
+        )
+        #: Requests refused with 401 (missing or wrong credentials), by method. They are
+        #: not in ``requests``: a flood to unique paths must not grow the emulator.
+        self.unauthenticated: collections.Counter[str] = collections.Counter()
         self.faults: list[Fault] = []
         self._buckets: list[_Bucket] = []
         #: Requests refused by a rate limit (429), by endpoint key.
@@ -320,13 +330,21 @@ class FakeDatabricks:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         path = request.path
+        if path == "/.well-known/databricks-config":
+            return web.json_response({})  # never faulted: the SDK would retry for minutes
+        if not path.startswith("/oidc/") and not self._authorised(request):
+            # Before anything is kept per request: unauthenticated floods stay flat.
+            self.unauthenticated[request.method if request.method in _METHODS else "*"] += 1
+            return _error(
+                401,
+                "UNAUTHENTICATED",
+                "Credential was not sent or was of an unsupported type for this API.",
+            )
         match = _API.match(path)
         endpoint = match.group(2) if match else path.lstrip("/")
         key = f"{request.method} {endpoint}"
         self.requests[key] += 1
         self.request_log.append((time.monotonic(), key))
-        if path == "/.well-known/databricks-config":
-            return web.json_response({})  # never faulted: the SDK would retry for minutes
         for bucket in self._buckets:
             if Fault(bucket.endpoint).matches(key):
                 wait = bucket.take(time.monotonic())
@@ -354,12 +372,6 @@ class FakeDatabricks:
                     504: "DEADLINE_EXCEEDED",
                 }.get(fault.status, "INTERNAL_ERROR")
                 return _error(fault.status, code, f"Injected fault: HTTP {fault.status}", headers)
-        if not path.startswith("/oidc/") and not self._authorised(request):
-            return _error(
-                401,
-                "UNAUTHENTICATED",
-                "Credential was not sent or was of an unsupported type for this API.",
-            )
         response = await handler(request)
         if fault is not None and fault.drop_after:
             return self._drop(request)
@@ -386,7 +398,9 @@ class FakeDatabricks:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value:
             return False
-        if secrets.compare_digest(value, self.token):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a 500, not a 401).
+        raw = value.encode("utf-8", "surrogateescape")
+        if secrets.compare_digest(raw, self.token.encode("utf-8", "surrogateescape")):
             return True
         expiry = self._oauth_tokens.get(value)
         return expiry is not None and expiry > time.monotonic()
@@ -428,14 +442,14 @@ class FakeDatabricks:
     async def _body(request: web.Request) -> dict[str, Any]:
         if not request.can_read_body:
             return {}
-        raw = await request.read()
+        raw = await request.read()  # past client_max_size: 413, as the service answers
         if not raw.strip():
             return {}
         try:
-            body = json.loads(raw)
-        except ValueError:
+            body = loads_bounded(raw)
+        except JsonBodyError as exc:
             raise _ApiError(
-                400, "MALFORMED_REQUEST", "Invalid JSON given in the body of the request"
+                400, "MALFORMED_REQUEST", f"Invalid JSON given in the body of the request: {exc}"
             ) from None
         if not isinstance(body, dict):
             raise _ApiError(400, "MALFORMED_REQUEST", "The request body must be a JSON object")

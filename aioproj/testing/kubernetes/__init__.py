@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -185,8 +185,9 @@ class FakeKubernetes:
     # -- inspection --------------------------------------------------------------------
 
     @property
-    def requests(self) -> list[RequestRecord]:
-        """Every request answered so far, in order."""
+    def requests(self) -> deque[RequestRecord]:
+        """The requests answered so far (the last 100,000), in order; requests refused
+        for their credentials are not kept."""
         return self._api.requests
 
     def count(self, **match: str | None) -> int:

@@ -8,13 +8,15 @@ import contextlib
 import json
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
+
+from aioproj.testing._json import JsonBodyError, loads_bounded
 
 from ._cluster import Cluster, Faults
 from ._store import (
@@ -302,6 +304,10 @@ def _openapi_group(prefix: str, resources: list[Resource]) -> Obj:
     }
 
 
+#: How many requests :attr:`ApiServer.requests` keeps: a flood must not grow the emulator.
+REQUEST_LOG_SIZE = 100_000
+
+
 class ApiServer:
     """The aiohttp application of FakeKubernetes."""
 
@@ -319,7 +325,8 @@ class ApiServer:
         self.faults = faults
         self.token = token
         self.bookmark_interval = bookmark_interval
-        self.requests: list[RequestRecord] = []
+        #: The last :data:`REQUEST_LOG_SIZE` authenticated requests, in order.
+        self.requests: deque[RequestRecord] = deque(maxlen=REQUEST_LOG_SIZE)
         #: Watch streams opened, by (resource, namespace or "*").
         self.watch_connections: Counter[tuple[str, str]] = Counter()
         self.active_watches = 0
@@ -517,14 +524,16 @@ class ApiServer:
         if method == "DELETE":
             options: Obj = {}
             if request.can_read_body:
-                text = await request.text()
-                if text.strip():
+                raw = await request.read()
+                if raw.strip():
                     try:
-                        options = json.loads(text)
-                    except ValueError:
+                        options = loads_bounded(raw)
+                    except JsonBodyError as exc:
                         raise StatusError.bad_request(
-                            "the DeleteOptions body is not JSON"
+                            f"the DeleteOptions body is not usable: {exc}"
                         ) from None
+                    if not isinstance(options, dict):
+                        raise StatusError.bad_request("the DeleteOptions body must be an object")
             else:
                 options = {
                     k: v
@@ -547,10 +556,11 @@ class ApiServer:
         raise StatusError(405, "MethodNotAllowed", f"{method} is not supported here")
 
     async def _body(self, request: web.Request) -> Any:
+        raw = await request.read()  # past client_max_size: 413, as the API server answers
         try:
-            return await request.json(loads=json.loads)
-        except ValueError:
-            raise StatusError.bad_request("the request body is not valid JSON") from None
+            return loads_bounded(raw)
+        except JsonBodyError as exc:
+            raise StatusError.bad_request(f"the request body is not usable: {exc}") from None
 
     async def _patch(
         self, request: web.Request, resource: Resource, namespace: str, name: str, sub: str | None

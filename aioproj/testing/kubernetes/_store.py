@@ -167,6 +167,22 @@ class StatusError(Exception):
     def expired(cls, requested: str, oldest: int) -> StatusError:
         return cls(410, "Expired", f"too old resource version: {requested} ({oldest})")
 
+    @classmethod
+    def too_large(cls, requested: str, current: int) -> StatusError:
+        """A version newer than the store's: it lost its state (a restarted API server with
+        an empty etcd). The real server answers so after waiting for its cache."""
+        return cls(
+            504,
+            "Timeout",
+            f"Too large resource version: {requested}, current: {current}",
+            {
+                "causes": [
+                    {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+                ],
+                "retryAfterSeconds": 1,
+            },
+        )
+
 
 # -- selectors --------------------------------------------------------------------------
 
@@ -506,7 +522,9 @@ class Store:
         """Register a watcher, pre-filled per the resourceVersion rules.
 
         Unset or ``"0"``: synthetic ADDED for every matching object. A version: the
-        kept events after it. Raises StatusError 410 if that version is too old.
+        kept events after it. Raises StatusError 410 if that version is too old, 504
+        (ResourceVersionTooLarge) if it is newer than any this store made (it was
+        restarted empty since the client saw it).
         """
         watcher = Watcher(resource, namespace, labels, fields)
         if not resource_version or resource_version == "0":
@@ -517,6 +535,8 @@ class Store:
             start = parse_rv(resource_version)
             if start < self.compacted:
                 raise StatusError.expired(resource_version, self.compacted)
+            if start > self.rv:
+                raise StatusError.too_large(resource_version, self.rv)
             for event in self.history:
                 if event.rv > start:
                     watcher.offer(event)
