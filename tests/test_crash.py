@@ -154,6 +154,11 @@ class Scene:
             assert len(records) == expect_runs
         running = [r.info.run_id for r in records if r.info.status not in _FINAL]
         assert running == [], f"runs left {running}; recover did {self.recovered}"
+        # Nothing half-written left in a file store (a dead driver's draft of a run).
+        if self.tracking_uri.startswith("file:"):
+            root = Path(self.tracking_uri.removeprefix("file://"))
+            drafts = [p.name for p in root.glob("*/.*.tmp")]
+            assert drafts == [], f"half-written runs left: {drafts}"
         # 3. Every status true: FINISHED only for a command that exited 0, never for
         # one that exited otherwise (KILLED when recover stopped its shell first).
         exits = {run_id: int(code) for run_id, code in self.lines("ended")}

@@ -170,12 +170,28 @@ async def recover(
                 if plans[index].status == "KILLED" and ended is not None and ended[0] < 128:
                     run.exit_code, run.exit_ms = ended
                     plans[index] = plan_run(run, processes_alive=False, now_ms=now)
+        unseen: list[tuple[_JournalFile, RunState, Plan]] = []
         for (journal, run), plan in zip(todo, plans, strict=True):
-            result = await _record(run, plan, dry_run, stores)
+            result = await _record(run, plan, dry_run, stores, settled=False)
             if result is not None:
                 out.append(result)
+            elif not run.done:
+                unseen.append((journal, run, plan))
             if run.done:
                 journal.notes.append(encode({"op": "done", "k": run.key}))
+        if unseen:
+            # A create the dead driver sent may still be on its way to the server: look
+            # once more when the journal has been quiet for a while.
+            delay = await anyio.to_thread.run_sync(
+                _settle_delay, [journal for journal, _, _ in unseen]
+            )
+            await anyio.sleep(delay)
+            for journal, run, plan in unseen:
+                result = await _record(run, plan, dry_run, stores, settled=True)
+                if result is not None:
+                    out.append(result)
+                if run.done:
+                    journal.notes.append(encode({"op": "done", "k": run.key}))
     finally:
         with anyio.CancelScope(shield=True):
             for store in stores.values():
@@ -208,6 +224,30 @@ def _container_stopped(plan: Plan, processes_alive: bool) -> Plan:
     return Plan(plan.status, plan.end_ms, plan.reason, action)
 
 
+#: Seconds a dead driver's journal must have been quiet before a run its driver was
+#: creating on a tracking server is taken as never created.
+_SETTLE = 3.0
+
+
+def _settle_delay(journals: list[_JournalFile]) -> float:
+    """How long until every journal has been quiet for :data:`_SETTLE` seconds."""
+    quiet = time.time() - _SETTLE
+    newest = max((_mtime(j.path) for j in journals), default=0.0)
+    return max(0.0, min(_SETTLE, newest - quiet))
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _local_store(uri: str) -> bool:
+    """The file store creates runs in this process: nothing of it can be in flight."""
+    return uri.startswith("file:") or "://" not in uri
+
+
 async def _stop(journal_ids: set[str], grace_period: float) -> None:
     if journal_ids:
         with anyio.CancelScope(shield=True):
@@ -222,11 +262,14 @@ async def _plan(run: RunState, processes_alive: bool, now: int) -> Plan:
 
 
 async def _record(
-    run: RunState, plan: Plan, dry_run: bool, stores: dict[str, Any]
+    run: RunState, plan: Plan, dry_run: bool, stores: dict[str, Any], *, settled: bool
 ) -> RecoveredRun | None:
     """Write one run's planned status; sets ``run.done`` once nothing is left to do.
 
-    None when there was no run to speak of (the driver died before creating it).
+    None when there was no run to speak of: the driver died before creating it. Until
+    ``settled``, a run not found on a store that picks run ids itself (a server, a
+    database) is not given up on yet (``run.done`` stays False): its create may still
+    be on its way.
     """
     label = run.run_id or f"(journal key {run.key})"
     if dry_run or plan.status is None:
@@ -243,7 +286,7 @@ async def _record(
         if run_id is None:
             run_id = await store.find_run(run.experiment_id, run.key)
             if run_id is None:  # the driver died before the tracking run existed
-                run.done = True
+                run.done = settled or _local_store(run.tracking_uri)
                 return None
         record = await store.get_run(run_id)
         status, action = plan.status, plan.action

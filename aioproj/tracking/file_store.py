@@ -71,7 +71,8 @@ _TRASH = ".trash"
 _LOCK_FILE = ".aioproj-experiments.lock"
 # Folders under the root that are not experiments ("models" belongs to MLflow's registry).
 _NOT_EXPERIMENTS = frozenset({_TRASH, "models"})
-_RUN_SUBDIRS = ("metrics", "params", "artifacts", "tags")
+#: What MLflow (>= 3) requires of a run folder before it reads it (ZDI-CAN-26649).
+_RUN_SUBDIRS = ("metrics", "params", "artifacts")
 _MAX_EXPERIMENT_NAME_LENGTH = 500
 
 _STATUS_CODES = {"RUNNING": 1, "SCHEDULED": 2, "FINISHED": 3, "FAILED": 4, "KILLED": 5}
@@ -433,23 +434,21 @@ class _Layout:
         start_time_ms: int,
         run_id: str | None = None,
     ) -> RunRecord:
-        """Write a whole run: folders, tags, params, then meta.yaml.
+        """Write a whole run, then move it into place: it appears complete or not at all.
+
+        The run is written in a hidden folder of the experiment (its tags, params,
+        ``meta.yaml`` and the ``metrics/``, ``params/`` and ``artifacts/`` folders MLflow
+        requires of a run folder) and renamed to its id: ``meta.yaml`` needs no
+        temporary file of its own.
 
         With ``run_id`` given, a run already complete under that id is returned as it is
-        (a create repeated after a crash); a half-written one is completed.
+        (a create repeated after a crash).
         """
         meta_exp = self.active_experiment(experiment_id)
         run_id = run_id or uuid.uuid4().hex
         folder = self.root / experiment_id / run_id
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            if (folder / _META).is_file():
-                return self.get_run(run_id)
-        for sub in _RUN_SUBDIRS:
-            (folder / sub).mkdir(exist_ok=True)
-        _write_values(folder / "tags", tags)
-        _write_values(folder / "params", params)
+        if (folder / _META).is_file():
+            return self.get_run(run_id)
         location = str(meta_exp["artifact_location"]).rstrip("/")
         meta: dict[str, Any] = {
             "artifact_uri": f"{location}/{run_id}/artifacts",
@@ -467,15 +466,34 @@ class _Layout:
             "tags": [],
             "user_id": tags.get(USER_TAG, "unknown"),
         }
-        _write_yaml(folder / _META, meta)
+        draft = folder.with_name(f".{run_id}.{uuid.uuid4().hex[:8]}.tmp")
+        draft.mkdir()
+        try:
+            for sub in _RUN_SUBDIRS:
+                (draft / sub).mkdir()
+            if tags:
+                (draft / "tags").mkdir()
+                _write_values(draft / "tags", tags)
+            _write_values(draft / "params", params)
+            (draft / _META).write_bytes(_dump_yaml(meta).encode("utf-8"))
+            if folder.is_dir():  # a folder a dead process left half-written
+                shutil.rmtree(folder)
+            os.rename(draft, folder)
+        except BaseException:
+            shutil.rmtree(draft, ignore_errors=True)
+            raise
         self._run_dirs[run_id] = folder
         return _record(meta, dict(tags), dict(params))
 
     def find_run(self, experiment_id: str, run_id: str) -> str | None:
-        """``run_id`` if that run exists. A folder a dead driver left without its
-        ``meta.yaml`` (it died writing the run) is removed: no such run was made."""
+        """``run_id`` if that run exists. What a dead driver left of it while writing it
+        (its hidden draft, a folder without ``meta.yaml``) is removed: no such run was
+        made."""
         self.ensure_root()
-        folder = self.root / experiment_id / run_id
+        experiment = self.root / experiment_id
+        for draft in experiment.glob(f".{run_id}.*.tmp"):
+            shutil.rmtree(draft, ignore_errors=True)
+        folder = experiment / run_id
         if (folder / _META).is_file():
             return run_id
         if folder.is_dir():
@@ -515,6 +533,7 @@ class _Layout:
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         folder, meta = self._active_run_meta(run_id)
+        (folder / "tags").mkdir(exist_ok=True)
         _write_values(folder / "tags", tags)
         if RUN_NAME_TAG in tags:
             meta["run_name"] = tags[RUN_NAME_TAG]
