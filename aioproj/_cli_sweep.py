@@ -14,8 +14,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from aioproj._cli_common import (
+    ENV_DEFAULTS,
+    UsageError,
+    add_project_options,
+    backend_config,
+    pairs,
+    until_terminated,
+)
 
 if TYPE_CHECKING:
     from aioproj._browse import RunRow
@@ -30,9 +39,7 @@ _SWEEP_PARAM_HELP = (
 )
 
 
-def add_parsers(
-    commands: Any, add_project_options: Callable[[argparse.ArgumentParser, str], None]
-) -> None:
+def add_parsers(commands: Any) -> None:
     """Add the ``sweep``, ``runs`` and ``logs`` subcommands."""
     sweep = commands.add_parser(
         "sweep",
@@ -118,8 +125,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _usage(message: str) -> Exception:
-    from aioproj.cli import UsageError
-
     return UsageError(message)
 
 
@@ -156,9 +161,7 @@ def parse_axis(name: str, text: str, *, sampled: bool) -> Any:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from aioproj.cli import _ENV_DEFAULTS, _backend_config, _pairs, _until_terminated
-
-    for option, var in _ENV_DEFAULTS.items():
+    for option, var in ENV_DEFAULTS.items():
         if getattr(args, option) is None and os.environ.get(var):
             setattr(args, option, os.environ[var])
     if args.experiment_name is not None and args.experiment_id is not None:
@@ -172,13 +175,13 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.early_stop and args.metric is None:
         raise _usage("--early-stop needs --metric NAME.")
     sampled = args.samples is not None
-    raw = _pairs(args.param_list, option="-P", flags=False)
+    raw = pairs(args.param_list, option="-P", flags=False)
     if not raw:
         raise _usage("Give the parameters to sweep: -P NAME=V1,V2,...")
     grid = {name: parse_axis(name, text, sampled=sampled) for name, text in raw.items()}
-    docker_args = _pairs(args.docker_args, option="-A", flags=True)
-    backend_config = _backend_config(args.backend_config)
-    if args.backend == "kubernetes" and backend_config is None:
+    docker_args = pairs(args.docker_args, option="-A", flags=True)
+    config = backend_config(args.backend_config)
+    if args.backend == "kubernetes" and config is None:
         raise _usage("Specify 'backend_config' when using kubernetes mode.")
 
     import anyio
@@ -207,7 +210,7 @@ def _sweep(args: argparse.Namespace) -> int:
             experiment_name=args.experiment_name,
             experiment_id=args.experiment_id,
             backend=args.backend,
-            backend_config=backend_config,
+            backend_config=config,
             storage_dir=args.storage_dir,
             env_manager=args.env_manager,
             build_image=args.build_image,
@@ -222,7 +225,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return the_sweep.parent_run_id or "", _succeeded(the_sweep)
 
     try:
-        outcome = anyio.run(_until_terminated, body)
+        outcome = anyio.run(until_terminated, body)
     except aioproj.AioprojError as exc:
         print(f"=== {exc} ===", file=sys.stderr)
         return 1

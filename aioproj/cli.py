@@ -12,9 +12,18 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+from aioproj._cli_common import (
+    ENV_DEFAULTS,
+    UsageError,
+    add_project_options,
+    backend_config,
+    pairs,
+    until_terminated,
+)
 
 if TYPE_CHECKING:
     from aioproj.envs.manage import EnvEntry
@@ -24,17 +33,6 @@ __all__ = ["main"]
 _SYNC_BY_DEFAULT = ("local", "kubernetes", "slurm")
 #: aioproj._detach.ARGV_FD_VAR, spelled out so that ``aioproj --help`` imports no more.
 _ARGV_FD_VAR = "_AIOPROJ_DETACHED_ARGV_FD"
-
-#: Options that fall back to an environment variable, as in ``mlflow run``.
-_ENV_DEFAULTS = {
-    "experiment_name": "MLFLOW_EXPERIMENT_NAME",
-    "experiment_id": "MLFLOW_EXPERIMENT_ID",
-    "storage_dir": "MLFLOW_TMP_DIR",
-}
-
-
-class UsageError(Exception):
-    """A command-line mistake: reported with the usage line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,7 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "zip archive; add #subdir for a project inside it)."
         ),
     )
-    _add_project_options(run)
+    add_project_options(run)
     run.add_argument("--run-id", help="Record into this existing run instead of a new one.")
     run.add_argument("--run-name", help="The name of the new run.")
     wait = run.add_mutually_exclusive_group()
@@ -95,73 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_recover_parser(commands)
     from aioproj._cli_sweep import add_parsers
 
-    add_parsers(commands, _add_project_options)
+    add_parsers(commands)
     return parser
-
-
-def _add_project_options(
-    parser: argparse.ArgumentParser,
-    param_help: str = "A parameter of the entry point; repeat for more.",
-) -> None:
-    """The options ``aioproj run`` and ``aioproj sweep`` share (those of ``mlflow run``)."""
-    parser.add_argument("uri", metavar="URI")
-    parser.add_argument("-e", "--entry-point", default="main", metavar="NAME")
-    parser.add_argument(
-        "-v",
-        "--version",
-        dest="project_version",
-        metavar="VERSION",
-        help="Git commit, branch or tag to run.",
-    )
-    parser.add_argument(
-        "-P",
-        "--param-list",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help=param_help,
-    )
-    parser.add_argument(
-        "-A",
-        "--docker-args",
-        action="append",
-        default=[],
-        metavar="NAME[=VALUE]",
-        help="An argument for `docker run` (a bare NAME is a flag); repeat for more.",
-    )
-    parser.add_argument(
-        "--experiment-name",
-        help="Experiment to run in, created if missing [env MLFLOW_EXPERIMENT_NAME].",
-    )
-    parser.add_argument(
-        "--experiment-id", help="Experiment id to run in [env MLFLOW_EXPERIMENT_ID]."
-    )
-    parser.add_argument(
-        "-b",
-        "--backend",
-        default="local",
-        metavar="BACKEND",
-        help="local (default), databricks, kubernetes, slurm, or a plugin backend.",
-    )
-    parser.add_argument(
-        "-c",
-        "--backend-config",
-        metavar="FILE_OR_JSON",
-        help="A .json file or a JSON string of backend options.",
-    )
-    parser.add_argument(
-        "--env-manager",
-        choices=("local", "virtualenv", "uv", "conda"),
-        help="How to build the project's environment (default: from the project).",
-    )
-    parser.add_argument(
-        "--storage-dir", help="Where to download `path` parameters [env MLFLOW_TMP_DIR]."
-    )
-    parser.add_argument(
-        "--build-image",
-        action="store_true",
-        help="Build a docker image with the project code inside (docker projects).",
-    )
 
 
 def _add_recover_parser(commands: Any) -> None:
@@ -328,35 +261,6 @@ def _human_size(size: int) -> str:
     return f"{value:.1f}G"
 
 
-def _pairs(values: Sequence[str], *, option: str, flags: bool) -> dict[str, Any]:
-    """``name=value`` options to a dict, with mlflow's usage errors."""
-    result: dict[str, Any] = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep and not flags:
-            raise UsageError(
-                f"Invalid format for {option} parameter: {item!r}. Use {option} name=value."
-            )
-        if not name:
-            raise UsageError(f"Invalid format for {option} parameter: {item!r}: the name is empty.")
-        if name in result:
-            raise UsageError(f"Repeated parameter: {name!r}")
-        result[name] = value if sep else True
-    return result
-
-
-def _backend_config(value: str | None) -> dict[str, Any] | str | None:
-    if value is None or value.endswith(".json"):
-        return value
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"Invalid backend config JSON. Parse error: {exc}") from exc
-    if not isinstance(parsed, dict):
-        raise UsageError("Invalid backend config JSON: it must be a JSON object.")
-    return parsed
-
-
 def _load_env_file(path: str) -> None:
     try:
         text = Path(path).read_text()
@@ -378,15 +282,15 @@ def _load_env_file(path: str) -> None:
 
 def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Environment defaults are read here, after --env-file has been loaded.
-    for option, var in _ENV_DEFAULTS.items():
+    for option, var in ENV_DEFAULTS.items():
         if getattr(args, option) is None and os.environ.get(var):
             setattr(args, option, os.environ[var])
     if args.experiment_name is not None and args.experiment_id is not None:
         raise UsageError("Specify only one of 'experiment-name' or 'experiment-id' options.")
-    parameters = _pairs(args.param_list, option="-P", flags=False)
-    docker_args = _pairs(args.docker_args, option="-A", flags=True)
-    backend_config = _backend_config(args.backend_config)
-    if args.backend == "kubernetes" and backend_config is None:
+    parameters = pairs(args.param_list, option="-P", flags=False)
+    docker_args = pairs(args.docker_args, option="-A", flags=True)
+    config = backend_config(args.backend_config)
+    if args.backend == "kubernetes" and config is None:
         raise UsageError("Specify 'backend_config' when using kubernetes mode.")
     synchronous = args.wait if args.wait is not None else args.backend in _SYNC_BY_DEFAULT
     from aioproj._detach import REPORT_FD_VAR
@@ -412,7 +316,7 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 experiment_name=args.experiment_name,
                 experiment_id=args.experiment_id,
                 backend=args.backend,
-                backend_config=backend_config,
+                backend_config=config,
                 storage_dir=args.storage_dir,
                 synchronous=synchronous and report is None,
                 run_id=args.run_id,
@@ -426,7 +330,7 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return handle.run_id, True
 
     try:
-        outcome = anyio.run(_until_terminated, run_it)
+        outcome = anyio.run(until_terminated, run_it)
     except AioprojError as exc:
         if report is not None:
             report.send("error", str(exc))
@@ -446,41 +350,6 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-async def _until_terminated(
-    body: Callable[[], Awaitable[tuple[str, bool]]],
-) -> tuple[str, bool] | None:
-    """Run ``body``; SIGTERM or SIGHUP cancel it (so runs are stopped and recorded KILLED,
-    as Ctrl-C does) and then None is returned."""
-    import signal
-
-    import anyio
-
-    result: tuple[str, bool] | None = None
-    error: Exception | None = None
-    async with anyio.create_task_group() as tg:
-
-        async def on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
-
-        async def main() -> None:
-            nonlocal result, error
-            try:
-                result = await body()
-            except Exception as exc:  # raised below as itself, not in a group
-                error = exc
-            finally:
-                tg.cancel_scope.cancel()
-
-        tg.start_soon(on_signal)
-        tg.start_soon(main)
-    if error is not None:
-        raise error
-    return result
 
 
 class _Report:

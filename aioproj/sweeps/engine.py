@@ -1,11 +1,5 @@
-"""Sweeps (:func:`aioproj.sweep`): one project, many parameter sets, results as they end.
-
-:func:`sweep` returns a :class:`Sweep`: iterate it (``async for result in ...``) to get a
-:class:`TrialResult` as each trial ends, or await it for all of them. Parameter sets come
-from a grid (cartesian product), an explicit list of dicts, random samples of
-distributions, or a :class:`Tuner` that proposes the next set as results arrive (Optuna's
-ask/tell fits it). Every trial is an MLflow child run of one parent run of the sweep
-(``mlflow.parentRunId``), as MLflow's hyperparameter example does by hand.
+"""The sweep engine: :class:`Sweep` runs the trials of one sweep as child runs of one
+parent run, at most ``max_parallel`` at once, and hands their results to the caller.
 
 The sweep itself runs in a task of its own; the iterator only reads its results. Leaving
 the ``async for`` early (``break``, an exception, cancellation, Ctrl-C) or calling
@@ -18,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
 import math
-import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -36,337 +28,39 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from aioproj._keys import new_key
 from aioproj._redact import redact_url
 from aioproj.backends.batch import TrialBatch, current_batch, submits_batches
-from aioproj.errors import (
-    AioprojError,
-    BackendError,
-    EnvironmentBuildError,
-    InvalidArgumentError,
-    SourceError,
-    TrackingError,
-)
+from aioproj.errors import AioprojError, InvalidArgumentError
 from aioproj.handle import RunStatus, SubmittedRun
-from aioproj.tracking.base import check_record
+from aioproj.sweeps.stoppers import MedianStopping
+from aioproj.sweeps.trials import (
+    ATTEMPT_TAG,
+    PARENT_TAG,
+    PRUNED_TAG,
+    RETRYABLE,
+    TRIAL_TAG,
+    Goal,
+    TrialResult,
+    TrialState,
+    best_of,
+)
+from aioproj.sweeps.tuners import Tuner
 
 if TYPE_CHECKING:
-    from aioproj._live import ProgressMode
     from aioproj._output import EchoMode
     from aioproj.backends import Backend
     from aioproj.runner import Runner
     from aioproj.tracking.base import TrackingStore
 
-__all__ = [
-    "Choice",
-    "IntUniform",
-    "LogUniform",
-    "MedianStopping",
-    "Sweep",
-    "TrialResult",
-    "TrialState",
-    "Tuner",
-    "Uniform",
-    "sweep",
-]
+__all__ = ["Display", "RunArgs", "Sweep"]
 
 logger = logging.getLogger("aioproj")
 
-#: Tags of a trial's child run, and of a run stopped by early stopping.
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "aioproj.sweep.trial"
-ATTEMPT_TAG = "aioproj.sweep.attempt"
-PRUNED_TAG = "aioproj.sweep.pruned"
-
-#: Errors that say the infrastructure failed, not the project: a trial is retried on them.
-RETRYABLE: tuple[type[Exception], ...] = (
-    BackendError,
-    SourceError,
-    EnvironmentBuildError,
-    TrackingError,
-)
-
-Goal = Literal["min", "max"]
-
-
-# -- parameter spaces ---------------------------------------------------------------------
-
-
-class _Distribution:
-    def sample(self, rng: random.Random) -> Any:
-        raise NotImplementedError
+#: Shows a sweep while it runs: called in the sweep's task group with the sweep and an
+#: event set once the sweep has recorded its end (see :mod:`aioproj.sweeps.live`).
+Display = Callable[["Sweep", anyio.Event], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
-class Uniform(_Distribution):
-    """A float drawn uniformly from ``[low, high]``."""
-
-    low: float
-    high: float
-
-    def __post_init__(self) -> None:
-        if not self.low <= self.high:
-            raise InvalidArgumentError(f"Uniform needs low <= high, got {self.low}, {self.high}")
-
-    def sample(self, rng: random.Random) -> float:
-        return rng.uniform(self.low, self.high)
-
-
-@dataclass(frozen=True)
-class LogUniform(_Distribution):
-    """A float whose logarithm is uniform in ``[log(low), log(high)]``; ``0 < low <= high``."""
-
-    low: float
-    high: float
-
-    def __post_init__(self) -> None:
-        if not 0 < self.low <= self.high:
-            raise InvalidArgumentError(
-                f"LogUniform needs 0 < low <= high, got {self.low}, {self.high}"
-            )
-
-    def sample(self, rng: random.Random) -> float:
-        return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-
-
-@dataclass(frozen=True)
-class IntUniform(_Distribution):
-    """An integer drawn uniformly from ``low`` to ``high``, both included."""
-
-    low: int
-    high: int
-
-    def __post_init__(self) -> None:
-        if not self.low <= self.high:
-            raise InvalidArgumentError(f"IntUniform needs low <= high, got {self.low}, {self.high}")
-
-    def sample(self, rng: random.Random) -> int:
-        return rng.randint(self.low, self.high)
-
-
-@dataclass(frozen=True)
-class Choice(_Distribution):
-    """One of ``values``, each as likely (a plain list in a sampled grid means the same)."""
-
-    values: tuple[Any, ...]
-
-    def __init__(self, values: Sequence[Any]) -> None:
-        if isinstance(values, (str, bytes)) or not len(values):
-            raise InvalidArgumentError(f"Choice needs a non-empty list of values, got {values!r}")
-        object.__setattr__(self, "values", tuple(values))
-
-    def sample(self, rng: random.Random) -> Any:
-        return rng.choice(self.values)
-
-
-def _values(name: str, value: Any) -> list[Any]:
-    """The values of one grid axis: a list or tuple as given, anything else as one value."""
-    if isinstance(value, _Distribution) and not isinstance(value, Choice):
-        raise InvalidArgumentError(
-            f"Grid parameter {name!r} is a distribution ({value!r}); give samples=N to "
-            "draw random parameter sets from it."
-        )
-    values = list(value.values) if isinstance(value, Choice) else value
-    if isinstance(values, (list, tuple, range)):
-        if not len(values):
-            raise InvalidArgumentError(f"Grid parameter {name!r} has no values.")
-        return list(values)
-    return [values]
-
-
-def _check_names(grid: Mapping[str, Any]) -> None:
-    for name in grid:
-        if not isinstance(name, str) or not name:
-            raise InvalidArgumentError(f"Parameter names must be non-empty strings, got {name!r}")
-
-
-def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every combination of a grid's values (the first name varies slowest).
-
-    Raises:
-        InvalidArgumentError: an axis with no values, a distribution without sampling.
-    """
-    _check_names(grid)
-    axes = [_values(name, value) for name, value in grid.items()]
-    return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*axes)]
-
-
-def sample_space(space: Mapping[str, Any], n: int, seed: int | None) -> list[dict[str, Any]]:
-    """``n`` random parameter sets from ``space``: distributions are sampled, lists are
-    choices, other values are constants. The same seed gives the same sets.
-
-    Raises:
-        InvalidArgumentError: ``n`` < 1 or an empty list of choices.
-    """
-    _check_names(space)
-    if n < 1:
-        raise InvalidArgumentError(f"samples must be a positive integer, got {n!r}")
-    axes: dict[str, _Distribution | Any] = {}
-    for name, value in space.items():
-        if isinstance(value, _Distribution):
-            axes[name] = value
-        elif isinstance(value, (list, tuple, range)):
-            axes[name] = Choice(list(value)) if len(value) else _values(name, value)
-        else:
-            axes[name] = value
-    rng = random.Random(seed)
-    return [
-        {
-            name: axis.sample(rng) if isinstance(axis, _Distribution) else axis
-            for name, axis in axes.items()
-        }
-        for _ in range(n)
-    ]
-
-
-# -- adaptive sweeps ----------------------------------------------------------------------
-
-
-@runtime_checkable
-class Tuner(Protocol):
-    """Proposes parameter sets as results arrive (an ask/tell optimiser).
-
-    ``ask(index)`` is called whenever a trial slot is free and returns the parameters of
-    trial ``index``, or None when it has nothing more to try (the sweep then ends once
-    the running trials end). ``tell(result)`` is called as each trial ends, before the
-    result is yielded. Either may be a coroutine function. An exception from either
-    stops the sweep like a failed trial under ``fail_fast``, and is raised to the caller.
-    """
-
-    def ask(self, index: int) -> Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None:
-        """The parameters of trial ``index``, or None for no more trials."""
-        ...
-
-    def tell(self, result: TrialResult) -> Awaitable[None] | None:
-        """A trial has ended with ``result``."""
-        ...
-
-
-@dataclass(frozen=True)
-class MedianStopping:
-    """Early stopping by the median rule, on a metric the trials log as they run.
-
-    A running trial is stopped once it has logged ``metric`` at a step ``>= warmup_steps``
-    with a value worse (by ``goal``) than the median of the values that at least
-    ``min_trials`` ended trials logged at that step (their latest value at or before it).
-    A stopped trial is recorded KILLED with the tag ``aioproj.sweep.pruned`` saying why.
-    """
-
-    metric: str
-    goal: Goal = "min"
-    warmup_steps: int = 0
-    min_trials: int = 3
-
-    def __post_init__(self) -> None:
-        if self.goal not in ("min", "max"):
-            raise InvalidArgumentError(f"goal must be 'min' or 'max', got {self.goal!r}")
-        if self.min_trials < 1:
-            raise InvalidArgumentError(f"min_trials must be >= 1, got {self.min_trials!r}")
-
-    def verdict(self, step: int, value: float, ended: Sequence[Mapping[int, float]]) -> str | None:
-        """Why a trial at ``value`` on ``step`` should stop, or None to let it go on.
-
-        ``ended`` holds the ``{step: value}`` histories of ended trials. Pure.
-        """
-        if step < self.warmup_steps:
-            return None
-        peers = [v for v in (_value_at(h, step) for h in ended) if v is not None]
-        if len(peers) < self.min_trials:
-            return None
-        median = _median(peers)
-        worse = value > median if self.goal == "min" else value < median
-        if not worse:
-            return None
-        return (
-            f"median rule: {self.metric}={value:.6g} at step {step} is worse than the "
-            f"median {median:.6g} of {len(peers)} ended trials"
-        )
-
-
-def _value_at(history: Mapping[int, float], step: int) -> float | None:
-    steps = [s for s in history if s <= step]
-    return history[max(steps)] if steps else None
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-# -- trial records ------------------------------------------------------------------------
-
-
-@dataclass
-class TrialState:
-    """A trial as it is now; what a live view shows. Changed only by the sweep.
-
-    ``status`` is ``QUEUED``, ``STARTING``, ``RUNNING``, ``RETRYING``, or a final
-    ``FINISHED``/``FAILED``/``KILLED``.
-    """
-
-    index: int
-    params: dict[str, Any]
-    status: str = "QUEUED"
-    run_id: str | None = None
-    attempts: int = 0
-    started: float | None = None
-    ended: float | None = None
-    #: Latest value of each metric the run has logged.
-    metrics: dict[str, float] = field(default_factory=dict)
-    #: What went wrong, or why the trial was stopped early.
-    note: str = ""
-
-    @property
-    def duration(self) -> float | None:
-        """Seconds since the trial's current attempt started (until it ended)."""
-        if self.started is None:
-            return None
-        return (self.ended if self.ended is not None else time.monotonic()) - self.started
-
-    @property
-    def is_done(self) -> bool:
-        return self.status in _FINAL
-
-
-_FINAL = frozenset({"FINISHED", "FAILED", "KILLED"})
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    """How a trial ended. ``run_id`` is None if no run could be created for it."""
-
-    index: int
-    params: Mapping[str, Any]
-    status: RunStatus
-    run_id: str | None
-    attempts: int
-    duration: float
-    #: Final value of each metric the run logged.
-    metrics: Mapping[str, float]
-    #: The error that made the trial fail before or outside its own process, if any
-    #: (a project's non-zero exit is a plain FAILED status, with no error).
-    error: Exception | None = None
-    #: Why early stopping stopped the trial (then ``status`` is KILLED).
-    pruned: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True if the trial's run FINISHED."""
-        return self.status is RunStatus.FINISHED
-
-
-def best_of(results: Sequence[TrialResult], metric: str, goal: Goal) -> TrialResult | None:
-    """The FINISHED result with the best final ``metric``, or None."""
-    scored = [r for r in results if r.ok and metric in r.metrics]
-    if not scored:
-        return None
-    pick = min if goal == "min" else max
-    return pick(scored, key=lambda r: r.metrics[metric])
-
-
-# -- the sweep ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _RunArgs:
+class RunArgs:
     uri: str = field(repr=False)  # a git URL can carry a password
     entry_point: str
     version: str | None
@@ -390,7 +84,7 @@ class Sweep:
 
     def __init__(
         self,
-        run_args: _RunArgs,
+        run_args: RunArgs,
         *,
         planned: list[dict[str, Any]] | None,
         tuner: Tuner | None,
@@ -407,10 +101,10 @@ class Sweep:
         echo: EchoMode,
         name: str | None,
         metrics_interval: float,
-        progress: ProgressMode | None,
+        display: Display | None,
     ) -> None:
         self._args = run_args
-        self._progress = progress
+        self._display = display
         self._tuner = tuner
         self._budget = budget
         self._max_parallel = max_parallel
@@ -562,10 +256,8 @@ class Sweep:
         finished = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
-                if self._progress is not None:
-                    from aioproj._live import show_progress
-
-                    tg.start_soon(show_progress, self, finished, self._progress)
+                if self._display is not None:
+                    tg.start_soon(self._display, self, finished)
                 try:
                     with anyio.CancelScope() as self._scope:
                         if self._runner is not None:
@@ -945,163 +637,3 @@ class Sweep:
             error=error,
             pruned=pruned,
         )
-
-
-def sweep(
-    uri: str,
-    grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-    *,
-    samples: int | None = None,
-    seed: int | None = None,
-    tuner: Tuner | None = None,
-    max_parallel: int = 4,
-    fail_fast: bool = False,
-    retries: int = 2,
-    retry_delay: float = 1.0,
-    metric: str | None = None,
-    goal: Goal = "min",
-    early_stopping: MedianStopping | None = None,
-    runner: Runner | None = None,
-    tracking_uri: str | None = None,
-    echo: EchoMode = "off",
-    name: str | None = None,
-    metrics_interval: float = 0.5,
-    progress: bool | ProgressMode = False,
-    entry_point: str = "main",
-    version: str | None = None,
-    docker_args: Mapping[str, str | bool] | None = None,
-    experiment_name: str | None = None,
-    experiment_id: str | int | None = None,
-    backend: str | Backend = "local",
-    backend_config: Mapping[str, Any] | str | None = None,
-    storage_dir: str | Path | None = None,
-    env_manager: str | None = None,
-    build_image: bool = False,
-    docker_auth: Mapping[str, str] | None = None,
-) -> Sweep:
-    """Run the project at ``uri`` once per parameter set; see :class:`Sweep`.
-
-    Parameter sets: ``grid`` as a mapping of names to lists of values is the cartesian
-    product (a single value is held fixed); as a list of mappings it is run as given.
-    With ``samples=N`` the mapping is a space instead: ``N`` sets are drawn with
-    :class:`Uniform`, :class:`LogUniform`, :class:`IntUniform` and :class:`Choice` (a
-    list means a choice) from ``random.Random(seed)``. With ``tuner`` the sets come from
-    its ``ask`` as slots free up (``samples`` then caps the number of trials).
-
-    At most ``max_parallel`` trials run at once. With ``fail_fast`` the first FAILED
-    trial stops the sweep and the running trials are cancelled (their KILLED results are
-    still yielded); otherwise every trial runs. A trial whose run could not be started or
-    followed because of the infrastructure (:class:`BackendError`, :class:`SourceError`,
-    :class:`EnvironmentBuildError`, :class:`TrackingError`) is retried up to ``retries``
-    times, after ``retry_delay`` seconds doubling each time; a run that ends FAILED on its
-    own (the project's non-zero exit) is not. Invalid parameters fail the trial, not the
-    sweep.
-
-    ``metric``/``goal`` name the metric that :attr:`Sweep.best` and the live view rank
-    by. With a ``metric`` or ``early_stopping``, trials' metrics are read from tracking
-    while they run (every ``metrics_interval`` seconds; 0 turns that off); otherwise, and
-    always at the end, each trial's final metrics are read once into its result.
-    ``early_stopping`` stops trials whose metric falls behind (:class:`MedianStopping`).
-
-    ``progress`` shows the sweep while it runs and a summary table at the end, on
-    stdout: ``"live"`` a rich table redrawn in place (terminals and Jupyter), ``"lines"``
-    one line per trial status change, ``True``/``"auto"`` the first when stdout is a
-    terminal or a notebook, else the second.
-
-    Runs go to ``runner`` if given (then ``tracking_uri`` and ``echo`` are its own),
-    else to a runner of the sweep's own. The other arguments are those of
-    :func:`aioproj.run`, the same for every trial.
-
-    Raises:
-        InvalidArgumentError: at once, for a bad grid, space or option. Errors of the
-            sweep itself (its tracking store, a tuner) are raised from the iteration.
-
-    Cancellation: see the module documentation; every trial still running when the
-    consumer stops is cancelled and recorded KILLED, the parent run too.
-    """
-    if max_parallel < 1:
-        raise InvalidArgumentError(f"max_parallel must be a positive integer, got {max_parallel!r}")
-    if retries < 0:
-        raise InvalidArgumentError(f"retries must be >= 0, got {retries!r}")
-    if goal not in ("min", "max"):
-        raise InvalidArgumentError(f"goal must be 'min' or 'max', got {goal!r}")
-    if runner is not None and tracking_uri is not None:
-        raise InvalidArgumentError(
-            "Pass tracking_uri to the Runner, not to sweep(), when you give a runner."
-        )
-    if not isinstance(uri, str) or not uri:
-        raise InvalidArgumentError(f"uri must be a non-empty string, got {uri!r}")
-    check_record(run_name=name, experiment_name=experiment_name)
-    planned: list[dict[str, Any]] | None = None
-    if tuner is not None:
-        if grid is not None:
-            raise InvalidArgumentError("Give either a grid or a tuner, not both.")
-        if not callable(getattr(tuner, "ask", None)) or not callable(getattr(tuner, "tell", None)):
-            raise InvalidArgumentError("tuner must have ask(index) and tell(result) methods.")
-        if samples is not None and samples < 1:
-            raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
-    elif grid is None:
-        raise InvalidArgumentError(
-            "Give a grid (a mapping or a list of parameter sets) or a tuner."
-        )
-    elif isinstance(grid, Mapping):
-        planned = sample_space(grid, samples, seed) if samples is not None else expand_grid(grid)
-    else:
-        if samples is not None:
-            raise InvalidArgumentError("samples needs a mapping of parameter spaces, not a list.")
-        planned = []
-        for item in grid:
-            if not isinstance(item, Mapping):
-                raise InvalidArgumentError(
-                    f"A list of parameter sets must hold mappings, got {item!r}"
-                )
-            _check_names(item)
-            planned.append(dict(item))
-        if not planned:
-            raise InvalidArgumentError("The list of parameter sets is empty.")
-    if early_stopping is not None and metrics_interval <= 0:
-        raise InvalidArgumentError("early_stopping needs metrics_interval > 0.")
-    return Sweep(
-        _RunArgs(
-            uri=uri,
-            entry_point=entry_point,
-            version=version,
-            docker_args=docker_args,
-            experiment_name=experiment_name,
-            experiment_id=experiment_id,
-            backend=backend,
-            backend_config=backend_config,
-            storage_dir=storage_dir,
-            env_manager=env_manager,
-            build_image=build_image,
-            docker_auth=docker_auth,
-        ),
-        planned=planned,
-        tuner=tuner,
-        budget=samples,
-        max_parallel=max_parallel,
-        fail_fast=fail_fast,
-        retries=retries,
-        retry_delay=retry_delay,
-        metric=metric,
-        goal=goal,
-        early_stopping=early_stopping,
-        runner=runner,
-        tracking_uri=tracking_uri,
-        echo=echo,
-        name=name,
-        metrics_interval=metrics_interval,
-        progress=_progress_mode(progress),
-    )
-
-
-def _progress_mode(progress: bool | ProgressMode) -> ProgressMode | None:
-    if progress is True:
-        return "auto"
-    if progress is False or progress is None:
-        return None
-    if progress not in ("auto", "live", "lines"):
-        raise InvalidArgumentError(
-            f"progress must be True, False, 'auto', 'live' or 'lines', got {progress!r}"
-        )
-    return progress

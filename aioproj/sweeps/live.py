@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.table import Table
 
-    from aioproj.sweeps import Sweep, TrialState
+    from aioproj.sweeps.engine import Sweep
+    from aioproj.sweeps.trials import TrialState
 
 __all__ = ["ProgressMode", "show_progress"]
 
