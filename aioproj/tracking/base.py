@@ -31,6 +31,7 @@ __all__ = [
     "MAX_PARAM_VALUE_LENGTH",
     "MAX_RUN_NAME_LENGTH",
     "MAX_TAG_VALUE_LENGTH",
+    "PARENT_RUN_TAG",
     "RUN_NAME_TAG",
     "TERMINAL_STATUSES",
     "USER_TAG",
@@ -38,6 +39,7 @@ __all__ = [
     "TrackingStore",
     "check_params",
     "check_record",
+    "check_run_id",
     "check_tags",
     "check_text",
     "generate_run_name",
@@ -50,6 +52,8 @@ RUN_NAME_TAG = "mlflow.runName"
 #: The tag that carries a run's journal key on stores that choose the run id themselves
 #: (a tracking server, a database), so a create whose answer was lost can be found.
 CLIENT_KEY_TAG = "aioproj.clientKey"
+#: The tag that makes a run the child of another (a sweep's trials, MLflow's nested runs).
+PARENT_RUN_TAG = "mlflow.parentRunId"
 USER_TAG = "mlflow.user"
 TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 
@@ -154,6 +158,16 @@ class TrackingStore(Protocol):
         self, run_id: str, artifact_path: str, data: bytes, *, append: bool = False
     ) -> None:
         """Write (or append to) the artifact ``artifact_path`` of a run."""
+        ...
+
+    async def search_child_runs(self, experiment_id: str, parent_run_id: str) -> list[RunRecord]:
+        """The active runs of ``experiment_id`` whose ``mlflow.parentRunId`` tag is
+        ``parent_run_id`` (a sweep's trials), in no particular order."""
+        ...
+
+    async def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (the parent run of a resumed sweep); the next
+        :meth:`set_terminated` ends it anew."""
         ...
 
     async def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
@@ -292,6 +306,20 @@ def check_record(
             validate_key(kind, key)
             check_text(f"value of {kind} {key!r}", value)
         _check_layout(kind, list(values or {}))
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def check_run_id(run_id: str) -> None:
+    """Check that ``run_id`` looks like a run id of any MLflow store (letters, digits,
+    ``-`` and ``_``), so that it can go into a search filter or a path.
+
+    Raises:
+        InvalidArgumentError: it does not.
+    """
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise InvalidArgumentError(f"Invalid run id {run_id!r}.")
 
 
 def _checked(kind: str, values: Mapping[str, str], limit: int) -> dict[str, str]:

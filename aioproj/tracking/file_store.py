@@ -46,6 +46,7 @@ from aioproj._threads import run_short
 from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.tracking.base import (
     DEFAULT_EXPERIMENT_ID,
+    PARENT_RUN_TAG,
     RUN_NAME_TAG,
     TERMINAL_STATUSES,
     USER_TAG,
@@ -562,6 +563,32 @@ class _Layout:
         else:
             _write_atomic(target, data)
 
+    def search_child_runs(self, experiment_id: str, parent_run_id: str) -> list[RunRecord]:
+        """Active runs of the experiment tagged with ``parent_run_id``: one scan of its
+        folder, reading the parent tag file of each run and the rest of the matches."""
+        self.active_experiment(experiment_id)
+        found = []
+        with os.scandir(self.root / experiment_id) as entries:
+            for entry in entries:
+                try:
+                    parent = Path(entry.path, "tags", PARENT_RUN_TAG).read_text(encoding="utf-8")
+                except OSError:  # not a run, or a run without a parent
+                    continue
+                meta = _read_yaml(Path(entry.path, _META)) if parent == parent_run_id else None
+                if meta is None or meta.get("run_id") != entry.name:
+                    continue
+                if meta.get("lifecycle_stage", "active") == "active":
+                    folder = Path(entry.path)
+                    tags, params = _read_values(folder / "tags"), _read_values(folder / "params")
+                    found.append(_record(meta, tags, params))
+        return found
+
+    def reopen_run(self, run_id: str) -> None:
+        folder, meta = self._active_run_meta(run_id)
+        meta["status"] = _STATUS_CODES["RUNNING"]
+        meta["end_time"] = None
+        _write_yaml(folder / _META, meta)
+
     def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
         """Tail each run's metric files from the cursor's offsets; one thread hop for all."""
         out: list[list[Metric]] = []
@@ -804,6 +831,27 @@ class FileStore:
             TrackingError: a run does not exist.
         """
         return await self._call(self._layout.read_new_metrics, cursors)
+
+    async def search_child_runs(self, experiment_id: str, parent_run_id: str) -> list[RunRecord]:
+        """The active runs of an experiment whose ``mlflow.parentRunId`` is ``parent_run_id``.
+
+        Raises:
+            InvalidArgumentError: a malformed experiment or run id.
+            TrackingError: no such experiment, or the store cannot be read.
+        """
+        _check_experiment_id(experiment_id)
+        _check_run_id(parent_run_id)
+        return await self._call(self._layout.search_child_runs, experiment_id, parent_run_id)
+
+    async def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again, without an end time.
+
+        Raises:
+            InvalidArgumentError: a malformed run id.
+            TrackingError: no such run, the run is deleted, or writing failed.
+        """
+        _check_run_id(run_id)
+        await self._call(self._layout.reopen_run, run_id)
 
     def child_env(self) -> dict[str, str]:
         """MLFLOW_TRACKING_URI, and MLFLOW_ALLOW_FILE_STORE which mlflow>=3 needs."""

@@ -28,10 +28,12 @@ from aioproj.errors import InvalidArgumentError, TrackingError
 from aioproj.sources.uri import redact_text, redact_url
 from aioproj.tracking.base import (
     CLIENT_KEY_TAG,
+    PARENT_RUN_TAG,
     RUN_NAME_TAG,
     TERMINAL_STATUSES,
     RunRecord,
     check_params,
+    check_run_id,
     check_tags,
     choose_experiment,
     named_run_tags,
@@ -208,6 +210,24 @@ class _Sync:
     def set_terminated(self, run_id: str, status: str, end_time_ms: int) -> None:
         self.client().set_terminated(run_id, status, end_time=end_time_ms)
 
+    def search_child_runs(self, experiment_id: str, parent_run_id: str) -> list[RunRecord]:
+        found: list[RunRecord] = []
+        page_token = None
+        while True:
+            page = self.client().search_runs(
+                [experiment_id],
+                filter_string=f"tags.{PARENT_RUN_TAG} = '{parent_run_id}'",
+                max_results=1000,
+                page_token=page_token,
+            )
+            found.extend(_record(r.info, dict(r.data.tags), dict(r.data.params)) for r in page)
+            page_token = page.token
+            if not page_token:
+                return found
+
+    def reopen_run(self, run_id: str) -> None:
+        self.client().update_run(run_id, status="RUNNING")
+
     def log_artifact(self, run_id: str, artifact_path: str, data: bytes, append: bool) -> None:
         client = self.client()
         folder, name = posixpath.split(artifact_path)
@@ -381,6 +401,24 @@ class MlflowStore:
             )
         end = _now_ms() if end_time_ms is None else end_time_ms
         await self._call(self._sync.set_terminated, run_id, status, end)
+
+    async def search_child_runs(self, experiment_id: str, parent_run_id: str) -> list[RunRecord]:
+        """The active runs of an experiment tagged ``mlflow.parentRunId = parent_run_id``.
+
+        Raises:
+            InvalidArgumentError: a malformed run id.
+            TrackingError: the store fails.
+        """
+        check_run_id(parent_run_id)
+        return await self._call(self._sync.search_child_runs, str(experiment_id), parent_run_id)
+
+    async def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (``MlflowClient.update_run``).
+
+        Raises:
+            TrackingError: no such run, or the store fails.
+        """
+        await self._call(self._sync.reopen_run, run_id)
 
     async def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
         """Values logged since each cursor: one search per 100 runs for the latest values,

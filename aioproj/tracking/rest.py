@@ -53,6 +53,7 @@ from aioproj.tracking._http import (
 )
 from aioproj.tracking.base import (
     CLIENT_KEY_TAG,
+    PARENT_RUN_TAG,
     RUN_NAME_TAG,
     TERMINAL_STATUSES,
     USER_TAG,
@@ -690,13 +691,55 @@ class RestStore:
                     error_code=exc.error_code,
                 ) from None
             raise
-        run = body.get("run") or {}
+        record = self._run_record(body.get("run") or {})
+        self._artifact_uris[run_id] = record.artifact_uri
+        return record
+
+    def _run_record(self, run: Mapping[str, Any]) -> RunRecord:
+        """A run as ``runs/get`` and ``runs/search`` give it."""
         data = run.get("data") or {}
         tags = {str(t["key"]): str(t.get("value", "")) for t in data.get("tags") or []}
         params = {str(p["key"]): str(p.get("value", "")) for p in data.get("params") or []}
-        record = self._record(run.get("info") or {}, tags, params)
-        self._artifact_uris[run_id] = record.artifact_uri
-        return record
+        return self._record(run.get("info") or {}, tags, params)
+
+    async def search_child_runs(self, experiment_id: str, parent_run_id: str) -> list[RunRecord]:
+        """The active runs of an experiment tagged ``mlflow.parentRunId = parent_run_id``:
+        ``runs/search`` pages of 1,000.
+
+        Raises:
+            InvalidArgumentError: a malformed run id.
+            TrackingError: the server refuses or cannot be reached.
+        """
+        _check_run_id(parent_run_id)
+        found: list[RunRecord] = []
+        page_token = ""
+        while True:
+            query: dict[str, Any] = {
+                "experiment_ids": [str(experiment_id)],
+                "filter": f"tags.{PARENT_RUN_TAG} = '{parent_run_id}'",
+                "run_view_type": "ACTIVE_ONLY",
+                "max_results": 1000,
+            }
+            if page_token:
+                query["page_token"] = page_token
+            body = await self._call("POST", "runs/search", json=query)
+            records = (self._run_record(run) for run in body.get("runs") or [])
+            # A server that ignores the filter must not hand us other runs.
+            found.extend(r for r in records if r.tags.get(PARENT_RUN_TAG) == parent_run_id)
+            page_token = str(body.get("next_page_token") or "")
+            if not page_token:
+                return found
+
+    async def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (``runs/update``; the end time stays until the
+        next :meth:`set_terminated`).
+
+        Raises:
+            InvalidArgumentError: a malformed run id.
+            TrackingError: no such run, or the server refuses or cannot be reached.
+        """
+        _check_run_id(run_id)
+        await self._call("POST", "runs/update", json={"run_id": run_id, "status": "RUNNING"})
 
     async def read_new_metrics(self, cursors: Sequence[MetricCursor]) -> list[list[Metric]]:
         """Values logged since each cursor: one ``runs/search`` per 100 runs for the latest
