@@ -29,10 +29,13 @@ if _typing.TYPE_CHECKING:
     from .journal import recover
     from .runner import Runner, run
     from .sweeps import (
+        ASHA,
         Choice,
         IntUniform,
         LogUniform,
         MedianStopping,
+        OptunaTuner,
+        Stopper,
         Sweep,
         TrialResult,
         Tuner,
@@ -46,6 +49,7 @@ _install_log_redaction()
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASHA",
     "AioprojError",
     "BackendError",
     "Choice",
@@ -58,11 +62,13 @@ __all__ = [
     "MLprojectError",
     "MedianStopping",
     "Metric",
+    "OptunaTuner",
     "ParameterError",
     "RunFailedError",
     "RunStatus",
     "Runner",
     "SourceError",
+    "Stopper",
     "SubmittedRun",
     "Sweep",
     "TrackingError",
@@ -78,12 +84,15 @@ __all__ = [
 #: sources, the environments and the tracking store, which a program that only imports
 #: aioproj (or its CLI's --help) does not need.
 _LAZY = {
+    "ASHA": "sweeps",
     "Choice": "sweeps",
     "IntUniform": "sweeps",
     "LogUniform": "sweeps",
     "MedianStopping": "sweeps",
     "Metric": "tracking.metrics",
+    "OptunaTuner": "sweeps",
     "Runner": "runner",
+    "Stopper": "sweeps",
     "Sweep": "sweeps",
     "TrialResult": "sweeps",
     "Tuner": "sweeps",

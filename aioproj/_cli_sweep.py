@@ -1,5 +1,5 @@
-"""``aioproj sweep``, ``aioproj runs`` and ``aioproj logs``: the parts of the CLI that run
-and show many runs. Imported only when one of them is used.
+"""``aioproj sweep``, ``aioproj report``, ``aioproj runs`` and ``aioproj logs``: the parts
+of the CLI that run and show many runs.
 
 ``-P`` takes a comma-separated list of values per parameter (``-P alpha=0.1,0.5,0.9``):
 without ``--samples`` the sweep runs every combination, with ``--samples N`` it draws N
@@ -28,7 +28,7 @@ from aioproj._cli_common import (
 
 if TYPE_CHECKING:
     from aioproj._browse import RunRow
-    from aioproj.sweeps import Sweep
+    from aioproj.sweeps import Stopper, Sweep
 
 __all__ = ["add_parsers", "parse_axis", "run_command"]
 
@@ -78,9 +78,58 @@ def add_parsers(commands: Any) -> None:
     )
     sweep.add_argument(
         "--early-stop",
-        action="store_true",
-        help="Stop trials whose --metric falls behind the median of ended trials at the "
-        "same step (recorded KILLED, tagged aioproj.sweep.pruned).",
+        nargs="?",
+        const="median",
+        choices=("median", "asha"),
+        help="Stop trials whose --metric falls behind (recorded KILLED, tagged "
+        "aioproj.sweep.pruned): 'median' (the default) when worse than the median of "
+        "finished trials at the same step; 'asha' by asynchronous successive halving.",
+    )
+    stopping = sweep.add_argument_group("early stopping")
+    stopping.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=5,
+        metavar="N",
+        help="median: judge no value logged before step N (default 5).",
+    )
+    stopping.add_argument(
+        "--min-trials",
+        type=int,
+        default=3,
+        metavar="N",
+        help="median: judge only once N finished trials logged later steps (default 3).",
+    )
+    stopping.add_argument(
+        "--max-t",
+        type=int,
+        default=100,
+        metavar="STEPS",
+        help="asha: the last step trials reach; rungs lie below it (default 100).",
+    )
+    stopping.add_argument(
+        "--grace-period",
+        type=int,
+        default=1,
+        metavar="STEPS",
+        help="asha: the step of the first rung (default 1).",
+    )
+    stopping.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=4,
+        metavar="F",
+        help="asha: rungs F times apart; the best 1/F at a rung go on (default 4).",
+    )
+    sweep.add_argument(
+        "--resume",
+        metavar="PARENT_RUN_ID",
+        help="Continue that sweep (run the same command with this option): keep its "
+        "finished trials, run the failed, killed and missing ones as new child runs of "
+        "the same parent.",
+    )
+    sweep.add_argument(
+        "--report", metavar="PATH", help="Write the sweep's HTML report there at the end."
     )
     sweep.add_argument(
         "--progress",
@@ -91,6 +140,23 @@ def add_parsers(commands: Any) -> None:
     sweep.add_argument(
         "--echo", action="store_true", help="Also print the trials' output, labelled."
     )
+
+    report = commands.add_parser(
+        "report",
+        allow_abbrev=False,
+        help="Write the HTML report of a sweep.",
+        description=(
+            "Write one self-contained HTML file (no network needed to view it) with the "
+            "metric against step for every trial, the parameters against the metric and "
+            "the best trial of the sweep whose parent run is PARENT_RUN_ID."
+        ),
+    )
+    report.add_argument("parent_run_id", metavar="PARENT_RUN_ID")
+    report.add_argument(
+        "-o", "--output", metavar="PATH", help="Default: sweep-<first 8 of the id>.html."
+    )
+    report.add_argument("--metric", metavar="NAME", help="Default: the sweep's metric.")
+    report.add_argument("--tracking-uri", help="Default: MLFLOW_TRACKING_URI, else MLflow's.")
 
     runs = commands.add_parser(
         "runs",
@@ -121,6 +187,8 @@ def run_command(args: argparse.Namespace) -> int:
         return _runs(args)
     if args.command == "logs":
         return _logs(args)
+    if args.command == "report":
+        return _report(args)
     return _sweep(args)
 
 
@@ -174,6 +242,8 @@ def _sweep(args: argparse.Namespace) -> int:
         raise _usage("--retries must be 0 or more.")
     if args.early_stop and args.metric is None:
         raise _usage("--early-stop needs --metric NAME.")
+    if args.report is not None and not args.report:
+        raise _usage("--report needs a file path.")
     sampled = args.samples is not None
     raw = pairs(args.param_list, option="-P", flags=False)
     if not raw:
@@ -187,7 +257,7 @@ def _sweep(args: argparse.Namespace) -> int:
     import anyio
 
     import aioproj
-    from aioproj.sweeps import MedianStopping, sweep
+    from aioproj.sweeps import sweep
 
     try:
         the_sweep = sweep(
@@ -200,7 +270,8 @@ def _sweep(args: argparse.Namespace) -> int:
             retries=args.retries,
             metric=args.metric,
             goal=args.goal,
-            early_stopping=MedianStopping(args.metric, args.goal) if args.early_stop else None,
+            early_stopping=_stopper(args),
+            resume=args.resume,
             echo="labelled" if args.echo else "off",
             name=args.run_name,
             progress=args.progress,
@@ -222,6 +293,13 @@ def _sweep(args: argparse.Namespace) -> int:
         async with the_sweep:
             async for _ in the_sweep:
                 pass
+        if args.report and the_sweep.parent_run_id is not None:
+            try:
+                await the_sweep.write_report(args.report)
+                print(f"Report: {args.report}", file=sys.stderr)
+            except (aioproj.AioprojError, OSError) as exc:
+                print(f"aioproj: could not write the report {args.report}: {exc}", file=sys.stderr)
+                return the_sweep.parent_run_id, False
         return the_sweep.parent_run_id or "", _succeeded(the_sweep)
 
     try:
@@ -247,6 +325,49 @@ def _sweep(args: argparse.Namespace) -> int:
         return 1
     print(f"=== Sweep (parent run ID '{parent}') {verdict} ===", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _stopper(args: argparse.Namespace) -> Stopper | None:
+    """The early stopping the options ask for; UsageError for bad settings."""
+    from aioproj import ASHA, InvalidArgumentError, MedianStopping
+
+    try:
+        if args.early_stop == "median":
+            return MedianStopping(
+                args.metric, args.goal, warmup_steps=args.warmup_steps, min_trials=args.min_trials
+            )
+        if args.early_stop == "asha":
+            return ASHA(
+                args.metric,
+                args.goal,
+                max_t=args.max_t,
+                grace_period=args.grace_period,
+                reduction_factor=args.reduction_factor,
+            )
+    except InvalidArgumentError as exc:
+        raise _usage(f"--early-stop {args.early_stop}: {exc}") from exc
+    return None
+
+
+def _report(args: argparse.Namespace) -> int:
+    import anyio
+
+    from aioproj import AioprojError
+    from aioproj.sweeps.report import write_sweep_report
+
+    uri = _tracking_uri(args.tracking_uri)
+    path = args.output or f"sweep-{args.parent_run_id[:8]}.html"
+
+    async def write() -> None:
+        await write_sweep_report(uri, args.parent_run_id, path, metric=args.metric)
+
+    try:
+        anyio.run(write)
+    except (AioprojError, OSError) as exc:
+        print(f"aioproj: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
 
 
 def _succeeded(sweep: Sweep) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "aioproj"
-MAX_LINES = 650  # ~600: the moved Sweep engine, split further in the next commits
+MAX_LINES = 600
 
 
 def _module_name(path: Path) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,8 @@ class LocalExecution:
         self._waiting = False
         self._status = RunStatus.RUNNING
         self._stopped = anyio.Event()
+        #: How a failed run ended (its exit status or signal): ``SubmittedRun.status_detail``.
+        self.detail: str | None = None
 
     @property
     def pid(self) -> int:
@@ -215,6 +218,8 @@ class LocalExecution:
             self._status = RunStatus.KILLED
         else:
             self._status = RunStatus.FINISHED if code == 0 else RunStatus.FAILED
+            if code:
+                self.detail = _exit_detail(code)
         return self._status
 
     async def cancel(self) -> None:
@@ -235,3 +240,13 @@ class LocalExecution:
         self._group.close()
         self._close_output()
         self._stopped.set()
+
+
+def _exit_detail(code: int) -> str:
+    """How a command ended, in words: ``exit status 2``, ``killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"

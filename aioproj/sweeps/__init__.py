@@ -8,17 +8,20 @@ ask/tell fits it). Every trial is an MLflow child run of one parent run of the s
 (``mlflow.parentRunId``), as MLflow's hyperparameter example does by hand.
 
 The package, bottom up: ``spaces`` (grids and distributions), ``trials`` (trial states,
-results and tags), ``tuners`` and ``stoppers`` (what proposes and what stops trials),
-``engine`` (:class:`Sweep`), ``live`` (the progress view), ``api`` (:func:`sweep`).
-Each module imports only those before it.
+results and tags), ``tuners``, ``stoppers`` and ``optuna_tuner`` (what proposes and what
+stops trials), ``reasons`` (why a trial failed, redacted), ``records`` (a sweep read back
+from tracking, for resuming and reports), ``execution`` (one trial, from its run to its
+result), ``engine`` (:class:`Sweep`), ``report`` (the HTML report), ``live`` (the
+progress view), ``api`` (:func:`sweep`). Each module imports only those before it.
 """
 
 from __future__ import annotations
 
 from aioproj.sweeps.api import sweep
 from aioproj.sweeps.engine import Sweep
+from aioproj.sweeps.optuna_tuner import OptunaTuner
 from aioproj.sweeps.spaces import Choice, IntUniform, LogUniform, Uniform, expand_grid, sample_space
-from aioproj.sweeps.stoppers import MedianStopping
+from aioproj.sweeps.stoppers import ASHA, MedianStopping, Stopper
 from aioproj.sweeps.trials import (
     ATTEMPT_TAG,
     PARENT_TAG,
@@ -30,6 +33,7 @@ from aioproj.sweeps.trials import (
 from aioproj.sweeps.tuners import Tuner
 
 __all__ = [
+    "ASHA",
     "ATTEMPT_TAG",
     "PARENT_TAG",
     "PRUNED_TAG",
@@ -38,6 +42,8 @@ __all__ = [
     "IntUniform",
     "LogUniform",
     "MedianStopping",
+    "OptunaTuner",
+    "Stopper",
     "Sweep",
     "TrialResult",
     "TrialState",

@@ -6,20 +6,24 @@ the ``async for`` early (``break``, an exception, cancellation, Ctrl-C) or calli
 :meth:`Sweep.aclose` cancels every trial still running: each is recorded KILLED, the
 parent run too. ``async with aioproj.sweep(...) as s:`` makes that clean-up happen at a
 known point (a bare ``break`` hands it to the event loop's async-generator finaliser).
+
+The parent run begins in :meth:`Sweep._open_parent` (created, or reopened by a resumed
+sweep) and ends in :meth:`Sweep._close_parent`; trials become runs in
+:meth:`~aioproj.sweeps.execution.TrialExecution.submit`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import math
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -27,30 +31,40 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from aioproj._keys import new_key
 from aioproj._redact import redact_url
-from aioproj.backends.batch import TrialBatch, current_batch, submits_batches
+from aioproj.backends.batch import current_batch
 from aioproj.errors import AioprojError, InvalidArgumentError
-from aioproj.handle import RunStatus, SubmittedRun
-from aioproj.sweeps.stoppers import MedianStopping
+from aioproj.handle import RunStatus
+from aioproj.sweeps.execution import RunArgs, TrialExecution
+from aioproj.sweeps.records import (
+    SweepRecord,
+    kept_result,
+    kept_state,
+    load_sweep,
+    parent_tags,
+    plan_resume,
+)
+from aioproj.sweeps.spaces import Plan
+from aioproj.sweeps.stoppers import Stopper
 from aioproj.sweeps.trials import (
-    ATTEMPT_TAG,
-    PARENT_TAG,
-    PRUNED_TAG,
-    RETRYABLE,
-    TRIAL_TAG,
+    BEST_RUN_TAG,
+    BEST_VALUE_TAG,
+    GOAL_TAG,
+    METRIC_TAG,
+    RESUMED_TAG,
     Goal,
     TrialResult,
     TrialState,
     best_of,
+    missing_metric,
 )
 from aioproj.sweeps.tuners import Tuner
 
 if TYPE_CHECKING:
     from aioproj._output import EchoMode
-    from aioproj.backends import Backend
     from aioproj.runner import Runner
     from aioproj.tracking.base import TrackingStore
 
-__all__ = ["Display", "RunArgs", "Sweep"]
+__all__ = ["Display", "Sweep"]
 
 logger = logging.getLogger("aioproj")
 
@@ -58,35 +72,29 @@ logger = logging.getLogger("aioproj")
 #: event set once the sweep has recorded its end (see :mod:`aioproj.sweeps.live`).
 Display = Callable[["Sweep", anyio.Event], Coroutine[Any, Any, None]]
 
+_T = TypeVar("_T")
 
-@dataclass(frozen=True)
-class RunArgs:
-    uri: str = field(repr=False)  # a git URL can carry a password
-    entry_point: str
-    version: str | None
-    docker_args: Mapping[str, str | bool] | None
-    experiment_name: str | None
-    experiment_id: str | int | None
-    backend: str | Backend
-    backend_config: Mapping[str, Any] | str | None = field(repr=False)  # may hold tokens
-    storage_dir: str | Path | None
-    env_manager: str | None
-    build_image: bool
-    docker_auth: Mapping[str, str] | None = field(repr=False)
+
+async def _maybe(value: _T | Awaitable[_T]) -> _T:
+    """The value of a call to a method that may be sync or async."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
 
 
 class Sweep:
-    """A running (or not yet started) sweep; see :func:`sweep`.
+    """A running (or not yet started) sweep; see :func:`aioproj.sweep`.
 
-    Iterate it for :class:`TrialResult` values in completion order, or await it for the
-    list of all of them. It starts on first use and can be iterated once.
+    Iterate it for :class:`TrialResult` values in completion order (a resumed sweep
+    first yields the trials it keeps), or await it for the list of all of them. It
+    starts on first use and can be iterated once.
     """
 
     def __init__(
         self,
         run_args: RunArgs,
         *,
-        planned: list[dict[str, Any]] | None,
+        plan: Plan | None,
         tuner: Tuner | None,
         budget: int | None,
         max_parallel: int,
@@ -95,15 +103,17 @@ class Sweep:
         retry_delay: float,
         metric: str | None,
         goal: Goal,
-        early_stopping: MedianStopping | None,
+        stopper: Stopper | None,
         runner: Runner | None,
         tracking_uri: str | None,
         echo: EchoMode,
         name: str | None,
         metrics_interval: float,
         display: Display | None,
+        resume: str | None = None,
     ) -> None:
         self._args = run_args
+        self._plan = plan
         self._display = display
         self._tuner = tuner
         self._budget = budget
@@ -113,14 +123,15 @@ class Sweep:
         self._retry_delay = retry_delay
         self.metric = metric
         self.goal: Goal = goal
-        self._stopping = early_stopping
+        self._stopper = stopper
         self._runner = runner
         self._tracking_uri = tracking_uri
         self._echo: EchoMode = echo
         self._name = name
         self._metrics_interval = metrics_interval
+        self._resume = resume
         self.trials: list[TrialState] = [
-            TrialState(index=i, params=p) for i, p in enumerate(planned or [])
+            TrialState(index=i, params=p) for i, p in enumerate(plan.sets if plan else [])
         ]
         self.results: list[TrialResult] = []
         #: The MLflow run id of the sweep's parent run, once it exists.
@@ -132,6 +143,10 @@ class Sweep:
         #: False once the parent run's final status could not be written to tracking
         #: (it is kept in the run journal for ``aioproj recover``).
         self.parent_recorded = True
+        #: Warnings about the sweep as a whole (a metric no trial logs), for the views.
+        self.notices: list[str] = []
+        #: The tracking URI the sweep records to, once it has started.
+        self.tracking_uri: str | None = None
         # Created on start: a Sweep that is never started holds nothing to close.
         self._send: MemoryObjectSendStream[TrialResult] | None = None
         self._receive: MemoryObjectReceiveStream[TrialResult] | None = None
@@ -139,18 +154,27 @@ class Sweep:
         self._task: asyncio.Task[None] | None = None
         self._scope: anyio.CancelScope | None = None
         self._iterated = False
-        self._histories: dict[int, dict[int, float]] = {}
-        self._halted = False  # fail_fast: a trial failed, start nothing more
-        self._handles: dict[int, SubmittedRun] = {}
+        self._stop_reason: str | None = None  # fail_fast: why nothing more starts
+        self._execution: TrialExecution | None = None
         self._store: TrackingStore | None = None
+        self._parent_key: str | None = None  # the parent's key in the run journal
+        self._kept: SweepRecord | None = None  # what a resumed sweep keeps
+        self._resumed_attempts: dict[int, int] = {}  # attempts made before, by index
+        self._next_index = 0
+        self._metric_checked = False
 
     def __repr__(self) -> str:
         return (
-            f"<Sweep uri={redact_url(self._args.uri)!r} status={self.status.value} "
+            f"<Sweep uri={redact_url(self.uri)!r} status={self.status.value} "
             f"trials={len(self.trials)} done={len(self.results)}>"
         )
 
     # -- what users call -------------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        """The project the sweep runs."""
+        return self._args.uri
 
     @property
     def total(self) -> int | None:
@@ -171,7 +195,7 @@ class Sweep:
         if self._task is None:
             self._send, self._receive = anyio.create_memory_object_stream[TrialResult](math.inf)
             self._task = asyncio.get_running_loop().create_task(
-                self._drive(), name=f"aioproj sweep {self._args.uri}"
+                self._drive(), name=f"aioproj sweep {redact_url(self.uri)}"
             )
 
     async def aclose(self) -> None:
@@ -191,6 +215,20 @@ class Sweep:
         if self._send is not None and self._receive is not None:
             self._send.close()
             self._receive.close()
+
+    async def write_report(self, path: str | os.PathLike[str]) -> None:
+        """Write the sweep's HTML report (see :mod:`aioproj.sweeps.report`) to ``path``,
+        from what tracking holds of it.
+
+        Raises:
+            InvalidArgumentError: the sweep has no parent run yet.
+            TrackingError: the store cannot be read. OSError: the file cannot be written.
+        """
+        from aioproj.sweeps.report import write_sweep_report
+
+        if self.parent_run_id is None or self.tracking_uri is None:
+            raise InvalidArgumentError("The sweep has not started: there is nothing to report.")
+        await write_sweep_report(self.tracking_uri, self.parent_run_id, path, metric=self.metric)
 
     async def __aenter__(self) -> Sweep:
         self.start()
@@ -280,34 +318,72 @@ class Sweep:
 
     async def _drive_on(self, runner: Runner) -> None:
         store = self._store = await runner._store()
-        args = self._args
-        experiment_id = await store.resolve_experiment(
-            experiment_name=args.experiment_name,
-            experiment_id=None if args.experiment_id is None else str(args.experiment_id),
-        )
-        parent_key = await self._create_parent(runner, store, experiment_id)
+        self.tracking_uri = store.uri
+        await self._open_parent(runner, store)
+        assert self.parent_run_id is not None
         self.status = RunStatus.RUNNING
         outcome = RunStatus.KILLED
         try:
-            await self._run_trials(runner)
-            outcome = RunStatus.FAILED if self._halted else RunStatus.FINISHED
+            bind = getattr(self._tuner, "bind", None)
+            if callable(bind):
+                await _maybe(bind(self.parent_run_id))
+            await self._replay_kept()
+            self._execution = TrialExecution(
+                runner=runner,
+                store=store,
+                args=self._args,
+                parent_run_id=self.parent_run_id,
+                retries=self._retries,
+                retry_delay=self._retry_delay,
+                metrics_interval=self._metrics_interval,
+                # Live metrics for the view's metric and early stopping; else each trial's
+                # final values are read once, when it has ended.
+                watch_metrics=self._metrics_interval > 0
+                and (self.metric is not None or self._stopper is not None),
+                stopper=self._stopper,
+                changed=self._changed,
+                stop_reason=lambda: self._stop_reason,
+            )
+            await self._run_trials(self._execution)
+            outcome = RunStatus.FAILED if self._stop_reason else RunStatus.FINISHED
         except Exception:
             outcome = RunStatus.FAILED
             raise
         finally:
             self.status = outcome
             with anyio.CancelScope(shield=True):
-                await self._finish_parent(runner, store, parent_key, outcome)
+                await self._close_parent(runner, store, outcome)
 
-    async def _create_parent(self, runner: Runner, store: TrackingStore, experiment_id: str) -> str:
-        """Create the sweep's parent run, journaled ahead like every run; its journal key.
+    # -- the parent run --------------------------------------------------------------------
 
-        If this process dies before the sweep ends, ``aioproj recover`` records the
-        parent KILLED (or the final status noted for it).
+    async def _open_parent(self, runner: Runner, store: TrackingStore) -> None:
+        """Create the sweep's parent run, or reopen the one a resumed sweep continues;
+        journaled ahead like every run, so that ``aioproj recover`` records it KILLED if
+        this process dies before the sweep ends.
+
+        Raises (before anything is written) the errors of a resume that does not fit:
+        InvalidArgumentError, TrackingError.
         """
+        if self._resume is not None:
+            await self._reopen_parent(runner, store, self._resume)
+            return
         from aioproj.runner import _user
 
         args = self._args
+        experiment_id = await store.resolve_experiment(
+            experiment_name=args.experiment_name,
+            experiment_id=None if args.experiment_id is None else str(args.experiment_id),
+        )
+        tags = parent_tags(
+            user=_user(),
+            uri=redact_url(args.uri),
+            entry_point=args.entry_point,
+            total=self.total,
+            metric=self.metric,
+            goal=self.goal,
+            plan=self._plan,
+            tuner=None if self._tuner is None else type(self._tuner).__name__,
+        )
         journal = await runner._open_journal()
         key = new_key()
         await journal.intent(
@@ -316,51 +392,71 @@ class Sweep:
         )  # fmt: skip
         try:
             parent = await store.create_run(
-                experiment_id,
-                run_name=self._name,
-                tags={
-                    "mlflow.user": _user(),
-                    "mlflow.source.name": redact_url(args.uri),
-                    "mlflow.source.type": "PROJECT",
-                    "mlflow.project.entryPoint": args.entry_point,
-                    "aioproj.sweep.size": str(self.total if self.total is not None else "?"),
-                },
-                params={},
-                client_key=key,
+                experiment_id, run_name=self._name, tags=tags, params={}, client_key=key
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await runner._abandon(store, key, experiment_id, None)
             raise
         journal.note(key, "tracked", run=parent.run_id)
-        self.parent_run_id = parent.run_id
-        return key
+        self.parent_run_id, self._parent_key = parent.run_id, key
 
-    async def _finish_parent(
-        self, runner: Runner, store: TrackingStore, key: str, outcome: RunStatus
+    async def _reopen_parent(
+        self, runner: Runner, store: TrackingStore, parent_run_id: str
     ) -> None:
-        """Tag the parent with the sweep's counts and best trial, write its final status.
+        """Resume: read the sweep back, keep its ended trials, mark its parent RUNNING."""
+        record = await load_sweep(store, parent_run_id)
+        tags = record.parent.tags
+        plan, resumption = plan_resume(record, self._plan, self._args.entry_point)
+        if plan is not self._plan:  # drawn again with the seed the sweep recorded
+            assert plan is not None
+            self._plan = plan
+            self.trials = [TrialState(index=i, params=p) for i, p in enumerate(plan.sets)]
+        for index, attempts in resumption.attempts.items():
+            if plan is not None:
+                self.trials[index].attempts = attempts
+        self._resumed_attempts = dict(resumption.attempts)
+        self._kept = dataclasses.replace(record, trials=resumption.kept)
+        # The trials of a sweep are siblings: the resumed ones go to the parent's experiment.
+        experiment_id = record.parent.experiment_id
+        self._args = dataclasses.replace(
+            self._args, experiment_id=experiment_id, experiment_name=None
+        )
+        journal = await runner._open_journal()
+        key = new_key()
+        await journal.intent(
+            key, tracking_uri=store.uri, backend="sweep", experiment_id=experiment_id,
+            run_id=parent_run_id, kind="sweep",
+        )  # fmt: skip
+        self.parent_run_id, self._parent_key = parent_run_id, key
+        resumed = int(tags.get(RESUMED_TAG, "0") or 0) + 1
+        await store.reopen_run(parent_run_id)
+        await store.set_tags(parent_run_id, {RESUMED_TAG: str(resumed)})
+
+    async def _close_parent(self, runner: Runner, store: TrackingStore, outcome: RunStatus) -> None:
+        """Record how the sweep ended on its parent run: counts, best trial, status.
 
         A status tracking refuses is kept in the journal and :attr:`parent_recorded`
         turns False (the CLI then says so and exits non-zero).
         """
         assert self.parent_run_id is not None
-        journal = runner._journal
+        assert self._parent_key is not None
+        journal, key = runner._journal, self._parent_key
         end_ms = int(time.time() * 1000)
         journal.note(key, "ended", status=outcome.value, end=end_ms)
-        counts: dict[str, int] = {}
+        counts = dict.fromkeys(("FINISHED", "FAILED", "KILLED"), 0)
         for result in self.results:
             counts[result.status.value] = counts.get(result.status.value, 0) + 1
         tags = {f"aioproj.sweep.{k.lower()}": str(v) for k, v in counts.items()}
         best = self.best
         if best is not None and best.run_id is not None and self.metric is not None:
-            tags["aioproj.sweep.best_run_id"] = best.run_id
-            tags["aioproj.sweep.best_value"] = repr(best.metrics[self.metric])
-            tags["aioproj.sweep.metric"] = f"{self.metric} ({self.goal})"
+            tags[BEST_RUN_TAG] = best.run_id
+            tags[BEST_VALUE_TAG] = repr(best.metrics[self.metric])
+            tags[METRIC_TAG] = self.metric
+            tags[GOAL_TAG] = self.goal
         try:
             with anyio.fail_after(30):
-                if tags:
-                    await store.set_tags(self.parent_run_id, tags)
+                await store.set_tags(self.parent_run_id, tags)
                 await store.set_terminated(self.parent_run_id, outcome.value, end_time_ms=end_ms)
         except (AioprojError, TimeoutError) as exc:
             self.parent_recorded = False
@@ -378,262 +474,123 @@ class Sweep:
             return
         journal.note(key, "done")
 
-    async def _run_trials(self, runner: Runner) -> None:
-        batch = await self._trial_batch(runner)
+    # -- trials ----------------------------------------------------------------------------
+
+    async def _replay_kept(self) -> None:
+        """A resumed sweep's kept trials: to the views, the stopper, the tuner, the caller."""
+        if self._kept is None:
+            return
+        by_index = {t.index: t for t in self.trials}
+        for trial in self._kept.trials:
+            planned = by_index.get(trial.index)
+            result = kept_result(trial, planned.params if planned is not None else None)
+            state = kept_state(result)
+            if planned is not None:
+                self.trials[self.trials.index(planned)] = state
+            else:
+                self.trials.append(state)
+            self._changed(state, state.status)
+            history = trial.history.get(self._stopper.metric, {}) if self._stopper else {}
+            await self._conclude(result, history)
+
+    async def _run_trials(self, execution: TrialExecution) -> None:
+        queued = sum(t.status == "QUEUED" for t in self.trials)
+        batch = None if self._tuner else await execution.batch(queued, self._max_parallel)
         # The sweep runs in a task of its own: the batch is seen by its trials' starts only.
         current_batch.set(batch)
         slots = anyio.Semaphore(batch.size if batch is not None else self._max_parallel)
         async with anyio.create_task_group() as tg:
-            index = 0
             while True:
                 await slots.acquire()
-                state = None if self._halted else await self._next_trial(index)
+                state = None if self._stop_reason else await self._next_trial()
                 if state is None:
                     slots.release()
                     break
-                tg.start_soon(self._trial_slot, runner, state, slots, tg)
-                index += 1
-        if self._halted:
+                tg.start_soon(self._trial_slot, execution, state, slots, tg)
+        if self._stop_reason:
             for state in self.trials:
                 if state.status == "QUEUED":
                     self._changed(state, "SKIPPED")
 
-    async def _trial_batch(self, runner: Runner) -> TrialBatch | None:
-        """The trials as one batch, for a backend that runs a batch as one unit and
-        enforces ``max_parallel`` itself (Slurm: one job array); None otherwise, and for
-        tuners, which propose one trial at a time."""
-        if self._tuner is not None or len(self.trials) < 2:
-            return None
-        try:
-            backend = await runner._backend(self._args.backend)
-        except AioprojError:  # each trial's run() reports it
-            return None
-        if not submits_batches(backend):
-            return None
-        return TrialBatch(
-            key=self.parent_run_id or str(id(self)),
-            size=len(self.trials),
-            max_parallel=self._max_parallel,
-        )
-
-    async def _next_trial(self, index: int) -> TrialState | None:
+    async def _next_trial(self) -> TrialState | None:
+        """The next trial to run: the next queued planned one, or the tuner's proposal
+        for the next free index."""
         if self._tuner is None:
-            return self.trials[index] if index < len(self.trials) else None
+            while self._next_index < len(self.trials):
+                state = self.trials[self._next_index]
+                self._next_index += 1
+                if state.status == "QUEUED":
+                    return state
+            return None
+        taken = {t.index for t in self.trials}
+        while self._next_index in taken:
+            self._next_index += 1
+        index = self._next_index
         if self._budget is not None and index >= self._budget:
             return None
-        asked = self._tuner.ask(index)
-        params = await asked if inspect.isawaitable(asked) else asked
+        params = await _maybe(self._tuner.ask(index))
         if params is None:
             return None
         if not isinstance(params, Mapping):
             raise InvalidArgumentError(
                 f"Tuner.ask must return a mapping of parameters or None, got {params!r}"
             )
-        state = TrialState(index=index, params=dict(params))
+        attempts = self._resumed_attempts.get(index, 0)
+        state = TrialState(index=index, params=dict(params), attempts=attempts)
         self.trials.append(state)
         return state
 
     async def _trial_slot(
         self,
-        runner: Runner,
+        execution: TrialExecution,
         state: TrialState,
         slots: anyio.Semaphore,
         tg: anyio.abc.TaskGroup,
     ) -> None:
         try:
             try:
-                result = await self._trial(runner, state)
+                result = await execution.run(state)
             except anyio.get_cancelled_exc_class():
                 if not state.is_done:  # its run (if it had one) was cancelled: KILLED
                     state.ended = time.monotonic()
-                    self._changed(state, "KILLED", "the sweep was stopped")
+                    state.reason = "the sweep was stopped"
+                    self._changed(state, "KILLED", state.reason)
                 raise
-            self.results.append(result)
-            if self._tuner is not None:  # told before the next ask takes this slot
-                told = self._tuner.tell(result)
-                if inspect.isawaitable(told):
-                    await told
-            assert self._send is not None
-            self._send.send_nowait(result)
-            if self._fail_fast and result.status is RunStatus.FAILED and not self._halted:
+            await self._conclude(result)
+            if self._fail_fast and result.status is RunStatus.FAILED and not self._stop_reason:
                 # Stop starting trials and cancel the running ones; they end KILLED and
                 # their results are still reported.
-                self._halted = True
-                for handle in list(self._handles.values()):
+                self._stop_reason = f"stopped: trial {result.index} failed (fail-fast)"
+                for handle in list(execution.handles.values()):
                     tg.start_soon(handle.cancel)
         finally:
             slots.release()
 
-    async def _trial(self, runner: Runner, state: TrialState) -> TrialResult:
-        """Run one trial to its end, retrying infrastructure failures."""
-        from aioproj.runner import extra_run_tags
-
-        args = self._args
-        while True:
-            state.attempts += 1
-            state.started, state.ended, state.run_id = time.monotonic(), None, None
-            state.metrics = {}
-            self._changed(state, "STARTING", "")
-            token = extra_run_tags.set(
-                {
-                    PARENT_TAG: self.parent_run_id or "",
-                    TRIAL_TAG: str(state.index),
-                    ATTEMPT_TAG: str(state.attempts),
-                }
-            )
-            try:
-                handle = await runner.run(
-                    args.uri,
-                    entry_point=args.entry_point,
-                    version=args.version,
-                    parameters=state.params,
-                    docker_args=args.docker_args,
-                    experiment_name=args.experiment_name,
-                    experiment_id=args.experiment_id,
-                    backend=args.backend,
-                    backend_config=args.backend_config,
-                    storage_dir=args.storage_dir,
-                    synchronous=False,
-                    env_manager=args.env_manager,
-                    build_image=args.build_image,
-                    docker_auth=args.docker_auth,
-                )
-            except RETRYABLE as exc:
-                if state.attempts <= self._retries and not self._halted:
-                    await self._before_retry(state, exc)
-                    continue
-                return self._ended(state, RunStatus.FAILED, error=exc)
-            except AioprojError as exc:
-                return self._ended(state, RunStatus.FAILED, error=exc)
-            finally:
-                extra_run_tags.reset(token)
-            if self._halted:  # fail_fast stopped the sweep while this run started
-                await handle.cancel()
-            status, pruned = await self._follow(state, handle)
-            if status is RunStatus.FAILED and handle.error is not None:
-                if state.attempts <= self._retries and not self._halted:
-                    await self._before_retry(state, handle.error)
-                    continue
-                return self._ended(state, status, error=handle.error)
-            return self._ended(state, status, pruned=pruned)
-
-    async def _before_retry(self, state: TrialState, exc: Exception) -> None:
-        delay = self._retry_delay * 2 ** (state.attempts - 1)
-        logger.warning(
-            "Trial %d, attempt %d failed (%s); retrying in %.1f s",
-            state.index,
-            state.attempts,
-            exc,
-            delay,
-        )
-        self._changed(state, "RETRYING", f"{type(exc).__name__}: {exc}")
-        await anyio.sleep(delay)
-
-    async def _follow(
-        self, state: TrialState, handle: SubmittedRun
-    ) -> tuple[RunStatus, str | None]:
-        """Wait for a trial's run, watching its metrics; cancel it if we are cancelled."""
-        state.run_id = handle.run_id
-        self._handles[state.index] = handle
-        self._changed(state, "RUNNING")
-        pruned: list[str] = []
-        watched = anyio.Event()
-        try:
-            async with anyio.create_task_group() as watchers:
-                live = self._watch_metrics
-                if live:
-                    watchers.start_soon(self._watch, state, handle, pruned, watched)
-                status = await handle
-                if not live:  # the final values, in one read: the run has ended
-                    watchers.start_soon(self._watch, state, handle, pruned, watched)
-                await self._await_final_read(handle, watched, watchers.cancel_scope)
-        except anyio.get_cancelled_exc_class():
-            await handle.cancel()
-            raise
-        finally:
-            self._handles.pop(state.index, None)
-        return status, (pruned[0] if pruned else None)
-
-    @property
-    def _watch_metrics(self) -> bool:
-        """Follow metrics while trials run: for the live view's metric and early stopping.
-        Otherwise each trial's final metrics are read once, when it has ended."""
-        live_use = self.metric is not None or self._stopping is not None
-        return self._metrics_interval > 0 and live_use
-
-    async def _await_final_read(
-        self, handle: SubmittedRun, watched: anyio.Event, watchers: anyio.CancelScope
+    async def _conclude(
+        self, result: TrialResult, history: Mapping[int, float] | None = None
     ) -> None:
-        """Give the watcher of an ended trial a bounded time to read its last values;
-        as long as the tracking store is down, wait for it to come back (the values
-        logged meanwhile then arrive), up to the poller's own limit."""
-        grace = max(5.0, 4 * self._metrics_interval)
-        while True:
-            with anyio.move_on_after(grace):
-                await watched.wait()
-                return
-            poller = handle._metrics
-            if poller is None or poller.failing_since is None:
-                watchers.cancel()
-                return
+        """A trial has ended: tell the stopper (replaying a kept trial's ``history``
+        first), then the tuner, check the metric, and hand the result out."""
+        self.results.append(result)
+        if self._stopper is not None:
+            for step in sorted(history or {}):
+                await _maybe(self._stopper.observe(result.index, step, (history or {})[step]))
+            await _maybe(self._stopper.ended(result.index, result.status))
+        if self._tuner is not None:  # told before the next ask takes this slot
+            await _maybe(self._tuner.tell(result))
+        self._check_metric(result)
+        assert self._send is not None
+        self._send.send_nowait(result)
 
-    async def _watch(
-        self, state: TrialState, handle: SubmittedRun, pruned: list[str], watched: anyio.Event
-    ) -> None:
-        """Keep the trial's latest metric values; stop it if early stopping says so."""
-        try:
-            async for m in handle.metrics(interval=self._metrics_interval):
-                state.metrics[m.key] = m.value
-                if self._stopping is not None and m.key == self._stopping.metric:
-                    history = self._histories.setdefault(state.index, {})
-                    history[m.step] = m.value
-                    if not pruned and not handle.done:
-                        await self._maybe_prune(state, handle, m.step, m.value, pruned)
-        except AioprojError as exc:  # the run goes on; only its live metrics are lost
-            logger.warning("Could not read the metrics of run %s: %s", handle.run_id, exc)
-        finally:
-            watched.set()
-
-    async def _maybe_prune(
-        self, state: TrialState, handle: SubmittedRun, step: int, value: float, pruned: list[str]
-    ) -> None:
-        assert self._stopping is not None
-        ended = [
-            self._histories[t.index]
-            for t in self.trials
-            if t.status == "FINISHED" and t.index in self._histories
-        ]
-        reason = self._stopping.verdict(step, value, ended)
-        if reason is None:
+    def _check_metric(self, result: TrialResult) -> None:
+        """Warn once when ended trials logged metrics, but none the sweep's ``metric``."""
+        if self.metric is None or self._metric_checked:
             return
-        pruned.append(reason)
-        self._changed(state, "RUNNING", reason)
-        assert self._store is not None
-        try:
-            await self._store.set_tags(handle.run_id, {PRUNED_TAG: reason})
-        except AioprojError as exc:
-            logger.error("Could not tag pruned run %s: %s", handle.run_id, exc)
-        await handle.cancel()
-
-    def _ended(
-        self,
-        state: TrialState,
-        status: RunStatus,
-        *,
-        error: Exception | None = None,
-        pruned: str | None = None,
-    ) -> TrialResult:
-        state.ended = time.monotonic()
-        note = pruned or (f"{type(error).__name__}: {error}" if error is not None else "")
-        self._changed(state, status.value, note)
-        return TrialResult(
-            index=state.index,
-            params=dict(state.params),
-            status=status,
-            run_id=state.run_id,
-            attempts=state.attempts,
-            duration=state.duration or 0.0,
-            metrics=dict(state.metrics),
-            error=error,
-            pruned=pruned,
-        )
+        if self.metric in result.metrics:
+            self._metric_checked = True
+            return
+        message = missing_metric(self.metric, self.results)
+        if message is not None:
+            self._metric_checked = True
+            logger.warning("%s", message)
+            self.notices.append(message)

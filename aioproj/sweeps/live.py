@@ -4,7 +4,9 @@ The live view is a :class:`rich.live.Live` display, redrawn every quarter second
 of queued / running / finished / failed / killed trials, the best value of the chosen
 metric, and a row per trial (status, duration, latest metric value, run id). It is used
 when the console is a terminal or a Jupyter notebook; anything else (a pipe, a CI log)
-gets one plain line per trial status change. Both end with a summary table.
+gets one plain line per trial status change. Both end with one summary table (the live
+view's last frame is the summary), and with the reasons of the trials that did not
+finish.
 
 Renderables are built on the event loop from the sweep's state; writing them to the
 console (which can block on a slow terminal) happens in a worker thread.
@@ -129,6 +131,14 @@ def _table(sweep: Sweep, rows: list[TrialState], title: str | None = None) -> Ta
     return table
 
 
+def title(sweep: Sweep) -> str:
+    """The first line: the project and the parent run."""
+    text = f"aioproj sweep {redact_url(sweep.uri)}"
+    if sweep.parent_run_id:
+        text += f"  (parent run {sweep.parent_run_id})"
+    return text
+
+
 def live_renderable(sweep: Sweep) -> RenderableType:
     """The live view: the header and the rows that matter now."""
     from rich.console import Group
@@ -139,13 +149,11 @@ def live_renderable(sweep: Sweep) -> RenderableType:
     ended.sort(key=lambda t: t.ended or 0.0)
     room = max(_MAX_ROWS - len(active), 0)
     rows = sorted(active, key=lambda t: t.index) + (ended[-room:][::-1] if room else [])
-    title = f"aioproj sweep {redact_url(sweep._args.uri)}"
-    if sweep.parent_run_id:
-        title += f"  (parent run {sweep.parent_run_id})"
     hidden = len(active) + len(ended) - len(rows)
     parts: list[RenderableType] = [
-        Text(title, style="bold"),
+        Text(title(sweep), style="bold"),
         Text(header(sweep)),
+        *(Text(notice, style="yellow") for notice in sweep.notices),
         _table(sweep, rows[:_MAX_ROWS]),
     ]
     if hidden > 0:
@@ -172,12 +180,40 @@ def summary_renderable(sweep: Sweep) -> RenderableType:
         Text(f"Sweep {sweep.status.value}: {header(sweep)}", style="bold"),
         _table(sweep, ran),
     ]
+    parts.extend(Text(line, style="red") for line in reasons(sweep))
+    parts.extend(Text(notice, style="yellow") for notice in sweep.notices)
     skipped = sum(t.status == "SKIPPED" for t in sweep.trials)
     if skipped:
         parts.append(Text(f"{skipped} trials were not started (fail-fast).", style="dim"))
     if sweep.parent_run_id:
         parts.append(Text(f"Parent run: {sweep.parent_run_id}", style="dim"))
     return Group(*parts)
+
+
+#: Trials, and lines of each, whose reasons the summary shows.
+_REASONS_SHOWN = 10
+_REASON_LINES = 5
+
+
+def reasons(sweep: Sweep) -> list[str]:
+    """Why trials failed or were killed, a few lines each, for the summary. Trials the
+    sweep itself stopped (Ctrl-C, fail-fast) are counted, not repeated."""
+    why = [
+        t
+        for t in sorted(sweep.trials, key=lambda t: t.index)
+        if t.status in ("FAILED", "KILLED") and t.reason and not t.reason.startswith(_OURS)
+    ]
+    lines = []
+    for state in why[:_REASONS_SHOWN]:
+        lines.append(f"trial {state.index} {state.status}:")
+        lines.extend(f"    {line}" for line in state.reason.splitlines()[-_REASON_LINES:])
+    if len(why) > _REASONS_SHOWN:
+        lines.append(f"... and {len(why) - _REASONS_SHOWN} more (see their runs' reason tags)")
+    return lines
+
+
+#: The reasons of trials the sweep stopped itself.
+_OURS = ("the sweep was stopped", "stopped: trial")
 
 
 def _line(sweep: Sweep, state: TrialState) -> str:
@@ -226,11 +262,11 @@ async def show_progress(sweep: Sweep, finished: anyio.Event, mode: ProgressMode)
     """
     try:
         console, live = await anyio.to_thread.run_sync(make_console, mode)
+        if live:  # its last frame is the summary
+            await _live(sweep, finished, console)
+            return
         try:
-            if live:
-                await _live(sweep, finished, console)
-            else:
-                await _lines(sweep, finished, console)
+            await _lines(sweep, finished, console)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(60):
                 await finished.wait()
@@ -262,7 +298,6 @@ async def _live(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
         redirect_stdout=False,
         redirect_stderr=False,
         vertical_overflow="visible",
-        transient=True,  # the summary table replaces it
     )
     await _output(console, display.start)
     try:
@@ -273,8 +308,8 @@ async def _live(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(60):
             await finished.wait()
-        with anyio.CancelScope(shield=True):
-            await _output(console, _redraw, display, live_renderable(sweep))
+        with anyio.CancelScope(shield=True):  # the last frame: the summary, once
+            await _output(console, _redraw, display, summary_renderable(sweep))
             await _output(console, display.stop)
 
 
@@ -297,10 +332,24 @@ async def _lines(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
             console.out(line, highlight=False)
         console.file.flush()
 
+    titled, told = False, 0
+
+    def news() -> None:
+        """The title once the parent run exists, and each new notice."""
+        nonlocal titled, told
+        if not titled and sweep.parent_run_id:
+            titled = True
+            total = "?" if sweep.total is None else sweep.total
+            pending.insert(0, f"{title(sweep)}: {total} trials")
+        while told < len(sweep.notices):
+            pending.append(f"WARNING {sweep.notices[told]}")
+            told += 1
+
     sweep._subscribe(on_change)
     try:
         while True:
             done = finished.is_set()
+            news()
             if pending:
                 batch, pending[:] = list(pending), []
                 with anyio.CancelScope(shield=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "Choice",
     "IntUniform",
     "LogUniform",
+    "Plan",
     "Uniform",
     "check_names",
     "expand_grid",
@@ -154,3 +155,17 @@ def sample_space(space: Mapping[str, Any], n: int, seed: int | None) -> list[dic
         }
         for _ in range(n)
     ]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The parameter sets of a sweep without a tuner, in trial order.
+
+    Random samples also keep their ``seed`` and how to draw them again with another
+    one (``resample``): a resumed sweep given no seed draws with the one it recorded.
+    """
+
+    sets: list[dict[str, Any]]
+    seed: int | None = None
+    seed_given: bool = True
+    resample: Callable[[int], list[dict[str, Any]]] | None = None

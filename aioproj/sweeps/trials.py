@@ -18,21 +18,51 @@ from aioproj.handle import RunStatus
 
 __all__ = [
     "ATTEMPT_TAG",
+    "BEST_RUN_TAG",
+    "BEST_VALUE_TAG",
+    "GOAL_TAG",
+    "METRIC_TAG",
+    "PARAMS_TAG",
     "PARENT_TAG",
+    "PLAN_TAG",
     "PRUNED_TAG",
+    "REASON_TAG",
+    "RESUMED_TAG",
     "RETRYABLE",
+    "SEED_TAG",
+    "SIZE_TAG",
     "TRIAL_TAG",
+    "TUNER_TAG",
     "Goal",
     "TrialResult",
     "TrialState",
     "best_of",
+    "missing_metric",
 ]
 
-#: Tags of a trial's child run, and of a run stopped by early stopping.
+#: Tags of a trial's child run: its parent, its number, its attempt and its parameters
+#: as JSON (typed, where MLflow's params are strings); why it was stopped early, or why
+#: it failed (redacted).
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "aioproj.sweep.trial"
 ATTEMPT_TAG = "aioproj.sweep.attempt"
+PARAMS_TAG = "aioproj.sweep.params"
 PRUNED_TAG = "aioproj.sweep.pruned"
+REASON_TAG = "aioproj.sweep.reason"
+
+#: Tags of a sweep's parent run: how many trials it plans (``?`` while a tuner decides),
+#: a digest of its parameter sets, the seed of its samples, its tuner's type, the
+#: metric it ranks by and the goal, how often it was resumed, and (once it ended) how
+#: many trials ended how (``aioproj.sweep.finished`` ...) and its best run.
+SIZE_TAG = "aioproj.sweep.size"
+PLAN_TAG = "aioproj.sweep.plan"
+SEED_TAG = "aioproj.sweep.seed"
+TUNER_TAG = "aioproj.sweep.tuner"
+METRIC_TAG = "aioproj.sweep.metric"
+GOAL_TAG = "aioproj.sweep.goal"
+RESUMED_TAG = "aioproj.sweep.resumed"
+BEST_RUN_TAG = "aioproj.sweep.best_run_id"
+BEST_VALUE_TAG = "aioproj.sweep.best_value"
 
 #: Errors that say the infrastructure failed, not the project: a trial is retried on them.
 RETRYABLE: tuple[type[Exception], ...] = (
@@ -62,8 +92,10 @@ class TrialState:
     ended: float | None = None
     #: Latest value of each metric the run has logged.
     metrics: dict[str, float] = field(default_factory=dict)
-    #: What went wrong, or why the trial was stopped early.
+    #: One line on what went wrong, or why the trial was stopped early.
     note: str = ""
+    #: Why the trial failed or was stopped, whole (the last lines of its output...).
+    reason: str = ""
 
     @property
     def duration(self) -> float | None:
@@ -97,6 +129,12 @@ class TrialResult:
     error: Exception | None = None
     #: Why early stopping stopped the trial (then ``status`` is KILLED).
     pruned: str | None = None
+    #: Why the trial did not finish: the error, the last lines of the output of a
+    #: project that exited non-zero, the early-stopping verdict, or the sweep's stop;
+    #: with known secrets redacted. None for a FINISHED trial.
+    reason: str | None = None
+    #: True for a trial a resumed sweep kept from its earlier run.
+    resumed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -111,3 +149,17 @@ def best_of(results: Sequence[TrialResult], metric: str, goal: Goal) -> TrialRes
         return None
     pick = min if goal == "min" else max
     return pick(scored, key=lambda r: r.metrics[metric])
+
+
+def missing_metric(metric: str, results: Sequence[TrialResult]) -> str | None:
+    """What to say when trials that ended logged metrics but none is ``metric``; None
+    when one of them logged it, or none logged anything."""
+    if any(metric in r.metrics for r in results):
+        return None
+    logged = sorted({key for r in results for key in r.metrics})
+    if not logged:
+        return None
+    return (
+        f"No trial has logged the metric {metric!r}; the trials that ended logged "
+        f"{', '.join(repr(k) for k in logged)}. Is the metric name right?"
+    )

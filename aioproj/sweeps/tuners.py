@@ -20,6 +20,11 @@ class Tuner(Protocol):
     the running trials end). ``tell(result)`` is called as each trial ends, before the
     result is yielded. Either may be a coroutine function. An exception from either
     stops the sweep like a failed trial under ``fail_fast``, and is raised to the caller.
+
+    A tuner may also define ``bind(parent_run_id)`` (sync or async), called once with
+    the sweep's parent run id before the first ``tell`` or ``ask``, the same id again
+    when the sweep is resumed. A resumed sweep tells the tuner each trial it keeps (with
+    ``result.resumed`` True) before it asks for more.
     """
 
     def ask(self, index: int) -> Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None:
