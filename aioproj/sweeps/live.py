@@ -284,8 +284,8 @@ async def _output(console: Console, func: Callable[..., object], *args: Any) -> 
         await anyio.to_thread.run_sync(func, *args)
 
 
-def _redraw(display: Any, renderable: RenderableType) -> None:
-    display.update(renderable, refresh=True)
+def _redraw(display: Any, renderable: RenderableType, refresh: bool = True) -> None:
+    display.update(renderable, refresh=refresh)
 
 
 async def _live(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
@@ -308,8 +308,10 @@ async def _live(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(60):
             await finished.wait()
-        with anyio.CancelScope(shield=True):  # the last frame: the summary, once
-            await _output(console, _redraw, display, summary_renderable(sweep))
+        with anyio.CancelScope(shield=True):  # the last frame: the summary, drawn once
+            # (by stop() on a terminal; Jupyter's stop() does not draw)
+            summary = summary_renderable(sweep)
+            await _output(console, _redraw, display, summary, console.is_jupyter)
             await _output(console, display.stop)
 
 
@@ -346,6 +348,9 @@ async def _lines(sweep: Sweep, finished: anyio.Event, console: Console) -> None:
             told += 1
 
     sweep._subscribe(on_change)
+    for state in list(sweep.trials):  # those that ended before (kept by a resume)
+        if state.is_done:
+            on_change(state)
     try:
         while True:
             done = finished.is_set()
