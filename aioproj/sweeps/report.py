@@ -198,7 +198,7 @@ function color(t) {
   const lo = Math.min(...ranked), hi = Math.max(...ranked);
   let q = hi === lo ? 0 : (t.value - lo) / (hi - lo);
   if (D.goal === "max") q = 1 - q;   // q = 0: the best end of the range
-  return "hsl(" + Math.round(140 - 120 * q) + ", 65%, " + Math.round(35 + 15 * q) + "%)";
+  return "hsl(" + Math.round(140 + 80 * q) + ", 60%, " + Math.round(32 + 20 * q) + "%)";
 }
 
 function curves() {
@@ -292,8 +292,9 @@ function tables() {
       " (run " + best.run_id + ")"
     : "No trial finished with a value of " + (D.metric || "a metric") + ".";
   const legend = document.getElementById("legend");
-  for (const [text, c] of [["best", "#111"], ["finished (green: better)", "hsl(140,65%,35%)"],
-      ["pruned", "#e67e22"], ["failed", "#c0392b"], ["killed", "#8e44ad"]]) {
+  const keys = [["best", "#111"], ["finished: green the best, blue the worst", "hsl(140,60%,32%)"],
+    ["pruned", "#e67e22"], ["failed", "#c0392b"], ["killed", "#8e44ad"]];
+  for (const [text, c] of keys) {
     const span = document.createElement("span");
     span.style.color = c;
     span.textContent = "— " + text;
