@@ -1,13 +1,18 @@
-"""Tune examples/hello's learning rate with Optuna's ask/tell interface, several trials at
-a time, stopping trials that fall behind the median early.
+"""Tune examples/hello's learning rate with Optuna, several trials at a time, pruning
+trials that fall behind.
 
-Optuna proposes the next ``alpha`` whenever a trial slot frees up (``Tuner.ask``) and
-learns each result as it arrives (``Tuner.tell``); aioproj runs the trials as child runs
-of one MLflow parent run and stops, with the median rule, those whose live ``loss`` is
-worse than the median of ended trials at the same step (recorded KILLED, tagged
-``aioproj.sweep.pruned``, told to Optuna as pruned).
+``aioproj.OptunaTuner`` lets Optuna's sampler propose the next ``alpha`` whenever a trial
+slot frees up (ask/tell) and hands each ``loss`` value the trials log while they run to
+the study's pruner (``trial.report`` / ``trial.should_prune``): here a MedianPruner, which
+stops a trial whose loss is worse than the median of finished trials at the same step.
+aioproj runs the trials as child runs of one MLflow parent run; a pruned trial is
+recorded KILLED, tagged ``aioproj.sweep.pruned``, and told to Optuna as PRUNED.
 
-    pip install optuna
+With ``--storage sqlite:///study.db`` the study lives in Optuna's own storage: after a
+crash, run the same command with ``--resume PARENT_RUN_ID`` and both the sweep and the
+study go on where they were.
+
+    pip install 'aioproj[optuna]'
     python examples/optuna_sweep.py --trials 12 --parallel 3
 """
 
@@ -15,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import optuna
 
@@ -26,52 +29,40 @@ import aioproj
 HELLO = Path(__file__).resolve().parent / "hello"
 
 
-class OptunaTuner:
-    """An aioproj tuner backed by an Optuna study (minimising ``metric``)."""
-
-    def __init__(self, study: optuna.Study, trials: int, metric: str = "loss") -> None:
-        self.study = study
-        self.trials = trials
-        self.metric = metric
-        self._pending: dict[int, optuna.Trial] = {}
-
-    def ask(self, index: int) -> Mapping[str, Any] | None:
-        if index >= self.trials:
-            return None  # the budget is spent: the sweep ends when running trials do
-        trial = self.study.ask()
-        self._pending[index] = trial
-        return {"alpha": trial.suggest_float("alpha", 1e-3, 1.0, log=True), "steps": 15}
-
-    def tell(self, result: aioproj.TrialResult) -> None:
-        trial = self._pending.pop(result.index)
-        if result.ok and self.metric in result.metrics:
-            self.study.tell(trial, result.metrics[self.metric])
-        elif result.pruned:
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-
-async def main(trials: int, parallel: int, seed: int) -> optuna.Study:
+async def main(
+    trials: int, parallel: int, seed: int, storage: str | None, resume: str | None
+) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study = await asyncio.to_thread(  # a database study does I/O: off the event loop
+        optuna.create_study,
+        study_name="hello-alpha",
+        storage=storage,
+        load_if_exists=True,
+        direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=3),
+    )
+    space = {"alpha": aioproj.LogUniform(1e-3, 1.0), "steps": 15}
+    tuner = await asyncio.to_thread(aioproj.OptunaTuner, study, space, "loss")
     sweep = aioproj.sweep(
         str(HELLO),
-        tuner=OptunaTuner(study, trials),
+        tuner=tuner,
+        samples=trials,
         max_parallel=parallel,
-        metric="loss",
-        early_stopping=aioproj.MedianStopping("loss", warmup_steps=3, min_trials=2),
         env_manager="local",
         name="optuna-hello",
         progress=True,
+        resume=resume,
     )
     async for result in sweep:
         # Each result arrives as its trial ends; Optuna has already been told.
         if result.error is not None:
-            print(f"trial {result.index} could not run: {result.error}")
-    print(f"Optuna's best: alpha={study.best_params['alpha']:.4f} loss={study.best_value:.5f}")
-    states = [t.state.name for t in study.trials]
+            print(f"trial {result.index} could not run: {result.reason}")
+    best = await asyncio.to_thread(lambda: study.best_trial)
+    print(f"Optuna's best: alpha={best.params['alpha']:.4f} loss={best.value:.5f}")
+    states = [t.state.name for t in await asyncio.to_thread(lambda: study.trials)]
     print("Optuna trials:", {s: states.count(s) for s in sorted(set(states))})
+    print(f"Parent run: {sweep.parent_run_id}")
     return study
 
 
@@ -80,5 +71,7 @@ if __name__ == "__main__":
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--parallel", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage", help="An Optuna storage URL, e.g. sqlite:///study.db")
+    parser.add_argument("--resume", metavar="PARENT_RUN_ID", help="Continue that sweep.")
     args = parser.parse_args()
-    asyncio.run(main(args.trials, args.parallel, args.seed))
+    asyncio.run(main(args.trials, args.parallel, args.seed, args.storage, args.resume))

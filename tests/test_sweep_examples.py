@@ -77,5 +77,5 @@ def test_optuna_example_tunes_with_ask_and_tell(tmp_path: Path) -> None:
     )
     assert float(match.group(2)) == pytest.approx(best.data.metrics["loss"], rel=1e-4)
     for run in children:
-        if run.info.status == "KILLED":  # stopped early by the median rule
-            assert run.data.tags["aioproj.sweep.pruned"].startswith("median rule")
+        if run.info.status == "KILLED":  # pruned by the study's MedianPruner
+            assert run.data.tags["aioproj.sweep.pruned"].startswith("Optuna MedianPruner")
