@@ -377,7 +377,10 @@ def test_resume_after_sigkill_and_recover(tmp_path: Path) -> None:
     )  # fmt: skip
     assert recovered.returncode == 0, recovered.stderr
     transcript += ["$ aioproj recover --grace-period 1", recovered.stdout.rstrip()]
-    assert recovered.stdout.count("KILLED") == 3
+    # the three trials it ran, and the sweep's parent run
+    assert recovered.stdout.count("KILLED") == 4
+    assert f"{parent.group(1)}  sweep" in recovered.stdout
+    assert "sweep cut short" in recovered.stdout
     assert all(process_gone(pid) for pid in held)
 
     for x in (1, 2, 3):
