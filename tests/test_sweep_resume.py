@@ -20,6 +20,7 @@ import optuna
 import pytest
 
 import aioproj
+from aioproj.sweeps import sample_space
 
 from .support import all_runs, amake_project, make_project, mlflow_client, pids_in, process_gone
 
@@ -187,20 +188,32 @@ async def test_a_tuner_hears_the_kept_trials_before_it_asks(
 async def test_a_random_sweep_resumes_with_its_recorded_seed(
     project: Path, gate: anyio.Path, tracking_uri: str
 ) -> None:
-    await (gate / "fail-1").touch()
+    # Every trial fails the first time (whatever x it drew); resumed without a seed, the
+    # sweep draws the same parameter sets again from the seed it recorded.
+    for x in range(4):
+        await (gate / f"fail-{x}").touch()
     space = {"x": aioproj.Choice([0, 1, 2, 3]), "gate": str(gate)}
     first = aioproj.sweep(str(project), space, samples=6, env_manager="local")
     before = await first
-    assert any(r.status is aioproj.RunStatus.FAILED for r in before)  # some x drew 1
-    await (gate / "fail-1").unlink()
+    assert {r.status for r in before} == {aioproj.RunStatus.FAILED}
+    for x in range(4):
+        await (gate / f"fail-{x}").unlink()
     again = aioproj.sweep(
         str(project), space, samples=6, resume=first.parent_run_id, env_manager="local"
     )
     after = await again
     assert {r.index: r.params for r in after} == {r.index: r.params for r in before}
     assert all(r.ok for r in after)
-    kept = {r.index for r in after if r.resumed}
-    assert kept == {r.index for r in before if r.ok}
+    assert not any(r.resumed for r in after)  # nothing had finished: all ran again
+    # Given another seed, the same sweep is refused: its parameter sets differ.
+    drawn = [r.params for r in sorted(before, key=lambda r: r.index)]
+    seed = next(s for s in range(1, 100) if sample_space(space, 6, seed=s) != drawn)
+    other = aioproj.sweep(
+        str(project), space, samples=6, seed=seed, resume=first.parent_run_id,
+        env_manager="local",
+    )  # fmt: skip
+    with pytest.raises(aioproj.InvalidArgumentError, match="parameter sets differ"):
+        await other
 
 
 async def test_optuna_study_in_sqlite_resumes_too(
