@@ -94,7 +94,7 @@ async def test_reasons_are_redacted(
     assert "s3cr3t-t0ken-42" not in result.reason
     assert "hunter22" not in result.reason
     assert "token=***" in result.reason
-    assert "https://***@example.com/repo.git" in result.reason
+    assert "cloning https://example.com/repo.git" in result.reason  # the URL, no userinfo
     assert result.reason.endswith("(exit status 4)")
     assert result.run_id is not None
     run = await read_run(tracking_uri, result.run_id)

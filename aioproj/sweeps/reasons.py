@@ -3,9 +3,10 @@ the last lines of the run's output; with the secrets aioproj knows of replaced b
 
 A project that fails often prints its environment or a URL with credentials in a
 traceback, and a sweep shows these lines on screen and records them in the trial's
-``aioproj.sweep.reason`` tag. :class:`Redactor` removes what it can know to be secret:
-the user and password of the project and tracking URIs, any ``scheme://user:password@``
-in the text, the values of environment variables whose names say they are secrets
+``aioproj.sweep.reason`` tag. :class:`Redactor` removes, through the project's one
+redaction path (:mod:`aioproj._redact`), what it can know to be secret: the credentials
+of every URL in the text (and those of the project and tracking URIs wherever they
+appear), the values of environment variables whose names say they are secrets
 (``*TOKEN*``, ``*PASSWORD*``, ``*SECRET*``, ``*KEY*``...) and the ``docker_auth`` values.
 """
 
@@ -19,8 +20,8 @@ from collections.abc import Iterable, Mapping
 import anyio
 import anyio.lowlevel
 
+from aioproj._redact import redact, redact_text
 from aioproj.handle import SubmittedRun
-from aioproj.sources.uri import redact_text
 
 __all__ = ["TAIL_LINES", "Redactor", "error_text", "output_tail"]
 
@@ -30,17 +31,17 @@ TAIL_LINES = 10
 _SECRET_NAME = re.compile(
     r"TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|API_?KEY|PRIVATE_KEY|ACCESS_KEY|AUTH", re.I
 )
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@:]+:[^\s/@]+@")
 #: Shorter values would blank out ordinary words.
 _MIN_SECRET = 4
 
 
 class Redactor:
-    """Replaces the secrets it was given, and credentials in URLs, with ``***``."""
+    """Removes URL credentials and the secrets it was given from text, through the
+    project's one redaction path (:func:`aioproj._redact.redact`)."""
 
     def __init__(self, urls: Iterable[str], secrets: Iterable[str]) -> None:
         self._urls = [u for u in dict.fromkeys(urls) if u]
-        self._secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET}, key=len, reverse=True)
+        self._secrets = [s for s in dict.fromkeys(secrets) if len(s) >= _MIN_SECRET]
 
     @classmethod
     def for_sweep(
@@ -60,11 +61,9 @@ class Redactor:
         return cls(urls, secrets)
 
     def __call__(self, text: str) -> str:
-        for url in self._urls:
+        for url in self._urls:  # also a password quoted alone, percent-decoded
             text = redact_text(text, url)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return _URL_CREDENTIALS.sub(r"\1***@", text)
+        return redact(text, self._secrets)
 
 
 def error_text(exc: BaseException) -> str:

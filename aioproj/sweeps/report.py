@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from aioproj.sources.uri import redact_url
+from aioproj._redact import redact_url
 from aioproj.sweeps.records import SweepRecord, TrialRecord, load_sweep
 
 __all__ = ["render_report", "report_data", "write_sweep_report"]
