@@ -14,6 +14,41 @@ from . import mlflow_plugin_wheel
 from .docker_daemon import TEST_LABEL, DockerDaemon, DockerUnavailable, Registry
 from .mlflow_server import MlflowServer
 
+#: Session services that one test process must own: tests using them run in one xdist
+#: worker each (``--dist loadgroup``), so no two workers install, start or stop them.
+_SERVICE_GROUPS = {
+    "slurm": "slurm",
+    "docker_daemon": "docker",
+    "docker_registry": "docker",
+    "chromium": "chromium",
+    "mlflow_test_plugin": "mlflow-plugin",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run the tests marked slow (long runs, real installs); CI does",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--run-slow"):
+        # Deselected, not skipped: the summary says how many, and nothing is counted
+        # as passed that did not run.
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("slow")]
+    for item in items:
+        groups = {
+            _SERVICE_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in _SERVICE_GROUPS
+        }
+        if groups:
+            item.add_marker(pytest.mark.xdist_group("+".join(sorted(groups))))
+
 
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, bool]]:

@@ -72,9 +72,10 @@ def install() -> None:
     if shutil.which("apt-get") is None:
         raise SlurmUnavailable("Slurm is not installed and there is no apt-get to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    _run(["apt-get", "update", "-q"], env=env, timeout=600)
+    lock = ["-o", "DPkg::Lock::Timeout=600"]  # another test process may be installing too
+    _run(["apt-get", *lock, "update", "-q"], env=env, timeout=600)
     _run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
+        ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
         env=env,
         timeout=900,
     )

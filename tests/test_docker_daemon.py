@@ -772,11 +772,13 @@ async def gone(pid: int) -> bool:
     return await anyio.to_thread.run_sync(process_gone, pid)
 
 
-async def env_dirs() -> list[str]:
-    """The env-file directories of runs that exist now."""
+async def env_dirs(run_id: str = "") -> list[str]:
+    """The env-file directories that exist now: of the run ``run_id``, or of any run
+    (other test processes make theirs too: compare a run's own)."""
+    prefix = f"aioproj-docker-env-{run_id}"
 
     def listing() -> list[str]:
-        return [n for n in os.listdir("/dev/shm") if n.startswith("aioproj-docker-env-")]
+        return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
     return await anyio.to_thread.run_sync(listing)
 
@@ -784,12 +786,11 @@ async def env_dirs() -> list[str]:
 async def test_cancel_stops_and_removes_a_container_that_ignores_sigterm(
     docker_daemon: DockerDaemon, sleeper: Path, tracking_uri: str
 ) -> None:
-    before = set(await env_dirs())
     async with Runner(echo="off", grace_period=1) as runner:
         run = await runner.run(str(sleeper), entry_point="sleep", synchronous=False)
         label = f"aioproj.run_id={run.run_id}"
         await wait_running(docker_daemon, label)
-        assert set(await env_dirs()) - before  # the run's env file exists while it runs
+        assert await env_dirs(run.run_id)  # the run's env file exists while it runs
         pgid = run._execution.pid
         await run.cancel()
         assert await run.get_status() is RunStatus.KILLED
@@ -797,7 +798,7 @@ async def test_cancel_stops_and_removes_a_container_that_ignores_sigterm(
         assert await anyio.to_thread.run_sync(docker_cli_pids, pgid) == []
         assert await gone(pgid)
     assert (await read_run(tracking_uri, run.run_id)).info.status == "KILLED"
-    assert set(await env_dirs()) == before
+    assert await env_dirs(run.run_id) == []
 
 
 async def test_cancelling_at_any_moment_of_the_start_leaves_no_container(
@@ -1082,6 +1083,7 @@ async def test_recover_finds_the_container_of_a_run_whose_start_was_never_journa
     assert not [d for d in await env_dirs() if run_id in d]
 
 
+@pytest.mark.slow
 async def test_a_detached_run_keeps_its_docker_args_and_its_cancel_stops_the_container(
     docker_daemon: DockerDaemon,
     tracking_project: Path,

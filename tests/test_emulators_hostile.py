@@ -93,6 +93,7 @@ async def test_databricks_answers_bad_credentials_with_401(
     assert databricks.requests == {}  # nothing kept of a refused request
 
 
+@pytest.mark.slow
 async def test_databricks_memory_stays_flat_under_an_unauthenticated_flood(
     databricks: FakeDatabricks,
 ) -> None:
@@ -170,6 +171,7 @@ async def test_kubernetes_answers_bad_credentials_with_401(
     assert len(kubernetes.requests) == 0
 
 
+@pytest.mark.slow
 async def test_kubernetes_memory_stays_flat_under_an_unauthenticated_flood(
     kubernetes: FakeKubernetes,
 ) -> None:

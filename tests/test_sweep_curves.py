@@ -72,6 +72,7 @@ def _step(reason: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@pytest.mark.slow
 def test_asha_from_the_command_line(project: Path, tmp_path: Path) -> None:
     # Rungs at steps 2, 4, 8, 16, 32; the better half at a rung goes on. Worked out by
     # hand in the order the trials run (loss = quality / (step + 1)):
@@ -110,6 +111,7 @@ def test_asha_from_the_command_line(project: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_median_rule_spares_a_metric_logged_once(project: Path, tracking_uri: str) -> None:
     # The second trial logs a far worse rmse, its only value, then saves its model for a
     # while: the median rule must let it finish.

@@ -72,7 +72,11 @@ def _install_chromium() -> str | None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return None
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "-q", "chromium"]):
+    lock = ["-o", "DPkg::Lock::Timeout=600"]  # another test process may be installing too
+    for command in (
+        ["apt-get", *lock, "update"],
+        ["apt-get", *lock, "install", "-y", "-q", "chromium"],
+    ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             return None

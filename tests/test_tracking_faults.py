@@ -170,6 +170,7 @@ entry_points:
 """
 
 
+@pytest.mark.slow
 async def test_live_metrics_survive_a_tracking_outage_mid_sweep(
     proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
