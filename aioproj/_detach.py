@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from aioproj._status import RunStatus
 from aioproj.errors import ExecutionError, InvalidArgumentError
-from aioproj.handle import RunStatus
 
 if TYPE_CHECKING:
     from aioproj.tracking.base import TrackingStore

@@ -21,9 +21,9 @@ import anyio
 from aioproj._marks import MARK_VARIABLE
 from aioproj._redact import redact_credentials, warn
 from aioproj._shared import SharedCalls
+from aioproj._status import RunStatus
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import BackendError
-from aioproj.handle import RunStatus
 from aioproj.project import ResolvedParameters
 
 from ._process import ProcessGroup

@@ -42,8 +42,8 @@ from aioproj.errors import BackendError
 from .docker import ENV_FILE_VAR, RUN_ID_LABEL, DockerPreparedEnv, _docker_output, env_file_text
 
 if TYPE_CHECKING:
+    from aioproj._status import RunStatus
     from aioproj.backends.base import Execution, Launch, StartRequest
-    from aioproj.handle import RunStatus
 
 __all__ = ["ContainerExecution", "ContainerLaunch", "recover_containers", "stop_run_containers"]
 

@@ -29,9 +29,9 @@ import anyio.to_thread
 from aioproj._databricks_auth import DatabricksAuthError, WorkspaceAuth
 from aioproj._databricks_auth import resolve_workspace as _resolve_workspace
 from aioproj._shared import SharedCalls
+from aioproj._status import RunStatus
 from aioproj.backends.base import Execution, LaunchRequest, StartRequest
 from aioproj.errors import AioprojError, BackendError, InvalidArgumentError
-from aioproj.handle import RunStatus
 from aioproj.project import EnvType
 from aioproj.tracking import TrackingStore
 
