@@ -26,8 +26,8 @@ from typing import TypeAlias
 import yaml
 
 from aioproj._redact import warn
+from aioproj._rules import validate_key
 from aioproj.errors import EntryPointError, InvalidArgumentError, MLprojectError, SourceError
-from aioproj.tracking.base import validate_key
 
 __all__ = [
     "MAX_ARG_STRLEN",
