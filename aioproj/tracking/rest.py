@@ -42,15 +42,10 @@ import anyio.to_thread
 import httpx
 
 from aioproj._databricks_auth import DatabricksAuthError, OAuthM2M, WorkspaceAuth
+from aioproj._http import backoff_delay, parse_retry_after, split_uri_credentials
 from aioproj._redact import scrub
 from aioproj.errors import InvalidArgumentError, TrackingError
-from aioproj.tracking._http import (
-    HostCreds,
-    backoff_delay,
-    parse_retry_after,
-    resolve_creds,
-    split_uri_credentials,
-)
+from aioproj.tracking._http import HostCreds, resolve_creds
 from aioproj.tracking.base import (
     CLIENT_KEY_TAG,
     PARENT_RUN_TAG,
