@@ -16,7 +16,7 @@ from anyio.abc import Process
 from aioproj._marks import marked_env
 from aioproj.errors import EnvironmentBuildError
 
-__all__ = ["OutputTail", "run_step"]
+__all__ = ["OutputTail", "kill_group", "run_step"]
 
 #: Bytes of a step's output kept for the error message.
 _TAIL_BYTES = 16_384
@@ -96,7 +96,7 @@ async def _supervise(
                 on_output(chunk)
         return await process.wait()
     except BaseException:
-        _kill_group(process.pid)
+        kill_group(process.pid)
         with anyio.CancelScope(shield=True):
             await process.wait()
         raise
@@ -105,6 +105,6 @@ async def _supervise(
             await process.aclose()
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     with contextlib.suppress(OSError):
         os.killpg(pgid, signal.SIGKILL)
