@@ -39,10 +39,10 @@ class RunRow:
 
 def _file_root(uri: str) -> Path | None:
     """The root of a native file store URI; None for stores mlflow reads."""
-    from aioproj.tracking.file_store import _local_path
-    from aioproj.tracking.resolve import _scheme
+    from aioproj.tracking.file_store import local_path
+    from aioproj.tracking.resolve import uri_scheme
 
-    return _local_path(uri) if _scheme(uri) in ("", "file") else None
+    return local_path(uri) if uri_scheme(uri) in ("", "file") else None
 
 
 def _read_yaml(path: Path) -> dict[str, Any] | None:
@@ -173,7 +173,7 @@ async def list_runs(
 
 
 def _file_output(root: Path, run_id: str) -> bytes:
-    from aioproj.tracking.file_store import _local_path
+    from aioproj.tracking.file_store import local_path
 
     for experiment in _file_experiments(root, None, None):
         meta = _read_yaml(experiment / run_id / "meta.yaml")
@@ -182,7 +182,7 @@ def _file_output(root: Path, run_id: str) -> bytes:
     else:
         raise TrackingError(f"Run '{run_id}' not found in {root}.")
     artifact_uri = str(meta.get("artifact_uri", ""))
-    base = _local_path(artifact_uri)
+    base = local_path(artifact_uri)
     if base is None:
         raise TrackingError(f"Run '{run_id}' keeps its artifacts at {artifact_uri}.")
     try:

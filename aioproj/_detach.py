@@ -212,9 +212,9 @@ class DetachedExecution:
         return status
 
     async def _wait_exit(self) -> None:
-        from aioproj.backends._process import _open_pidfd
+        from aioproj._process import open_pidfd
 
-        pidfd = _open_pidfd(self.pid)
+        pidfd = open_pidfd(self.pid)
         try:
             while not _reaped(self.pid):
                 if pidfd is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import getpass
 import json
 import logging
 import os
@@ -59,7 +58,7 @@ from aioproj.project import (
 )
 from aioproj.sources import FetchedProject, SourceCache, redact_url
 from aioproj.tracking import TrackingStore, open_store
-from aioproj.tracking.base import RUN_NAME_TAG, check_record
+from aioproj.tracking.base import RUN_NAME_TAG, check_record, current_user
 from aioproj.tracking.metrics import MetricsPoller
 from aioproj.tracking.resolve import default_tracking_uri
 
@@ -900,19 +899,10 @@ async def _load_backend_config(config: Mapping[str, Any] | str | None) -> dict[s
     return loaded
 
 
-@functools.cache
-def _user() -> str:
-    """The ``mlflow.user`` tag: the login name, looked up once per process."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
 def _run_tags(source: FetchedProject, ep: EntryPoint, backend: str) -> dict[str, str]:
     """The tags MLflow gives a project run, all set at creation."""
     tags = {
-        "mlflow.user": _user(),
+        "mlflow.user": current_user(),
         "mlflow.source.name": source.source_name,
         "mlflow.source.type": "PROJECT",
         "mlflow.project.entryPoint": ep.name,

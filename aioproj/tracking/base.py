@@ -8,6 +8,8 @@ interchangeable.
 
 from __future__ import annotations
 
+import functools
+import getpass
 import logging
 import os
 import random
@@ -51,6 +53,7 @@ __all__ = [
     "check_run_id",
     "check_tags",
     "check_text",
+    "current_user",
     "generate_run_name",
     "validate_key",
 ]
@@ -207,6 +210,15 @@ def check_tags(tags: Mapping[str, str]) -> dict[str, str]:
     """Return ``tags`` validated and redacted; InvalidArgumentError for a bad key or
     value."""
     return _checked("tag", tags, MAX_TAG_VALUE_LENGTH)
+
+
+@functools.cache
+def current_user() -> str:
+    """The ``mlflow.user`` tag: the login name, looked up once per process."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def generate_run_name() -> str:

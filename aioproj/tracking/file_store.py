@@ -61,7 +61,7 @@ from aioproj.tracking.metrics import Metric, MetricCursor
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["FileStore"]
+__all__ = ["FileStore", "local_path"]
 
 _T = TypeVar("_T")
 
@@ -248,7 +248,7 @@ def _new_experiment_id() -> str:
     return str(10**17 + secrets.randbelow(9 * 10**17))
 
 
-def _local_path(uri_or_path: str) -> Path | None:
+def local_path(uri_or_path: str) -> Path | None:
     """The local path of a ``file:`` URI or a plain path; None for other schemes."""
     parsed = urllib.parse.urlparse(uri_or_path)
     if parsed.scheme == "file":
@@ -549,7 +549,7 @@ class _Layout:
     def write_artifact(self, run_id: str, artifact_path: str, data: bytes, append: bool) -> None:
         _folder, meta = self._active_run_meta(run_id)
         uri = str(meta.get("artifact_uri", ""))
-        base = _local_path(uri)
+        base = local_path(uri)
         if base is None:
             raise TrackingError(
                 f"Run '{run_id}' stores artifacts at {uri!r}; the file store writes only"
@@ -650,7 +650,7 @@ def _root_path(root: str | Path) -> Path:
     Raises:
         InvalidArgumentError: a URI with another scheme or a remote host.
     """
-    path = _local_path(root) if isinstance(root, str) else root
+    path = local_path(root) if isinstance(root, str) else root
     if path is None or str(path) == "":
         raise InvalidArgumentError(
             f"The file store needs a local path or a file: URI, not {str(root)!r}."

@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from aioproj.backends._process import ProcessGroup
+from aioproj._process import ProcessGroup
 
 from ._store import RESOURCES, Obj, Resource, StatusError, Store, now_rfc3339
 
