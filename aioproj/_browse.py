@@ -39,7 +39,7 @@ class RunRow:
 
 def _file_root(uri: str) -> Path | None:
     """The root of a native file store URI; None for stores mlflow reads."""
-    from aioproj.tracking.file_store import local_path
+    from aioproj.tracking.mlruns import local_path
     from aioproj.tracking.resolve import uri_scheme
 
     return local_path(uri) if uri_scheme(uri) in ("", "file") else None
@@ -173,7 +173,7 @@ async def list_runs(
 
 
 def _file_output(root: Path, run_id: str) -> bytes:
-    from aioproj.tracking.file_store import local_path
+    from aioproj.tracking.mlruns import local_path
 
     for experiment in _file_experiments(root, None, None):
         meta = _read_yaml(experiment / run_id / "meta.yaml")

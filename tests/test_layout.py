@@ -62,7 +62,6 @@ LONG_MODULES: dict[str, str] = {
     "aioproj.testing.databricks._server": "not split yet",
     "aioproj.testing.kubernetes._app": "not split yet",
     "aioproj.testing.kubernetes._cluster": "not split yet",
-    "aioproj.tracking.file_store": "not split yet",
     "aioproj.tracking.rest": "not split yet",
 }
 
@@ -87,10 +86,14 @@ def _imports(name: str) -> dict[str, set[str]]:
     path = MODULES[name]
     package = _package(name)
     found: dict[str, set[str]] = {}
-    for node in ast.walk(ast.parse(path.read_text())):
+    bound: dict[str, str] = {}  # a local name bound to a module: its module
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 found.setdefault(alias.name, set())
+                if alias.asname:
+                    bound[alias.asname] = alias.name
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -99,8 +102,17 @@ def _imports(name: str) -> dict[str, set[str]]:
             for alias in node.names:
                 if f"{base}.{alias.name}" in MODULES:  # ``from pkg import module``
                     found.setdefault(f"{base}.{alias.name}", set())
+                    bound[alias.asname or alias.name] = f"{base}.{alias.name}"
                 else:
                     found.setdefault(base, set()).add(alias.name)
+    for node in ast.walk(tree):  # ``module._name`` takes a name as an import does
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+            and not node.attr.startswith("__")
+        ):
+            found.setdefault(bound[node.value.id], set()).add(node.attr)
     return {module: names for module, names in found.items() if module in MODULES}
 
 
