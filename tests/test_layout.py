@@ -62,7 +62,6 @@ LONG_MODULES: dict[str, str] = {
     "aioproj.testing.databricks._server": "not split yet",
     "aioproj.testing.kubernetes._app": "not split yet",
     "aioproj.testing.kubernetes._cluster": "not split yet",
-    "aioproj.tracking.rest": "not split yet",
 }
 
 
