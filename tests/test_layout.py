@@ -61,7 +61,6 @@ LONG_MODULES: dict[str, str] = {
     "aioproj.runner": "not split yet",
     "aioproj.testing.databricks._server": "not split yet",
     "aioproj.testing.kubernetes._app": "not split yet",
-    "aioproj.testing.kubernetes._cluster": "not split yet",
 }
 
 
