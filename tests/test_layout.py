@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("aioproj.backends",)),
     ("the run journal and the detached supervisor", ("aioproj.journal", "aioproj._detach")),
     ("the run handle", ("aioproj.handle",)),
-    ("the runner", ("aioproj.runner",)),
+    ("the runner and its phases", ("aioproj.runner", "aioproj._prepare", "aioproj._start")),
     ("sweeps and views of recorded runs", ("aioproj.sweeps", "aioproj._browse")),
     (
         "the public namespace and the CLI",
@@ -58,7 +58,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 LONG_MODULES: dict[str, str] = {
     "aioproj.backends.databricks._backend": "not split yet",
     "aioproj.project.spec": "not split yet",
-    "aioproj.runner": "not split yet",
     "aioproj.testing.databricks._server": "not split yet",
     "aioproj.testing.kubernetes._app": "not split yet",
 }
