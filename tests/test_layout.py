@@ -57,7 +57,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 #: limit must leave this list (a test checks it).
 LONG_MODULES: dict[str, str] = {
     "aioproj.testing.databricks._server": "not split yet",
-    "aioproj.testing.kubernetes._app": "not split yet",
 }
 
 
