@@ -16,15 +16,14 @@ from typing import Any
 from aiohttp import web
 
 from aioproj.testing._json import JsonBodyError, loads_bounded
-from aioproj.testing.kubernetes._discovery import (
+
+from ._cluster import Cluster, Faults
+from ._discovery import (
     VERSION,
     core_resources,
     openapi_group,
     resource_entry,
 )
-from aioproj.testing.kubernetes._tables import table_of, wants_table
-
-from ._cluster import Cluster, Faults
 from ._store import (
     RESOURCES,
     Obj,
@@ -38,6 +37,7 @@ from ._store import (
     parse_rv,
     status_body,
 )
+from ._tables import table_of, wants_table
 
 __all__ = ["ApiServer", "RequestRecord"]
 

@@ -12,8 +12,7 @@ from typing import Any
 
 import anyio
 
-from aioproj.testing.kubernetes._base import JOBS, PODS, ClusterBase, meta_of, name_suffix
-
+from ._base import JOBS, PODS, ClusterBase, meta_of, name_suffix
 from ._store import Obj, StatusError, now_rfc3339
 
 __all__ = [

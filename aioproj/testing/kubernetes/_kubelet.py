@@ -17,7 +17,8 @@ from typing import Any
 import anyio
 
 from aioproj._process import ProcessGroup
-from aioproj.testing.kubernetes._base import (
+
+from ._base import (
     CONFIGMAPS,
     JOBS,
     PODS,
@@ -27,7 +28,6 @@ from aioproj.testing.kubernetes._base import (
     PodLog,
     meta_of,
 )
-
 from ._store import Obj, StatusError, now_rfc3339
 
 __all__ = [

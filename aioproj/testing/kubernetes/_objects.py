@@ -13,7 +13,7 @@ import re
 import uuid
 from typing import Any
 
-from aioproj.testing.kubernetes._base import (
+from ._base import (
     CONFIGMAPS,
     JOBS,
     PODS,
@@ -22,7 +22,6 @@ from aioproj.testing.kubernetes._base import (
     meta_of,
     name_suffix,
 )
-
 from ._store import Obj, Resource, StatusError, now_rfc3339
 
 __all__ = [
