@@ -24,6 +24,7 @@ from dulwich.refs import Ref
 from dulwich.repo import Repo
 
 from aioproj.errors import SourceError
+from aioproj.project.spec import find_mlproject
 from aioproj.sources._store import CacheDir, FetchedProject, find_subdirectory, in_thread
 from aioproj.sources.uri import ProjectURI, is_file_uri, redact_url
 
@@ -101,6 +102,15 @@ def _source_name(work_dir: Path, info: _RepoInfo | None) -> str:
     return name if relative == Path() else f"{name}#{relative.as_posix()}"
 
 
+def _is_bare_repository(path: Path) -> bool:
+    """A git repository without a working tree: ``HEAD``, ``objects/`` and ``refs/``."""
+    return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "refs").is_dir()
+
+
+def _has_mlproject(path: Path) -> bool:
+    return find_mlproject(os.listdir(path), directory=path, is_file=Path.is_file) is not None
+
+
 def _use_in_place(path: Path, project: ProjectURI) -> FetchedProject:
     """The blocking part of a fetch without version."""
     if not path.is_dir():
@@ -109,6 +119,12 @@ def _use_in_place(path: Path, project: ProjectURI) -> FetchedProject:
             "a .zip or .tar.gz archive, or a git URL."
         )
     work_dir = find_subdirectory(path, project.subdir, str(path))
+    if _is_bare_repository(work_dir) and not _has_mlproject(work_dir):
+        raise SourceError(
+            f"No MLproject was found in {work_dir}: it is a bare git repository, which has "
+            "no working tree to run. Give a version to run one of its commits (-v BRANCH, "
+            "TAG or COMMIT; version=... in aioproj.run), or run a clone of it."
+        )
     info = _inspect(work_dir)
     return FetchedProject(
         directory=work_dir,
