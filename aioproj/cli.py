@@ -412,8 +412,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             parser.error(f"cannot read the arguments of a detached run: {exc}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # As `mlflow run`, say which command a local run runs, before it starts.
+    # As `mlflow run`, say which command a local run runs, before it starts, and what an
+    # environment build is doing while it builds.
     logging.getLogger("aioproj.backends.local").setLevel(logging.INFO)
+    logging.getLogger("aioproj.envs").setLevel(logging.INFO)
     try:
         if args.env_file:
             _load_env_file(args.env_file)
