@@ -13,11 +13,6 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
-from aioproj._detach import (
-    DetachedExecution,
-    SupervisorError,
-    spawn_supervisor,
-)
 from aioproj._keys import new_key
 from aioproj._output import EchoMode, RunOutput
 from aioproj._prepare import Prepared, RunPreparation, extra_run_tags, run_tags
@@ -200,6 +195,8 @@ class RunStarting(RunPreparation):
 
     async def _run_detached(self, argv: list[str]) -> SubmittedRun:
         """Start a detached supervisor for ``aioproj run <argv>``; a handle following it."""
+        from aioproj._detach import DetachedExecution, SupervisorError, spawn_supervisor
+
         store = await self._store()
         env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
         if self._cache_dir is not None:

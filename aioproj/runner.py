@@ -21,10 +21,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from aioproj._detach import (
-    check_detach,
-    cli_args,
-)
 from aioproj._marks import build_mark, process_mark
 from aioproj._output import EchoMode
 from aioproj._paths import cache_root
@@ -261,6 +257,8 @@ class Runner(RunStarting):
             validate_env_manager(env_manager)
             check_record(run_name=run_name, experiment_name=experiment_name)
             if detach:
+                from aioproj._detach import check_detach, cli_args  # detached runs only
+
                 check_detach(backend, synchronous, docker_auth)
                 return await self._run_detached(
                     cli_args(

@@ -25,7 +25,7 @@ import anyio
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project
 
-from .base import PreparedEnv
+from .base import PYTHON_MANAGERS, PreparedEnv
 from .cache import ensure_env_dir, env_dir_for
 from .interpreters import Interpreter, find_interpreter, parse_version_request
 from .pyspec import PythonSpec, load_python_spec, requirement_lines, spec_digest
@@ -35,8 +35,6 @@ __all__ = ["PYTHON_MANAGERS", "find_uv", "prepare_python_env"]
 
 logger = logging.getLogger("aioproj.envs")
 
-#: The managers this module builds.
-PYTHON_MANAGERS = ("virtualenv", "uv")
 
 OutputCallback = Callable[[bytes], None]
 

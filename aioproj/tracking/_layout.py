@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from aioproj._keys import new_key
 from aioproj.errors import TrackingError
 from aioproj.tracking.base import (
     DEFAULT_EXPERIMENT_ID,
@@ -177,7 +177,7 @@ class Layout:
         (a create repeated after a crash).
         """
         meta_exp = self.active_experiment(experiment_id)
-        run_id = run_id or uuid.uuid4().hex
+        run_id = run_id or new_key()
         folder = self.root / experiment_id / run_id
         if (folder / META).is_file():
             return self.get_run(run_id)
@@ -198,7 +198,7 @@ class Layout:
             "tags": [],
             "user_id": tags.get(USER_TAG, "unknown"),
         }
-        draft = folder.with_name(f".{run_id}.{uuid.uuid4().hex[:8]}.tmp")
+        draft = folder.with_name(f".{run_id}.{new_key()[:8]}.tmp")
         draft.mkdir()
         try:
             for sub in RUN_SUBDIRS:

@@ -9,7 +9,6 @@ interchangeable.
 from __future__ import annotations
 
 import functools
-import getpass
 import logging
 import os
 import random
@@ -215,6 +214,8 @@ def check_tags(tags: Mapping[str, str]) -> dict[str, str]:
 @functools.cache
 def current_user() -> str:
     """The ``mlflow.user`` tag: the login name, looked up once per process."""
+    import getpass  # with pwd and termios, on first use rather than on import
+
     try:
         return getpass.getuser()
     except (KeyError, OSError):

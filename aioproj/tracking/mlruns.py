@@ -10,18 +10,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
-import secrets
 import sys
 import time
 import urllib.parse
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from aioproj._keys import new_key
 from aioproj.errors import InvalidArgumentError
 
 if sys.platform != "win32":
@@ -199,7 +199,7 @@ def read_yaml(path: Path) -> dict[str, Any] | None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{new_key()}.tmp")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -237,7 +237,7 @@ def read_values(folder: Path) -> dict[str, str]:
 
 def new_experiment_id() -> str:
     """A random 18-digit id, the shape MLflow's file store gives new experiments."""
-    return str(10**17 + secrets.randbelow(9 * 10**17))
+    return str(10**17 + random.SystemRandom().randrange(9 * 10**17))
 
 
 def local_path(uri_or_path: str) -> Path | None:
