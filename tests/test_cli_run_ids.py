@@ -5,9 +5,6 @@ lists its candidates, and ``aioproj logs`` on a sweep's parent run lists its tri
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import anyio
@@ -18,6 +15,7 @@ from aioproj.errors import TrackingError
 from aioproj.tracking import FileStore
 
 from .support import make_project
+from .test_cli_sweep import aioproj_cli
 
 MLPROJECT = """
 entry_points:
@@ -31,18 +29,6 @@ entry_points:
 TWIN_A = "abcd1234" + "0" * 24
 TWIN_B = "abcd1234" + "1" * 24
 OTHER = "ffff0000" + "2" * 24
-
-
-def aioproj_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": (cwd / "mlruns").as_uri()}
-    return subprocess.run(
-        [sys.executable, "-m", "aioproj", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def _store_with_twins(tmp_path: Path) -> None:
