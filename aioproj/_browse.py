@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,22 @@ import anyio.to_thread
 from aioproj._output import ARTIFACT_PATH
 from aioproj.errors import TrackingError
 
-__all__ = ["RunRow", "list_runs", "read_output"]
+__all__ = [
+    "FULL_ID_LENGTH",
+    "SHORT_ID_LENGTH",
+    "RunRow",
+    "find_run",
+    "list_runs",
+    "read_output",
+    "resolve_run_id",
+    "short_ids",
+    "sweep_trials",
+]
+
+#: The length of a full MLflow run id (32 hex digits): no lookup needed.
+FULL_ID_LENGTH = 32
+#: The shortest prefix ``aioproj runs`` prints; longer where two runs share it.
+SHORT_ID_LENGTH = 8
 
 _STATUS_NAMES = {1: "RUNNING", 2: "SCHEDULED", 3: "FINISHED", 4: "FAILED", 5: "KILLED"}
 
@@ -35,14 +51,15 @@ class RunRow:
     end_time_ms: int | None
     parent_run_id: str | None
     entry_point: str | None
+    experiment_name: str = ""
 
 
 def _file_root(uri: str) -> Path | None:
     """The root of a native file store URI; None for stores mlflow reads."""
-    from aioproj.tracking.file_store import _local_path
-    from aioproj.tracking.resolve import _scheme
+    from aioproj.tracking.mlruns import local_path
+    from aioproj.tracking.resolve import uri_scheme
 
-    return _local_path(uri) if _scheme(uri) in ("", "file") else None
+    return local_path(uri) if uri_scheme(uri) in ("", "file") else None
 
 
 def _read_yaml(path: Path) -> dict[str, Any] | None:
@@ -85,7 +102,12 @@ def _file_experiments(root: Path, name: str | None, experiment_id: str | None) -
 
 def _file_runs(root: Path, name: str | None, experiment_id: str | None) -> list[RunRow]:
     rows = []
-    for experiment in _file_experiments(root, name, experiment_id):
+    experiments = _file_experiments(root, name, experiment_id)
+    experiment_names = {
+        folder.name: (_read_yaml(folder / "meta.yaml") or {}).get("name", "")
+        for folder in experiments
+    }
+    for experiment in experiments:
         for run_dir in experiment.iterdir():
             meta = _read_yaml(run_dir / "meta.yaml") if run_dir.is_dir() else None
             if meta is None or meta.get("lifecycle_stage", "active") != "active":
@@ -103,6 +125,7 @@ def _file_runs(root: Path, name: str | None, experiment_id: str | None) -> list[
                     end_time_ms=meta.get("end_time"),
                     parent_run_id=_tag(run_dir, "mlflow.parentRunId"),
                     entry_point=_tag(run_dir, "mlflow.project.entryPoint"),
+                    experiment_name=str(experiment_names.get(experiment.name, "")),
                 )
             )
     return rows
@@ -128,15 +151,16 @@ def _mlflow_runs(uri: str, name: str | None, experiment_id: str | None) -> list[
     try:
         client = _mlflow_client(uri)
         if experiment_id is not None:
-            ids = [experiment_id]
+            experiments = [client.get_experiment(experiment_id)]
         elif name is not None:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise TrackingError(f"No experiment named {name!r} in {uri}.")
-            ids = [experiment.experiment_id]
+            experiments = [experiment]
         else:
-            ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, max_results=50000) if ids else []
+            experiments = client.search_experiments()
+        names = {e.experiment_id: e.name for e in experiments}
+        runs = client.search_runs(list(names), max_results=50000) if names else []
     except MlflowException as exc:
         raise TrackingError(f"Could not list runs in {uri}: {exc.message}") from exc
     return [
@@ -149,6 +173,7 @@ def _mlflow_runs(uri: str, name: str | None, experiment_id: str | None) -> list[
             end_time_ms=r.info.end_time,
             parent_run_id=r.data.tags.get("mlflow.parentRunId"),
             entry_point=r.data.tags.get("mlflow.project.entryPoint"),
+            experiment_name=names.get(r.info.experiment_id, ""),
         )
         for r in runs
     ]
@@ -172,8 +197,79 @@ async def list_runs(
     return await anyio.to_thread.run_sync(_list, uri, experiment_name, experiment_id)
 
 
+def short_ids(run_ids: Iterable[str]) -> dict[str, str]:
+    """Each run id's shortest prefix of at least 8 characters that no other id starts
+    with (the id itself when another id is a prefix of it). Raises nothing."""
+    ids = sorted(set(run_ids))
+    out = {}
+    for index, run_id in enumerate(ids):
+        length = SHORT_ID_LENGTH
+        for other in ids[max(0, index - 1) : index + 2]:  # sorted: neighbours share most
+            if other != run_id:
+                shared = next(
+                    (i for i, (a, b) in enumerate(zip(run_id, other, strict=False)) if a != b),
+                    min(len(run_id), len(other)),
+                )
+                length = max(length, shared + 1)
+        out[run_id] = run_id[:length]
+    return out
+
+
+def resolve_run_id(text: str, rows: Sequence[RunRow], where: str) -> str:
+    """The id of the one run among ``rows`` whose id is ``text`` or starts with it.
+
+    Raises:
+        TrackingError: no run has it (``where`` names the store), or several do (the
+            message lists them, with their experiment, status and name).
+    """
+    if any(row.run_id == text for row in rows):
+        return text
+    found = [row for row in rows if row.run_id.startswith(text)] if text else []
+    if len(found) == 1:
+        return found[0].run_id
+    if not found:
+        raise TrackingError(f"Run '{text}' not found in {where}.")
+    listed = "\n".join(
+        f"  {row.run_id}  {row.experiment_name or row.experiment_id}  {row.status}"
+        f"  {row.run_name}".rstrip()
+        for row in found[:20]
+    )
+    more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
+    raise TrackingError(
+        f"The run id '{text}' is ambiguous: {len(found)} runs in {where} start with it:\n"
+        f"{listed}{more}\nGive more characters of the id."
+    )
+
+
+async def find_run(uri: str, text: str) -> str:
+    """The full id of the run whose id is ``text`` or starts with it (a short id as
+    ``aioproj runs`` prints it). A full-length id is returned as it is, unread.
+
+    Raises:
+        TrackingError: the store cannot be read, no run matches, or several do.
+    """
+    if len(text) >= FULL_ID_LENGTH:
+        return text
+    rows = await list_runs(uri)
+    return resolve_run_id(text, rows, _where(uri))
+
+
+def _where(uri: str) -> str:
+    root = _file_root(uri)
+    return str(root) if root is not None else uri
+
+
+async def sweep_trials(uri: str, run_id: str) -> list[RunRow]:
+    """The runs whose ``mlflow.parentRunId`` is ``run_id`` (a sweep's trials), oldest
+    first. Raises TrackingError when the store cannot be read."""
+    rows = await list_runs(uri)
+    return sorted(
+        (row for row in rows if row.parent_run_id == run_id), key=lambda r: r.start_time_ms
+    )
+
+
 def _file_output(root: Path, run_id: str) -> bytes:
-    from aioproj.tracking.file_store import _local_path
+    from aioproj.tracking.mlruns import local_path
 
     for experiment in _file_experiments(root, None, None):
         meta = _read_yaml(experiment / run_id / "meta.yaml")
@@ -182,7 +278,7 @@ def _file_output(root: Path, run_id: str) -> bytes:
     else:
         raise TrackingError(f"Run '{run_id}' not found in {root}.")
     artifact_uri = str(meta.get("artifact_uri", ""))
-    base = _local_path(artifact_uri)
+    base = local_path(artifact_uri)
     if base is None:
         raise TrackingError(f"Run '{run_id}' keeps its artifacts at {artifact_uri}.")
     try:

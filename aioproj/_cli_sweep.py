@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aioproj._cli_common import (
@@ -271,7 +271,7 @@ def _sweep(args: argparse.Namespace) -> int:
             metric=args.metric,
             goal=args.goal,
             early_stopping=_stopper(args),
-            resume=args.resume,
+            resume=_resume_id(args.resume),
             echo="labelled" if args.echo else "off",
             name=args.run_name,
             progress=args.progress,
@@ -327,6 +327,25 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _resume_id(text: str | None) -> str | None:
+    """The sweep ``--resume`` names: a short id resolved in the tracking store.
+
+    Raises:
+        UsageError: no run or several runs have that short id (the message lists them).
+    """
+    import anyio
+
+    from aioproj._browse import FULL_ID_LENGTH, find_run
+    from aioproj.errors import TrackingError
+
+    if text is None or len(text) >= FULL_ID_LENGTH:
+        return text
+    try:
+        return anyio.run(find_run, _tracking_uri(None), text)
+    except TrackingError as exc:
+        raise _usage(str(exc)) from exc
+
+
 def _stopper(args: argparse.Namespace) -> Stopper | None:
     """The early stopping the options ask for; UsageError for bad settings."""
     from aioproj import ASHA, InvalidArgumentError, MedianStopping
@@ -353,13 +372,17 @@ def _report(args: argparse.Namespace) -> int:
     import anyio
 
     from aioproj import AioprojError
+    from aioproj._browse import find_run
     from aioproj.sweeps.report import write_sweep_report
 
     uri = _tracking_uri(args.tracking_uri)
-    path = args.output or f"sweep-{args.parent_run_id[:8]}.html"
+    path = args.output
 
     async def write() -> None:
-        await write_sweep_report(uri, args.parent_run_id, path, metric=args.metric)
+        nonlocal path
+        parent_run_id = await find_run(uri, args.parent_run_id)
+        path = path or f"sweep-{parent_run_id[:8]}.html"
+        await write_sweep_report(uri, parent_run_id, path, metric=args.metric)
 
     try:
         anyio.run(write)
@@ -388,32 +411,38 @@ def _runs(args: argparse.Namespace) -> int:
     import anyio
 
     from aioproj import AioprojError
-    from aioproj._browse import list_runs
+    from aioproj._browse import list_runs, short_ids
 
     if args.limit < 0:
         raise _usage("--limit must be 0 or more.")
     uri = _tracking_uri(args.tracking_uri)
+    filtered = args.experiment_name is not None or args.experiment_id is not None
 
-    async def listing() -> list[RunRow]:
-        return await list_runs(
+    async def listing() -> tuple[list[RunRow], list[RunRow]]:
+        rows = await list_runs(
             uri, experiment_name=args.experiment_name, experiment_id=args.experiment_id
         )
+        # short ids are unique across the whole store, so `aioproj logs` finds each
+        return rows, (await list_runs(uri) if filtered else rows)
 
     try:
-        rows = anyio.run(listing)
+        rows, every = anyio.run(listing)
     except AioprojError as exc:
         print(f"aioproj: {exc}", file=sys.stderr)
         return 1
     if args.limit:
         rows = rows[: args.limit]
+    short = short_ids(row.run_id for row in every)
     if args.json:
-        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        print(
+            json.dumps([{**row.__dict__, "short_id": short[row.run_id]} for row in rows], indent=2)
+        )
     else:
-        _print_runs(rows)
+        _print_runs(rows, short)
     return 0
 
 
-def _print_runs(rows: Sequence[RunRow]) -> None:
+def _print_runs(rows: Sequence[RunRow], short: Mapping[str, str]) -> None:
     def when(ms: int) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
@@ -422,16 +451,19 @@ def _print_runs(rows: Sequence[RunRow]) -> None:
             return "-"
         return f"{(row.end_time_ms - row.start_time_ms) / 1000:.1f}s"
 
-    table = [("RUN ID", "STATUS", "STARTED", "TIME", "EXP", "PARENT", "ENTRY", "NAME")]
+    def shown(run_id: str | None) -> str:
+        return "-" if run_id is None else short.get(run_id, run_id[:8])
+
+    table = [("RUN ID", "STATUS", "STARTED", "TIME", "EXPERIMENT", "PARENT", "ENTRY", "NAME")]
     for row in rows:
         table.append(
             (
-                row.run_id,
+                shown(row.run_id),
                 row.status,
                 when(row.start_time_ms),
                 took(row),
-                row.experiment_id,
-                (row.parent_run_id or "-")[:8],
+                row.experiment_name or row.experiment_id,
+                shown(row.parent_run_id),
                 row.entry_point or "-",
                 row.run_name,
             )
@@ -445,18 +477,39 @@ def _logs(args: argparse.Namespace) -> int:
     import anyio
 
     from aioproj import AioprojError
-    from aioproj._browse import read_output
 
     uri = _tracking_uri(args.tracking_uri)
 
-    async def read() -> bytes:
-        return await read_output(uri, args.run_id)
-
     try:
-        data = anyio.run(read)
+        data = anyio.run(_saved_output, uri, args.run_id)
     except AioprojError as exc:
         print(f"aioproj: {exc}", file=sys.stderr)
         return 1
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
     return 0
+
+
+async def _saved_output(uri: str, text: str) -> bytes:
+    """The saved output of the run ``text`` names (a full or short id).
+
+    Raises TrackingError: no such run, an ambiguous short id, or no saved output (for a
+    sweep's parent run, the message lists its trials)."""
+    from aioproj._browse import find_run, read_output, short_ids, sweep_trials
+    from aioproj.errors import TrackingError
+
+    run_id = await find_run(uri, text)
+    try:
+        return await read_output(uri, run_id)
+    except TrackingError:
+        trials = await sweep_trials(uri, run_id)
+        if not trials:
+            raise
+    short = short_ids(row.run_id for row in trials)
+    listed = "\n".join(
+        f"  {short[row.run_id]}  {row.status:<9} {row.run_name}".rstrip() for row in trials
+    )
+    raise TrackingError(
+        f"Run '{run_id}' is the parent run of a sweep: it has no output of its own. Its "
+        f"{len(trials)} trials (aioproj logs <id> prints one's output):\n{listed}"
+    )

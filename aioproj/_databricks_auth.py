@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
+from aioproj._http import backoff_delay, parse_retry_after
 from aioproj._redact import scrub
 from aioproj.errors import AioprojError
 
@@ -343,8 +344,6 @@ class OAuthM2M(httpx.Auth):
             return current
 
     async def _fetch(self) -> str:
-        from aioproj.tracking._http import backoff_delay, parse_retry_after
-
         host = self.workspace.host
         basic = base64.b64encode(
             f"{self.workspace.client_id}:{self.workspace.client_secret}".encode()

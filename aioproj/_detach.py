@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from aioproj._status import RunStatus
 from aioproj.errors import ExecutionError, InvalidArgumentError
-from aioproj.handle import RunStatus
 
 if TYPE_CHECKING:
     from aioproj.tracking.base import TrackingStore
@@ -212,9 +212,9 @@ class DetachedExecution:
         return status
 
     async def _wait_exit(self) -> None:
-        from aioproj.backends._process import _open_pidfd
+        from aioproj._process import open_pidfd
 
-        pidfd = _open_pidfd(self.pid)
+        pidfd = open_pidfd(self.pid)
         try:
             while not _reaped(self.pid):
                 if pidfd is not None:

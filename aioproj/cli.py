@@ -302,10 +302,16 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import anyio
 
     from aioproj import AioprojError, Runner
+    from aioproj._browse import FULL_ID_LENGTH, find_run
 
     report = _Report(int(report_fd)) if report_fd is not None else None
 
     async def run_it() -> tuple[str, bool]:
+        run_id = args.run_id
+        if run_id is not None and len(run_id) < FULL_ID_LENGTH:  # a short id: find the run
+            from aioproj.tracking.resolve import resolve_tracking_uri
+
+            run_id = await find_run(resolve_tracking_uri(None), run_id)
         async with Runner(echo="off" if report else "plain") as runner:
             handle = await runner.run(
                 args.uri,
@@ -319,7 +325,7 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 backend_config=config,
                 storage_dir=args.storage_dir,
                 synchronous=synchronous and report is None,
-                run_id=args.run_id,
+                run_id=run_id,
                 run_name=args.run_name,
                 env_manager=args.env_manager,
                 build_image=args.build_image,
@@ -406,8 +412,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             parser.error(f"cannot read the arguments of a detached run: {exc}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # As `mlflow run`, say which command a local run runs, before it starts.
+    # As `mlflow run`, say which command a local run runs, before it starts, and what an
+    # environment build is doing while it builds.
     logging.getLogger("aioproj.backends.local").setLevel(logging.INFO)
+    logging.getLogger("aioproj.envs").setLevel(logging.INFO)
     try:
         if args.env_file:
             _load_env_file(args.env_file)

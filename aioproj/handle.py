@@ -8,7 +8,6 @@ API (``await run``, ``wait``, ``cancel``, ``logs``).
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from aioproj._output import RunOutput
+from aioproj._status import RunStatus
 from aioproj.errors import AioprojError
 
 if TYPE_CHECKING:
@@ -28,27 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["RunStatus", "SubmittedRun"]
 
 logger = logging.getLogger("aioproj")
-
-
-class RunStatus(str, enum.Enum):
-    """The status of a run, with MLflow's names."""
-
-    SCHEDULED = "SCHEDULED"
-    RUNNING = "RUNNING"
-    FINISHED = "FINISHED"
-    FAILED = "FAILED"
-    KILLED = "KILLED"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def is_terminal(self) -> bool:
-        """True for FINISHED, FAILED and KILLED."""
-        return self in _TERMINAL
-
-
-_TERMINAL = frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED})
 
 
 class SubmittedRun:

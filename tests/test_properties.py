@@ -55,7 +55,7 @@ from aioproj.sources.uri import (
     split_subdirectory,
 )
 from aioproj.tracking.base import MAX_KEY_LENGTH, check_record, validate_key
-from aioproj.tracking.file_store import _dump_yaml, _load_yaml_text
+from aioproj.tracking.mlruns import dump_yaml, load_yaml_text
 
 from .support import property_settings
 
@@ -644,8 +644,8 @@ meta_keys = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True).filter(
 @given(run_name=meta_values, extra=st.dictionaries(meta_keys, meta_values))
 def test_meta_yaml_round_trip(run_name: object, extra: dict[str, object]) -> None:
     meta = {**extra, "run_name": run_name, "status": 3, "tags": [], "end_time": None}
-    text = _dump_yaml(meta)
-    assert _load_yaml_text(text) == meta
+    text = dump_yaml(meta)
+    assert load_yaml_text(text) == meta
     assert yaml.safe_load(text) == meta
 
 

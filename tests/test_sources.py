@@ -21,6 +21,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
+import aioproj
 from aioproj.errors import ExecutionError, SourceError
 from aioproj.sources import FetchedProject, SourceCache, parse_project_uri, redact_url
 from aioproj.sources.git import resolve_submodule_url
@@ -32,6 +33,7 @@ from aioproj.sources.uri import (
     redact_text,
 )
 from tests.gitserver import FileServer, GitServer, closed_port
+from tests.support import all_runs
 
 pytestmark = pytest.mark.anyio
 
@@ -294,6 +296,34 @@ async def test_not_a_directory(tmp_path: Path) -> None:
     await inspect(lambda: (tmp_path / "f.txt").write_text("x"))
     with pytest.raises(SourceError, match="is not a directory"):
         await SourceCache().fetch(str(tmp_path / "f.txt"))
+
+
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+async def test_bare_repository_without_version_says_it_needs_one(
+    tmp_path: Path, as_uri: bool
+) -> None:
+    shas = await inspect(lambda: make_project_repo(tmp_path / "src"))
+    bare = tmp_path / "bare.git"
+    await inspect(lambda: git(tmp_path, "clone", "-q", "--bare", "src", "bare.git"))
+    uri = bare.as_uri() if as_uri else str(bare)
+    with pytest.raises(SourceError) as caught:
+        await SourceCache().fetch(uri)
+    message = str(caught.value)
+    assert f"No MLproject was found in {bare}" in message
+    assert "bare git repository" in message
+    assert "Give a version" in message
+    assert "-v BRANCH" in message
+    fetched = await SourceCache().fetch(uri, version="main")  # a version runs a commit
+    assert fetched.git_commit == shas.main
+    assert await inspect(lambda: (fetched.directory / "MLproject").read_text()) == "name: demo\n"
+
+
+async def test_bare_repository_run_creates_no_run(tmp_path: Path, tracking_uri: str) -> None:
+    await inspect(lambda: make_project_repo(tmp_path / "src"))
+    await inspect(lambda: git(tmp_path, "clone", "-q", "--bare", "src", "bare.git"))
+    with pytest.raises(SourceError, match="bare git repository"):
+        await aioproj.run(str(tmp_path / "bare.git"), env_manager="local")
+    assert await all_runs(tracking_uri) == []
 
 
 @pytest.fixture

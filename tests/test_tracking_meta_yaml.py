@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from aioproj.tracking.file_store import _dump_yaml, _load_yaml_text
+from aioproj.tracking.mlruns import dump_yaml, load_yaml_text
 
 TRICKY = [
     "",
@@ -85,21 +85,21 @@ def _meta(value: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("value", TRICKY)
 def test_written_meta_reads_back_identically_with_pyyaml_and_with_us(value: str) -> None:
-    text = _dump_yaml(_meta(value))
+    text = dump_yaml(_meta(value))
     assert yaml.safe_load(text) == _meta(value)
-    assert _load_yaml_text(text) == _meta(value)
+    assert load_yaml_text(text) == _meta(value)
 
 
 def test_random_values_round_trip() -> None:
     rng = random.Random(1234)
     for _ in range(2000):
         value = _sample(rng)
-        text = _dump_yaml(_meta(value))
+        text = dump_yaml(_meta(value))
         assert yaml.safe_load(text) == _meta(value), value
-        assert _load_yaml_text(text) == _meta(value), value
+        assert load_yaml_text(text) == _meta(value), value
 
 
 @pytest.mark.parametrize("value", TRICKY)
 def test_files_written_by_pyyaml_read_identically(value: str) -> None:
     text = yaml.safe_dump(_meta(value), default_flow_style=False)
-    assert _load_yaml_text(text) == yaml.safe_load(text)
+    assert load_yaml_text(text) == yaml.safe_load(text)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from aioproj._output import RunOutput
-    from aioproj.handle import RunStatus
+    from aioproj._status import RunStatus
     from aioproj.project import EntryPoint, Project, ResolvedParameters
     from aioproj.sources import FetchedProject
 

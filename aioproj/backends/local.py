@@ -19,14 +19,14 @@ from pathlib import Path
 import anyio
 
 from aioproj._marks import MARK_VARIABLE
+from aioproj._process import ProcessGroup
 from aioproj._redact import redact_credentials, warn
 from aioproj._shared import SharedCalls
+from aioproj._status import RunStatus
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import BackendError
-from aioproj.handle import RunStatus
 from aioproj.project import ResolvedParameters
 
-from ._process import ProcessGroup
 from .base import Execution, Launch, LaunchRequest, StartRequest
 
 __all__ = ["LocalBackend", "LocalExecution", "LocalLaunch"]

@@ -28,8 +28,8 @@ import anyio
 import anyio.to_thread
 
 from aioproj._mlflow_context import call_with_tracking
+from aioproj._status import RunStatus
 from aioproj.errors import BackendError
-from aioproj.handle import RunStatus
 
 from .base import Execution, LaunchRequest, StartRequest
 

@@ -10,10 +10,8 @@ from pathlib import Path
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project
 
-from .base import ENV_MANAGERS, PreparedEnv
-from .cache import env_root
+from .base import ENV_MANAGERS, PYTHON_MANAGERS, PreparedEnv, env_root
 from .select import select_env_manager, validate_env_manager
-from .venv import PYTHON_MANAGERS, prepare_python_env
 
 __all__ = [
     "ENV_MANAGERS",
@@ -67,6 +65,8 @@ async def prepare_env(
     if manager == "local":
         return local_env()
     if manager in PYTHON_MANAGERS:
+        from .venv import prepare_python_env  # imported only by runs that build one
+
         return await prepare_python_env(
             project, manager, cache_dir=env_root(cache_dir), on_output=on_output
         )

@@ -1,7 +1,9 @@
-"""What a prepared environment gives a run: a command prefix, variables and a tag."""
+"""What a prepared environment gives a run (a command prefix, variables and a tag), the
+names of the env managers, and where virtualenv and uv environments live."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from aioproj.backends.base import Launch
 
-__all__ = ["ENV_MANAGERS", "PreparedEnv"]
+__all__ = ["ENV_MANAGERS", "ENV_ROOT_VAR", "PYTHON_MANAGERS", "PreparedEnv", "env_root"]
 
 #: The env managers ``run(env_manager=...)`` accepts, as MLflow names them.
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
@@ -42,3 +44,21 @@ class PreparedEnv:
         ``launch`` itself, or one that also manages what the environment starts besides
         the process (docker: the run's container)."""
         return launch
+
+
+#: MLflow's variable for where its virtualenv environments live; aioproj's virtualenv and
+#: uv environments go there too when it is set.
+ENV_ROOT_VAR = "MLFLOW_ENV_ROOT"
+
+
+def env_root(default: Path) -> Path:
+    """Where virtualenv and uv environments live: ``$MLFLOW_ENV_ROOT`` when it is set and
+    not empty (as MLflow's), else ``default`` (``<AIOPROJ_CACHE_DIR or ~/.cache/aioproj>/envs``
+    for a :class:`~aioproj.Runner`). aioproj's directories are named
+    ``virtualenv-<hash>`` / ``uv-<hash>``, so they never collide with MLflow's."""
+    explicit = os.environ.get(ENV_ROOT_VAR, "").strip()
+    return Path(explicit).expanduser() if explicit else default
+
+
+#: The managers :mod:`aioproj.envs.venv` builds.
+PYTHON_MANAGERS = ("virtualenv", "uv")

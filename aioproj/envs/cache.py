@@ -30,6 +30,8 @@ import anyio
 
 from aioproj.errors import EnvironmentBuildError
 
+from .base import ENV_ROOT_VAR, env_root
+
 __all__ = [
     "ENV_ROOT_VAR",
     "MARKER_NAME",
@@ -41,9 +43,6 @@ __all__ = [
     "read_marker",
 ]
 
-#: MLflow's variable for where its virtualenv environments live; aioproj's virtualenv and
-#: uv environments go there too when it is set.
-ENV_ROOT_VAR = "MLFLOW_ENV_ROOT"
 
 #: The file whose presence means the environment in its directory is complete.
 MARKER_NAME = ".aioproj-env.json"
@@ -73,15 +72,6 @@ class EnvBuild:
     directory: Path
     built: bool
     info: Mapping[str, object]
-
-
-def env_root(default: Path) -> Path:
-    """Where virtualenv and uv environments live: ``$MLFLOW_ENV_ROOT`` when it is set and
-    not empty (as MLflow's), else ``default`` (``<AIOPROJ_CACHE_DIR or ~/.cache/aioproj>/envs``
-    for a :class:`~aioproj.Runner`). aioproj's directories are named
-    ``virtualenv-<hash>`` / ``uv-<hash>``, so they never collide with MLflow's."""
-    explicit = os.environ.get(ENV_ROOT_VAR, "").strip()
-    return Path(explicit).expanduser() if explicit else default
 
 
 def env_dir_for(cache_dir: Path, manager: str, digest: str) -> Path:

@@ -39,9 +39,9 @@ import anyio
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import EnvType, Project
 
-from ._steps import OutputTail, run_step
 from .base import PreparedEnv
 from .cache import MARKER_NAME, _file_lock, _write_marker, env_dir_for, is_complete
+from .steps import OutputTail, run_step
 
 __all__ = [
     "CondaTools",

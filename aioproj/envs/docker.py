@@ -23,7 +23,7 @@ secret (``docker_env.environment``, tracking credentials, a tracking URI that is
 local store) do not go through docker's container configuration at all, where ``docker
 inspect`` would show them: they are written to a file readable only through a private
 directory, mounted at ``/run/aioproj/env`` and read by ``/bin/sh`` in the container before
-it ``exec``s the image's entrypoint and the command (see :mod:`aioproj.envs._containers`).
+it ``exec``s the image's entrypoint and the command (see :mod:`aioproj.envs.containers`).
 A local tracking store is mounted at ``/mlflow/tmp/mlruns`` (and at its own path, so
 artifact URIs recorded in it resolve) and ``MLFLOW_TRACKING_URI`` is rewritten for the
 container.
@@ -31,18 +31,13 @@ container.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shlex
-import shutil
-import subprocess
-import tempfile
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,8 +49,24 @@ from aioproj._shared import SharedCalls
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project
 
-from ._steps import OutputTail, _kill_group, run_step
 from .base import PreparedEnv
+from .containers import ENV_FILE_VAR, RUN_ID_LABEL, ContainerLaunch, env_file_text
+from .docker_cli import (
+    CODE_DIR,
+    Image,
+    OutputCallback,
+    auth_key,
+    build_image,
+    docker_output,
+    dockerfile_text,
+    find_docker,
+    inspect_image,
+    login,
+    registry_secrets,
+    require_image,
+    scrubbing,
+)
+from .steps import run_step
 
 if TYPE_CHECKING:
     from aioproj.backends.base import Launch
@@ -71,6 +82,7 @@ __all__ = [
     "docker_args_argv",
     "docker_run_argv",
     "dockerfile_text",
+    "env_file_text",
     "image_tag",
     "prepare_docker_env",
     "tracking_mount",
@@ -78,14 +90,8 @@ __all__ = [
 
 logger = logging.getLogger("aioproj.envs")
 
-#: Where the project's code is inside the container (MLflow's path).
-CODE_DIR = "/mlflow/projects/code"
 #: Where a local tracking store is mounted inside the container (MLflow's path).
 CONTAINER_TRACKING_DIR = "/mlflow/tmp/mlruns"
-#: The label of every container aioproj starts: its run's id (found again by it).
-RUN_ID_LABEL = "aioproj.run_id"
-#: The host variable naming the run's env file (set for the docker CLI at start).
-ENV_FILE_VAR = "AIOPROJ_DOCKER_ENV_FILE"
 #: Where the run's env file is mounted in the container.
 CONTAINER_ENV_FILE = "/run/aioproj/env"
 #: What the container runs first when it gets an env file: read it, become the command.
@@ -117,14 +123,6 @@ HTTP_TRACKING_ENV_NAMES = (
 )
 
 _NO_NAME = "Project name in MLProject must be specified when using docker for image tagging."
-_NO_DOCKER = (
-    "Could not find Docker executable. Ensure Docker is installed as per the instructions "
-    "at https://docs.docker.com/install/overview/."
-)
-_EXCLUDED_FROM_BUILD = ("mlruns",)
-
-OutputCallback = Callable[[bytes], None]
-
 #: Concurrent runs needing one image share one info/login/pull/build (see _get_image).
 _IMAGES = SharedCalls()
 
@@ -164,10 +162,10 @@ class DockerPreparedEnv(PreparedEnv):
 
     def wrap_launch(self, launch: Launch) -> Launch:
         """A launch that also writes the run's env file and stops, removes and finds
-        again the run's container (see :mod:`aioproj.envs._containers`)."""
-        from ._containers import ContainerLaunch
-
-        return ContainerLaunch(launch, self)
+        again the run's container (see :mod:`aioproj.envs.containers`)."""
+        return ContainerLaunch(
+            launch, docker=self.docker, file_env_names=self.file_env_names, defined=self.defined
+        )
 
 
 # -- pure command building --------------------------------------------------------------
@@ -276,22 +274,8 @@ def docker_run_argv(
     return argv
 
 
-def env_file_text(values: Mapping[str, str]) -> str:
-    """The env file: one ``export NAME='value'`` line per variable, for ``/bin/sh``.
-
-    Names are those an MLproject or aioproj accepts (checked when parsed); values are
-    single-quoted, so the shell reads them as data whatever they hold. Raises nothing.
-    """
-    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
-
-
 def _shell_text(argv: Sequence[str]) -> str:
     return " ".join(f'"{a}"' if isinstance(a, _Expanded) else shlex.quote(a) for a in argv)
-
-
-def dockerfile_text(base_image: str) -> str:
-    """The generated Dockerfile of ``build_image=True``. Raises nothing."""
-    return f"FROM {base_image}\nCOPY . {CODE_DIR}/\nWORKDIR {CODE_DIR}/\n"
 
 
 def image_tag(project_name: str, git_commit: str | None) -> str:
@@ -348,11 +332,11 @@ async def prepare_docker_env(
             "ensure all expected environment variables are set."
         )
     directory = project_dir if project_dir is not None else project.directory
-    docker = await _find_docker()
+    docker = await find_docker()
     base = docker_env.image
     image_uri = image_tag(project.name, git_commit) if build_image else base
     key = "\0".join(
-        [docker, base, image_uri, str(build_image), str(directory), _auth_key(docker_auth)]
+        [docker, base, image_uri, str(build_image), str(directory), auth_key(docker_auth)]
     )
     image = await _IMAGES.run(
         key,
@@ -383,22 +367,6 @@ async def prepare_docker_env(
     )
 
 
-@dataclass(frozen=True)
-class _Image:
-    """What runs need to know of their image: its id and its entrypoint."""
-
-    id: str
-    entrypoint: tuple[str, ...]
-
-
-def _auth_key(auth: Mapping[str, str] | None) -> str:
-    """Tells registry credentials apart in a single-flight key, without holding them."""
-    if not auth:
-        return ""
-    text = json.dumps(dict(auth), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 async def _get_image(
     docker: str,
     base: str,
@@ -406,18 +374,18 @@ async def _get_image(
     directory: Path,
     docker_auth: Mapping[str, str] | None,
     on_output: OutputCallback | None,
-) -> _Image:
+) -> Image:
     """``docker info``, login, pull the base if absent, build ``build_tag`` if given."""
-    secrets = _secrets(docker_auth)
-    code, output = await _docker_output([docker, "info"], cwd=directory)
+    secrets = registry_secrets(docker_auth)
+    code, output = await docker_output([docker, "info"], cwd=directory)
     if code != 0:
         raise EnvironmentBuildError(
             "Ran `docker info` to ensure docker daemon is running but it failed with the "
             f"following output:\n{scrub(output, secrets)}"
         )
     if docker_auth:
-        await _login(docker, docker_auth, cwd=directory)
-    image = await _inspect_image(docker, base, cwd=directory)
+        await login(docker, docker_auth, cwd=directory)
+    image = await inspect_image(docker, base, cwd=directory)
     if image is None:
         await run_step(
             [docker, "pull", base],
@@ -425,12 +393,12 @@ async def _get_image(
             hint="Check the image name, your network and registry credentials (docker_auth).",
             cwd=directory,
             env=os.environ,
-            on_output=_scrubbing(on_output, secrets),
+            on_output=scrubbing(on_output, secrets),
         )
-        image = await _require_image(docker, base, cwd=directory)
+        image = await require_image(docker, base, cwd=directory)
     if build_tag is not None:
-        await _build(docker, base, build_tag, directory, on_output)
-        image = await _require_image(docker, build_tag, cwd=directory)
+        await build_image(docker, base, build_tag, directory, on_output)
+        image = await require_image(docker, build_tag, cwd=directory)
     return image
 
 
@@ -459,7 +427,7 @@ def _warn_unreachable_tracking(tracking_uri: str, docker_args: Mapping[str, str 
 def _run_env(
     docker: str,
     image_uri: str,
-    image: _Image,
+    image: Image,
     *,
     project_dir: Path,
     mount_code: bool,
@@ -523,149 +491,3 @@ def _run_env(
         file_env_names=file_names,
         defined=defined,
     )
-
-
-async def _find_docker() -> str:
-    found = await anyio.to_thread.run_sync(shutil.which, "docker")
-    if found is None:
-        raise EnvironmentBuildError(_NO_DOCKER)
-    return found
-
-
-async def _login(docker: str, auth: Mapping[str, str], *, cwd: Path) -> None:
-    registry = auth.get("registry", "")
-    username = auth.get("username", "")
-    password = auth.get("password", "")
-    argv = [docker, "login"]
-    if registry:
-        argv.append(registry)
-    argv += ["-u", username, "--password-stdin"]
-    code, output = await _docker_output(argv, cwd=cwd, stdin=password.encode())
-    if code != 0:
-        raise EnvironmentBuildError(
-            f"docker login to {registry or 'the default registry'} as {username!r} failed "
-            f"(exit code {code}):\n{scrub(output, _secrets(auth))}\n"
-            "Check docker_auth (registry, username, password)."
-        )
-
-
-async def _inspect_image(docker: str, image: str, *, cwd: Path) -> _Image | None:
-    """The image's id and entrypoint if it is present locally, else None."""
-    code, output = await _docker_output([docker, "image", "inspect", image], cwd=cwd)
-    if code != 0:
-        return None
-    try:
-        data = json.loads(output)[0]
-        image_id = data["Id"]
-        config = data.get("Config") or {}
-        entrypoint = config.get("Entrypoint") or []
-    except (ValueError, LookupError, TypeError, AttributeError):
-        return None
-    if not isinstance(image_id, str):
-        return None
-    if isinstance(entrypoint, str):  # very old images: a shell string
-        entrypoint = ["/bin/sh", "-c", entrypoint]
-    return _Image(image_id, tuple(str(part) for part in entrypoint))
-
-
-async def _require_image(docker: str, image: str, *, cwd: Path) -> _Image:
-    found = await _inspect_image(docker, image, cwd=cwd)
-    if found is None:
-        raise EnvironmentBuildError(
-            f"`docker image inspect {image}` did not find the image it just got."
-        )
-    return found
-
-
-async def _build(
-    docker: str, base: str, tag: str, project_dir: Path, on_output: OutputCallback | None
-) -> None:
-    root = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="aioproj-docker-")))
-    try:
-        context = root / "context"
-        dockerfile = root / "Dockerfile.mlflow-autogenerated"
-        await anyio.to_thread.run_sync(_write_context, project_dir, context, dockerfile, base)
-        logger.info("Building docker image %s from %s", tag, base)
-        await run_step(
-            [docker, "build", "-t", tag, "-f", dockerfile, context],
-            what=f"Building the docker image {tag}",
-            hint="Check the base image and the Dockerfile output above.",
-            cwd=root,
-            env=os.environ,
-            on_output=on_output,
-        )
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
-
-
-def _write_context(project_dir: Path, context: Path, dockerfile: Path, base: str) -> None:
-    shutil.copytree(
-        project_dir,
-        context,
-        symlinks=True,
-        ignore=shutil.ignore_patterns(*_EXCLUDED_FROM_BUILD),
-    )
-    dockerfile.write_text(dockerfile_text(base))
-
-
-async def _docker_output(
-    argv: Sequence[str], *, cwd: Path, stdin: bytes | None = None
-) -> tuple[int, str]:
-    """Run a short docker command, its own process group; return (exit code, output).
-
-    ``stdin`` is written to the process and closed. Cancellation kills the group and
-    reaps it before propagating.
-    """
-    try:
-        process = await anyio.open_process(
-            list(argv),
-            cwd=cwd,
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise EnvironmentBuildError(
-            f"Cannot run {shlex.join(argv[:3])}: {exc.strerror or exc}. {_NO_DOCKER}"
-        ) from exc
-    tail = OutputTail(limit=1 << 20)
-    try:
-        if stdin is not None:
-            assert process.stdin is not None
-            await process.stdin.send(stdin)
-            await process.stdin.aclose()
-        assert process.stdout is not None
-        async for chunk in process.stdout:
-            tail.add(chunk)
-        code = await process.wait()
-    except BaseException:
-        _kill_group(process.pid)
-        with anyio.CancelScope(shield=True):
-            await process.wait()
-        raise
-    finally:
-        with anyio.CancelScope(shield=True):
-            await process.aclose()
-    return code, tail.text(lines=10_000)
-
-
-def _secrets(auth: Mapping[str, str] | None) -> list[str]:
-    if not auth:
-        return []
-    password = auth.get("password", "")
-    return [password] if password else []
-
-
-def _scrubbing(on_output: OutputCallback | None, secrets: Sequence[str]) -> OutputCallback | None:
-    if on_output is None or not secrets:
-        return on_output
-    encoded = [s.encode() for s in secrets]
-
-    def feed(chunk: bytes) -> None:
-        for secret in encoded:
-            chunk = chunk.replace(secret, b"***")
-        on_output(chunk)
-
-    return feed

@@ -25,18 +25,16 @@ import anyio
 from aioproj.errors import EnvironmentBuildError
 from aioproj.project import Project
 
-from ._steps import run_step
-from .base import PreparedEnv
+from .base import PYTHON_MANAGERS, PreparedEnv
 from .cache import ensure_env_dir, env_dir_for
 from .interpreters import Interpreter, find_interpreter, parse_version_request
 from .pyspec import PythonSpec, load_python_spec, requirement_lines, spec_digest
+from .steps import run_step
 
 __all__ = ["PYTHON_MANAGERS", "find_uv", "prepare_python_env"]
 
 logger = logging.getLogger("aioproj.envs")
 
-#: The managers this module builds.
-PYTHON_MANAGERS = ("virtualenv", "uv")
 
 OutputCallback = Callable[[bytes], None]
 

@@ -207,7 +207,7 @@ async def _stop_containers(run: RunState, grace_period: float, dry_run: bool) ->
     Returns how many containers there were (a dry run only counts them)."""
     if "docker" not in run.state or run.run_id is None or run.status is not None:
         return 0
-    from aioproj.envs._containers import recover_containers
+    from aioproj.envs.containers import recover_containers
 
     try:
         with anyio.CancelScope(shield=not dry_run):

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from aioproj._rules import MAX_KEY_LENGTH
 from aioproj.errors import MLprojectError, ParameterError
 from aioproj.project.spec import (
     MAX_ARG_STRLEN,
@@ -31,7 +32,6 @@ from aioproj.project.spec import (
     check_format_spec,
     parse_command_template,
 )
-from aioproj.tracking.base import MAX_KEY_LENGTH
 
 __all__ = ["ResolvedParameters", "command_limit", "render_command", "resolve_parameters"]
 

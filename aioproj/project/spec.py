@@ -11,8 +11,6 @@ line of that key, found by composing the YAML node tree only when an error is re
 from __future__ import annotations
 
 import enum
-import functools
-import io
 import os
 import re
 import shlex
@@ -23,14 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-import yaml
-
 from aioproj._redact import warn
+from aioproj._rules import validate_key
 from aioproj.errors import EntryPointError, InvalidArgumentError, MLprojectError, SourceError
-from aioproj.tracking.base import validate_key
+from aioproj.project._yaml import (
+    MAX_MLPROJECT_BYTES,
+    MAX_MLPROJECT_NESTING,
+    Document,
+    check_size,
+    is_scalar,
+    kind_of,
+)
 
 __all__ = [
     "MAX_ARG_STRLEN",
+    "MAX_MLPROJECT_BYTES",
+    "MAX_MLPROJECT_NESTING",
     "SUPPORTED_SCRIPT_EXTENSIONS",
     "DockerEnv",
     "EntryPoint",
@@ -48,12 +54,6 @@ MLPROJECT_FILE_NAME = "mlproject"
 PYTHON_ENV_FILE_NAME = "python_env.yaml"
 CONDA_ENV_FILE_NAME = "conda.yaml"
 SUPPORTED_SCRIPT_EXTENSIONS = (".py", ".sh", ".R")
-#: Real MLproject files are a few hundred bytes; one this large is a mistake or an attack.
-MAX_MLPROJECT_BYTES = 1 << 20
-#: Deeper YAML nesting is refused before a loader builds it: libyaml recurses on the C
-#: stack (a few hundred thousand ``[`` crash the process) and scans flow nesting in
-#: quadratic time. Real files nest five or six levels.
-MAX_MLPROJECT_NESTING = 100
 #: Linux's limit on one command-line argument, the terminating NUL included
 #: (``MAX_ARG_STRLEN``, 32 pages). A command runs as ``bash -c <command>``: one argument.
 MAX_ARG_STRLEN = 128 * 1024
@@ -250,7 +250,7 @@ def load_project(directory: Path) -> Project:
         try:
             with mlproject_path.open("rb") as f:
                 data = f.read(MAX_MLPROJECT_BYTES + 1)
-            _check_size(len(data), str(mlproject_path))
+            check_size(len(data), str(mlproject_path))
             text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise MLprojectError(
@@ -297,7 +297,7 @@ def parse_project(
             entry_points=types.MappingProxyType({}),
             mlproject_path=None,
         )
-    doc = _Document(text, str(mlproject_path) if mlproject_path is not None else "MLproject")
+    doc = Document(text, str(mlproject_path) if mlproject_path is not None else "MLproject")
     data = doc.load()
     env_type, env_config_path, docker_env = _parse_environment(data, directory, file_exists, doc)
     return Project(
@@ -311,154 +311,11 @@ def parse_project(
     )
 
 
-#: libyaml's loader when PyYAML was built with it: parsing is then ~10x cheaper.
-_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_yaml(text: str, path: str) -> object:
-    """The YAML data of an MLproject text, parsed once per distinct text.
-
-    A sweep runs one project hundreds of times; the data is only read, never mutated.
-
-    Raises:
-        MLprojectError: the text is over the size limit or nests too deeply.
-        yaml.YAMLError: the text is not YAML.
-    """
-    _check_size(len(text.encode("utf-8", "surrogatepass")), path)
-    _check_nesting(text, path)
-    return yaml.load(_NamedText(text, path), Loader=_SafeLoader)
-
-
-def _check_size(size: int, path: str) -> None:
-    if size > MAX_MLPROJECT_BYTES:
-        raise MLprojectError(
-            f"the MLproject file is larger than {MAX_MLPROJECT_BYTES} bytes; an MLproject "
-            "declares entry points and an environment, data belongs in other files",
-            path=path,
-        )
-
-
-_BRACKETS = re.compile(r"[\[\]{}]")
-_OPENING = frozenset("[{")
-_DEPTH_EVENTS = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
-_END_EVENTS = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
-
-
-def _check_nesting(text: str, path: str) -> None:
-    """Refuse YAML nested deeper than :data:`MAX_MLPROJECT_NESTING`, in linear time.
-
-    Flow brackets are counted first without parsing (an over-count from brackets inside
-    strings only matters past the limit), then the event stream, which libyaml produces
-    without recursion, gives the true depth of block collections.
-    """
-    depth = 0
-    for match in _BRACKETS.finditer(text):
-        depth = depth + 1 if match.group() in _OPENING else max(depth - 1, 0)
-        if depth > MAX_MLPROJECT_NESTING:
-            break
-    else:
-        depth = 0
-        try:
-            for event in yaml.parse(text, Loader=_SafeLoader):
-                if isinstance(event, _DEPTH_EVENTS):
-                    depth += 1
-                    if depth > MAX_MLPROJECT_NESTING:
-                        break
-                elif isinstance(event, _END_EVENTS):
-                    depth -= 1
-            else:
-                return
-        except yaml.YAMLError:
-            return  # the loader reports it, with its line
-    raise MLprojectError(f"the YAML nests deeper than {MAX_MLPROJECT_NESTING} levels", path=path)
-
-
-class _Document:
-    """The MLproject text, able to turn a key path into an error with its line."""
-
-    def __init__(self, text: str, path: str) -> None:
-        self.text = text
-        self.path = path
-
-    def load(self) -> dict[str, object]:
-        """Parse the text.
-
-        Raises:
-            MLprojectError: YAML syntax error (with its line), empty text, non-mapping top.
-        """
-        try:
-            data = _parse_yaml(self.text, self.path)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else None
-            raise MLprojectError(f"invalid YAML: {exc}", path=self.path, line=line) from None
-        if data is None:
-            raise MLprojectError("the MLproject file is empty", path=self.path)
-        if not isinstance(data, dict):
-            raise MLprojectError(
-                f"the MLproject file must be a mapping, got {_kind(data)}", path=self.path, line=1
-            )
-        return {str(key): value for key, value in data.items()}
-
-    def error(self, keys: Sequence[str], message: str) -> MLprojectError:
-        """An :class:`MLprojectError` for the key path ``keys``, with that key's line."""
-        where = ".".join(keys)
-        return MLprojectError(f"{where}: {message}", path=self.path, line=self.line_of(keys))
-
-    def line_of(self, keys: Sequence[str]) -> int | None:
-        """The 1-based line of the deepest key of ``keys`` present in the text."""
-        try:
-            node = yaml.compose(self.text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            return None
-        line: int | None = None
-        for key in keys:
-            if not isinstance(node, yaml.MappingNode):
-                break
-            found = next(
-                (
-                    (k, v)
-                    for k, v in node.value
-                    if isinstance(k, yaml.ScalarNode) and k.value == key
-                ),
-                None,
-            )
-            if found is None:
-                break
-            line = found[0].start_mark.line + 1
-            node = found[1]
-        return line
-
-
-class _NamedText(io.StringIO):
-    """YAML input whose problem marks name the MLproject file instead of ``<unicode string>``."""
-
-    def __init__(self, text: str, name: str) -> None:
-        super().__init__(text)
-        self.name = name
-
-
-def _kind(value: object) -> str:
-    """A short description of a YAML value's kind, for error messages."""
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "nothing"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _is_scalar(value: object) -> bool:
-    return isinstance(value, (str, int, float, bool))
-
-
-def _parse_name(value: object, doc: _Document) -> str | None:
+def _parse_name(value: object, doc: Document) -> str | None:
     if value is None:
         return None
-    if not _is_scalar(value):
-        raise doc.error(["name"], f"must be a string, got {_kind(value)}")
+    if not is_scalar(value):
+        raise doc.error(["name"], f"must be a string, got {kind_of(value)}")
     return str(value)
 
 
@@ -471,7 +328,7 @@ def _parse_environment(
     data: Mapping[str, object],
     directory: Path,
     file_exists: Callable[[Path], bool],
-    doc: _Document,
+    doc: Document,
 ) -> tuple[EnvType, Path | None, DockerEnv | None]:
     present = [key for key in data if key in _ENV_KEYS]
     if len(present) > 1:
@@ -492,7 +349,7 @@ def _parse_environment(
         return EnvType.DOCKER, None, _parse_docker_env(data[key], doc)
     value = data[key]
     if not isinstance(value, str) or not value:
-        raise doc.error([key], f"must be the name of a file, got {_kind(value)}")
+        raise doc.error([key], f"must be the name of a file, got {kind_of(value)}")
     path = directory / value
     if not file_exists(path):
         what = "python_env file" if key == EnvType.PYTHON.value else "conda environment file"
@@ -519,9 +376,9 @@ def _conventional_env_path(directory: Path, file_exists: Callable[[Path], bool])
     return None
 
 
-def _parse_docker_env(value: object, doc: _Document) -> DockerEnv:
+def _parse_docker_env(value: object, doc: Document) -> DockerEnv:
     if value is not None and not isinstance(value, dict):
-        raise doc.error(["docker_env"], f"must be a mapping with an image, got {_kind(value)}")
+        raise doc.error(["docker_env"], f"must be a mapping with an image, got {kind_of(value)}")
     spec: dict[object, object] = value or {}
     image = spec.get("image")
     if image is None or image == "":
@@ -532,7 +389,7 @@ def _parse_docker_env(value: object, doc: _Document) -> DockerEnv:
             line=doc.line_of(["docker_env"]),
         )
     if not isinstance(image, str):
-        raise doc.error(["docker_env", "image"], f"must be a string, got {_kind(image)}")
+        raise doc.error(["docker_env", "image"], f"must be a string, got {kind_of(image)}")
     return DockerEnv(
         image=image,
         volumes=_parse_volumes(spec.get("volumes"), doc),
@@ -540,7 +397,7 @@ def _parse_docker_env(value: object, doc: _Document) -> DockerEnv:
     )
 
 
-def _parse_volumes(value: object, doc: _Document) -> tuple[str, ...]:
+def _parse_volumes(value: object, doc: Document) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
@@ -552,7 +409,7 @@ def _parse_volumes(value: object, doc: _Document) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _parse_docker_environment(value: object, doc: _Document) -> tuple[str | tuple[str, str], ...]:
+def _parse_docker_environment(value: object, doc: Document) -> tuple[str | tuple[str, str], ...]:
     if value is None:
         return ()
     message = (
@@ -571,7 +428,7 @@ def _parse_docker_environment(value: object, doc: _Document) -> tuple[str | tupl
             and len(item) == 2
             and isinstance(item[0], str)
             and item[0]
-            and _is_scalar(item[1])
+            and is_scalar(item[1])
         ):
             defined = str(item[1])
             if "\0" in defined:
@@ -589,7 +446,7 @@ def _parse_docker_environment(value: object, doc: _Document) -> tuple[str | tupl
 _BAD_ENV_NAME = re.compile(r"^-|[=\s\x00]")
 
 
-def _env_name(name: str, doc: _Document) -> str:
+def _env_name(name: str, doc: Document) -> str:
     """An environment variable name as ``docker run -e NAME`` and the OS can take it."""
     if _BAD_ENV_NAME.search(name):
         raise doc.error(
@@ -603,11 +460,11 @@ def _env_name(name: str, doc: _Document) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-def _parse_entry_points(value: object, doc: _Document) -> Mapping[str, EntryPoint]:
+def _parse_entry_points(value: object, doc: Document) -> Mapping[str, EntryPoint]:
     if value is None:
         return types.MappingProxyType({})
     if not isinstance(value, dict):
-        raise doc.error(["entry_points"], f"must be a mapping of names, got {_kind(value)}")
+        raise doc.error(["entry_points"], f"must be a mapping of names, got {kind_of(value)}")
     entry_points: dict[str, EntryPoint] = {}
     for raw_name, spec in value.items():
         name = str(raw_name)
@@ -615,15 +472,15 @@ def _parse_entry_points(value: object, doc: _Document) -> Mapping[str, EntryPoin
     return types.MappingProxyType(entry_points)
 
 
-def _parse_entry_point(name: str, spec: object, doc: _Document) -> EntryPoint:
+def _parse_entry_point(name: str, spec: object, doc: Document) -> EntryPoint:
     keys = ["entry_points", name]
     if not isinstance(spec, dict):
-        raise doc.error(keys, f"must be a mapping with a command, got {_kind(spec)}")
+        raise doc.error(keys, f"must be a mapping with a command, got {kind_of(spec)}")
     command = spec.get("command")
     if command is None:
         raise doc.error(keys, "has no command")
     if not isinstance(command, str):
-        raise doc.error([*keys, "command"], f"must be a string, got {_kind(command)}")
+        raise doc.error([*keys, "command"], f"must be a string, got {kind_of(command)}")
     if "\0" in command:
         raise doc.error([*keys, "command"], "contains a NUL character, which no shell can run")
     if len(command.encode("utf-8", "surrogateescape")) >= MAX_ARG_STRLEN:
@@ -648,12 +505,12 @@ def _parse_entry_point(name: str, spec: object, doc: _Document) -> EntryPoint:
     )
 
 
-def _parse_parameters(entry_point: str, value: object, doc: _Document) -> Mapping[str, Parameter]:
+def _parse_parameters(entry_point: str, value: object, doc: Document) -> Mapping[str, Parameter]:
     keys = ["entry_points", entry_point, "parameters"]
     if value is None:
         return types.MappingProxyType({})
     if not isinstance(value, dict):
-        raise doc.error(keys, f"must be a mapping of parameter names, got {_kind(value)}")
+        raise doc.error(keys, f"must be a mapping of parameter names, got {kind_of(value)}")
     parameters: dict[str, Parameter] = {}
     for raw_name, spec in value.items():
         name = str(raw_name)
@@ -668,7 +525,7 @@ def _parse_parameters(entry_point: str, value: object, doc: _Document) -> Mappin
     return types.MappingProxyType(parameters)
 
 
-def _parse_parameter(entry_point: str, name: str, spec: object, doc: _Document) -> Parameter:
+def _parse_parameter(entry_point: str, name: str, spec: object, doc: Document) -> Parameter:
     keys = ["entry_points", entry_point, "parameters", name]
     if isinstance(spec, str):
         declared_type, default = spec, None
@@ -680,15 +537,15 @@ def _parse_parameter(entry_point: str, name: str, spec: object, doc: _Document) 
             )
         declared_type = spec.get("type", "string")
         if not isinstance(declared_type, str):
-            raise doc.error([*keys, "type"], f"must be a type name, got {_kind(declared_type)}")
+            raise doc.error([*keys, "type"], f"must be a type name, got {kind_of(declared_type)}")
         raw_default = spec.get("default")
-        if raw_default is not None and not _is_scalar(raw_default):
-            raise doc.error([*keys, "default"], f"must be a scalar, got {_kind(raw_default)}")
+        if raw_default is not None and not is_scalar(raw_default):
+            raise doc.error([*keys, "default"], f"must be a scalar, got {kind_of(raw_default)}")
         default = None if raw_default is None else str(raw_default)
     else:
         raise doc.error(
             keys,
-            f"must be a type name or a mapping with 'type' and 'default', got {_kind(spec)}",
+            f"must be a type name or a mapping with 'type' and 'default', got {kind_of(spec)}",
         )
     return Parameter(
         name=name,

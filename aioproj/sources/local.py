@@ -14,18 +14,19 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import anyio.from_thread
-from dulwich.errors import NotGitRepository
-from dulwich.object_store import BaseObjectStore
-from dulwich.objects import S_ISGITLINK, Blob, ObjectID
-from dulwich.objectspec import parse_commit
-from dulwich.refs import Ref
-from dulwich.repo import Repo
 
 from aioproj.errors import SourceError
+from aioproj.project.spec import find_mlproject
 from aioproj.sources._store import CacheDir, FetchedProject, find_subdirectory, in_thread
 from aioproj.sources.uri import ProjectURI, is_file_uri, redact_url
+
+if TYPE_CHECKING:  # dulwich is imported where a git repository is found
+    from dulwich.object_store import BaseObjectStore
+    from dulwich.objects import ObjectID
+    from dulwich.repo import Repo
 
 __all__ = ["fetch_local", "safe_tree_path", "write_tree"]
 
@@ -70,7 +71,24 @@ def _head_commit(repo: Repo) -> str | None:
         return None  # a repository without commits
 
 
+def _may_be_in_repository(path: Path) -> bool:
+    """Whether ``path`` or a folder above it holds ``.git`` or is a bare repository, the
+    places dulwich's ``Repo.discover`` looks: a few ``stat`` calls, so that a project
+    outside git does not import dulwich at all."""
+    for folder in (path, *path.parents):
+        if (folder / ".git").exists():
+            return True
+        if (folder / "objects").is_dir() and (folder / "refs").is_dir():
+            return True
+    return False
+
+
 def _discover(path: Path) -> Repo | None:
+    if not _may_be_in_repository(path):
+        return None
+    from dulwich.errors import NotGitRepository
+    from dulwich.repo import Repo
+
     try:
         return Repo.discover(str(path))
     except NotGitRepository:
@@ -101,6 +119,15 @@ def _source_name(work_dir: Path, info: _RepoInfo | None) -> str:
     return name if relative == Path() else f"{name}#{relative.as_posix()}"
 
 
+def _is_bare_repository(path: Path) -> bool:
+    """A git repository without a working tree: ``HEAD``, ``objects/`` and ``refs/``."""
+    return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "refs").is_dir()
+
+
+def _has_mlproject(path: Path) -> bool:
+    return find_mlproject(os.listdir(path), directory=path, is_file=Path.is_file) is not None
+
+
 def _use_in_place(path: Path, project: ProjectURI) -> FetchedProject:
     """The blocking part of a fetch without version."""
     if not path.is_dir():
@@ -109,6 +136,12 @@ def _use_in_place(path: Path, project: ProjectURI) -> FetchedProject:
             "a .zip or .tar.gz archive, or a git URL."
         )
     work_dir = find_subdirectory(path, project.subdir, str(path))
+    if _is_bare_repository(work_dir) and not _has_mlproject(work_dir):
+        raise SourceError(
+            f"No MLproject was found in {work_dir}: it is a bare git repository, which has "
+            "no working tree to run. Give a version to run one of its commits (-v BRANCH, "
+            "TAG or COMMIT; version=... in aioproj.run), or run a clone of it."
+        )
     info = _inspect(work_dir)
     return FetchedProject(
         directory=work_dir,
@@ -120,6 +153,8 @@ def _use_in_place(path: Path, project: ProjectURI) -> FetchedProject:
 
 
 def _is_branch(repo: Repo, version: str) -> bool:
+    from dulwich.refs import Ref
+
     return Ref(b"refs/heads/" + version.encode()) in repo.refs
 
 
@@ -129,6 +164,10 @@ def _open_root(path: Path) -> Repo | None:
     MLflow's ``_is_git_repo`` rule: ``git.Repo(path)`` (no search upwards) with at least
     one branch. A directory inside a repository is not one.
     """
+    from dulwich.errors import NotGitRepository
+    from dulwich.refs import Ref
+    from dulwich.repo import Repo
+
     try:
         repo = Repo(str(path))
     except NotGitRepository:
@@ -147,6 +186,8 @@ def _resolve_version(path: Path, version: str) -> _Export:
             "Setting a version is only supported for Git project URIs"), or the version
             names no commit in it.
     """
+    from dulwich.objectspec import parse_commit
+
     repo = _open_root(path)
     if repo is None:
         raise SourceError(
@@ -179,6 +220,8 @@ def safe_tree_path(raw: bytes) -> PurePosixPath:
 
 
 def _write_entry(store: BaseObjectStore, sha: ObjectID, mode: int, target: Path) -> None:
+    from dulwich.objects import Blob
+
     blob = store[sha]
     assert isinstance(blob, Blob)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +238,8 @@ def write_tree(store: BaseObjectStore, tree: ObjectID, dest: Path) -> None:
     Submodule entries become empty directories. Raises SourceError on an unsafe path and
     ``CancelledError`` when the awaiting task was cancelled.
     """
+    from dulwich.objects import S_ISGITLINK
+
     dest.mkdir(parents=True, exist_ok=True)
     for entry in store.iter_tree_contents(tree):
         anyio.from_thread.check_cancelled()
@@ -209,6 +254,9 @@ def write_tree(store: BaseObjectStore, tree: ObjectID, dest: Path) -> None:
 
 
 def _export(repo_root: Path, commit: str, dest: Path) -> None:
+    from dulwich.objectspec import parse_commit
+    from dulwich.repo import Repo
+
     with Repo(str(repo_root)) as repo:
         tree = parse_commit(repo, commit).tree
         write_tree(repo.object_store, tree, dest)

@@ -367,7 +367,7 @@ class Sweep:
         if self._resume is not None:
             await self._reopen_parent(runner, store, self._resume)
             return
-        from aioproj.runner import _user
+        from aioproj.tracking.base import current_user
 
         args = self._args
         experiment_id = await store.resolve_experiment(
@@ -375,7 +375,7 @@ class Sweep:
             experiment_id=None if args.experiment_id is None else str(args.experiment_id),
         )
         tags = parent_tags(
-            user=_user(),
+            user=current_user(),
             uri=redact_url(args.uri),
             entry_point=args.entry_point,
             total=self.total,

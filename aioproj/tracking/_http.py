@@ -1,6 +1,7 @@
-"""Credentials and retry policy of the REST store: what an MLflow client would send.
+"""Credentials of the REST store: what an MLflow client would send.
 
-:mod:`aioproj.tracking.rest` builds the client from a :class:`HostCreds`; Databricks
+:mod:`aioproj.tracking.rest` builds the client from a :class:`HostCreds` (retry timing
+comes from :mod:`aioproj._http`); Databricks
 credentials are resolved by :mod:`aioproj._databricks_auth`, as for the Databricks
 backend. Reading ``~/.databrickscfg`` is file I/O, so :func:`resolve_creds` is meant to
 run in a worker thread.
@@ -9,23 +10,14 @@ run in a worker thread.
 from __future__ import annotations
 
 import base64
-import email.utils
 import os
-import random
-import time
 import urllib.parse
 from dataclasses import dataclass, field
 
 from aioproj._databricks_auth import DatabricksAuthError, resolve_workspace
 from aioproj.errors import InvalidArgumentError
 
-__all__ = [
-    "HostCreds",
-    "backoff_delay",
-    "parse_retry_after",
-    "resolve_creds",
-    "split_uri_credentials",
-]
+__all__ = ["HostCreds", "resolve_creds"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -136,44 +128,3 @@ def _databricks_creds(uri: str) -> HostCreds:
         client_id=workspace.client_id,
         client_secret=workspace.client_secret,
     )
-
-
-def split_uri_credentials(uri: str) -> tuple[str, dict[str, str]]:
-    """An http(s) URI without its ``user:password@``, and MLflow's variables for them
-    (MLFLOW_TRACKING_USERNAME/PASSWORD; none when the URI carries no password).
-
-    What a child process gets instead of the URI as given, so that neither its
-    environment's URI nor MLflow's "View run at" lines show the password.
-    """
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.password:
-        return uri, {}
-    host = parts.netloc.rpartition("@")[2]
-    credentials = {
-        "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parts.username or ""),
-        "MLFLOW_TRACKING_PASSWORD": urllib.parse.unquote(parts.password),
-    }
-    return urllib.parse.urlunsplit(parts._replace(netloc=host)), credentials
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if absent."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    seconds: float = when.timestamp() - (time.time() if now is None else now)
-    return max(0.0, seconds)
-
-
-def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 16.0) -> float:
-    """Jittered exponential backoff for retry ``attempt`` (1-based): up to base*2**(n-1)."""
-    ceiling: float = min(cap, base * 2.0 ** (attempt - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)

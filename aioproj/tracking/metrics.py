@@ -16,17 +16,15 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-if TYPE_CHECKING:
-    from aioproj.handle import SubmittedRun
-
 logger = logging.getLogger("aioproj")
 
 __all__ = [
+    "FollowedRun",
     "Metric",
     "MetricCursor",
     "MetricsPoller",
@@ -114,9 +112,22 @@ async def read_new_via_history(
     return out
 
 
+class FollowedRun(Protocol):
+    """What the poller reads of a run it follows (a :class:`aioproj.SubmittedRun`)."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def experiment_id(self) -> str: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
 @dataclass(eq=False)
 class _Follower:
-    run: SubmittedRun
+    run: FollowedRun
     cursor: MetricCursor
     send: MemoryObjectSendStream[Metric]
     interval: float
@@ -153,7 +164,7 @@ class MetricsPoller:
         #: Polling rounds so far.
         self.rounds = 0
 
-    async def follow(self, run: SubmittedRun, *, interval: float = 0.5) -> AsyncIterator[Metric]:
+    async def follow(self, run: FollowedRun, *, interval: float = 0.5) -> AsyncIterator[Metric]:
         """Every value ``run`` logs: its history first, then new values, until it ends.
 
         Rounds are at most ``interval`` seconds apart (the shortest interval any follower

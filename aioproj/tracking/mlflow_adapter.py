@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
+from aioproj._redact import redact_text, redact_url
 from aioproj.errors import InvalidArgumentError, TrackingError
-from aioproj.sources.uri import redact_text, redact_url
 from aioproj.tracking.base import (
     CLIENT_KEY_TAG,
     PARENT_RUN_TAG,

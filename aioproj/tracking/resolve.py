@@ -31,6 +31,7 @@ __all__ = [
     "installed_mlflow_version",
     "open_store",
     "resolve_tracking_uri",
+    "uri_scheme",
 ]
 
 DEFAULT_TRACKING_DIR = "mlruns"
@@ -125,7 +126,7 @@ def _has_mlruns_data() -> bool:
     return False
 
 
-def _scheme(uri: str) -> str:
+def uri_scheme(uri: str) -> str:
     """The store scheme of ``uri``: '' for paths, 'postgresql' for 'postgresql+psycopg2'."""
     if uri == "databricks":  # MLflow's name for the default Databricks profile
         return "databricks"
@@ -146,6 +147,6 @@ def open_store(uri: str) -> TrackingStore:
     """
     if not uri:
         raise InvalidArgumentError("The tracking URI is empty.")
-    scheme = _scheme(uri)
+    scheme = uri_scheme(uri)
     opener = _OPENERS.get(scheme, _open_mlflow)
     return opener(uri)

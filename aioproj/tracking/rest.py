@@ -22,34 +22,32 @@ connect. Error messages name the host, the method and URL path, the server's
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
-import math
 import os
-import posixpath
 import re
-import ssl
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import httpx
 
-from aioproj._databricks_auth import DatabricksAuthError, OAuthM2M, WorkspaceAuth
-from aioproj._redact import scrub
+from aioproj._http import backoff_delay, split_uri_credentials
 from aioproj.errors import InvalidArgumentError, TrackingError
-from aioproj.tracking._http import (
-    HostCreds,
-    backoff_delay,
-    parse_retry_after,
-    resolve_creds,
-    split_uri_credentials,
+from aioproj.tracking._rest_artifacts import ARTIFACTS_API, RestArtifacts
+from aioproj.tracking._rest_client import (
+    MAX_PARAMS_PER_BATCH,
+    MAX_TAGS_PER_BATCH,
+    RETRY_STATUSES,
+    RestError,
+    display_host,
+    kv_list,
+    log_batches,
+    metric_of,
 )
 from aioproj.tracking.base import (
     CLIENT_KEY_TAG,
@@ -67,52 +65,13 @@ from aioproj.tracking.metrics import Metric, MetricCursor, read_new_via_history
 
 __all__ = ["MAX_PARAMS_PER_BATCH", "MAX_TAGS_PER_BATCH", "RestError", "RestStore"]
 
-MAX_PARAMS_PER_BATCH = 100
-MAX_TAGS_PER_BATCH = 100
-MAX_ITEMS_PER_BATCH = 1000
-# MLflow refuses log-batch bodies over 1 MB; stay well below.
-_MAX_BATCH_BYTES = 900_000
 
-_API = "/api/2.0/mlflow"
-#: The DBFS API takes at most 1 MiB of data per request.
-_DBFS_BLOCK = 1024 * 1024
-_ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_UNSENT_STATUSES = frozenset({429, 503})
 _HEX_KEY = re.compile(r"[0-9a-f]{32}")
-# Requests in flight per server. A default `mlflow server` on sqlite has a database pool
-# of 5 + 10 connections and answers "QueuePool limit ... reached" beyond it, so many
-# concurrent runs queue here instead of overloading the server.
-_MAX_CONNECTIONS = 8
 _MAX_EXPERIMENT_NAME_LENGTH = 500
-
-Sleep = Callable[[float], Awaitable[None]]
-
-
-class RestError(TrackingError):
-    """A tracking server answered with an error: ``status_code`` and ``error_code`` say which."""
-
-    def __init__(self, message: str, *, status_code: int, error_code: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.error_code = error_code
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _display_host(host: str) -> str:
-    """``host`` without any ``user:password@`` part."""
-    parsed = urllib.parse.urlsplit(host)
-    netloc = parsed.hostname or ""
-    if parsed.port is not None:
-        netloc = f"{netloc}:{parsed.port}"
-    return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, "", ""))
-
-
-def _kv(values: Mapping[str, str]) -> list[dict[str, str]]:
-    return [{"key": key, "value": value} for key, value in values.items()]
 
 
 def _check_artifact_path(artifact_path: str) -> str:
@@ -131,49 +90,6 @@ def _check_run_id(run_id: str) -> None:
         raise InvalidArgumentError(f"Invalid run id {run_id!r}.")
 
 
-def _batches(
-    params: Mapping[str, str], tags: Mapping[str, str]
-) -> list[tuple[dict[str, str], dict[str, str]]]:
-    """Split params and tags into log-batch bodies within MLflow's limits."""
-    out: list[tuple[dict[str, str], dict[str, str]]] = []
-    cur_p: dict[str, str] = {}
-    cur_t: dict[str, str] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal cur_p, cur_t, size
-        if cur_p or cur_t:
-            out.append((cur_p, cur_t))
-        cur_p, cur_t, size = {}, {}, 0
-
-    for kind, values in (("p", params), ("t", tags)):
-        for key, value in values.items():
-            item = len(key.encode()) + len(value.encode()) + 32
-            full_kind = (kind == "p" and len(cur_p) >= MAX_PARAMS_PER_BATCH) or (
-                kind == "t" and len(cur_t) >= MAX_TAGS_PER_BATCH
-            )
-            if (
-                full_kind
-                or len(cur_p) + len(cur_t) >= MAX_ITEMS_PER_BATCH
-                or (size + item > _MAX_BATCH_BYTES and (cur_p or cur_t))
-            ):
-                flush()
-            (cur_p if kind == "p" else cur_t)[key] = value
-            size += item
-    flush()
-    return out
-
-
-def _metric(data: Mapping[str, Any]) -> Metric:
-    """A metric of a REST answer (int64 fields may come as strings)."""
-    return Metric(
-        key=str(data.get("key", "")),
-        value=float(data.get("value", math.nan)),
-        timestamp=int(data.get("timestamp") or 0),
-        step=int(data.get("step") or 0),
-    )
-
-
 def _write_local(path: Path, data: bytes, append: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if append:
@@ -189,36 +105,7 @@ def _write_local(path: Path, data: bytes, append: bool) -> None:
         raise
 
 
-def _build_client(creds: HostCreds) -> httpx.AsyncClient:
-    """The pooled client (loads CA certificates: call it in a worker thread)."""
-    verify: bool | ssl.SSLContext = creds.verify
-    if creds.verify and (creds.server_cert_path or creds.client_cert_path):
-        ctx = (
-            ssl.create_default_context(cafile=creds.server_cert_path)
-            if creds.server_cert_path
-            else httpx.create_ssl_context()
-        )
-        if creds.client_cert_path:
-            ctx.load_cert_chain(creds.client_cert_path)
-        verify = ctx
-    headers = {"User-Agent": "aioproj"}
-    auth = creds.auth_header()
-    if auth is not None:
-        headers["Authorization"] = auth
-    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 120)
-    return httpx.AsyncClient(
-        headers=headers,
-        verify=verify,
-        # Waiting for a free connection is not a failure: no pool timeout.
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0), pool=None),
-        limits=httpx.Limits(
-            max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_CONNECTIONS
-        ),
-        trust_env=True,
-    )
-
-
-class RestStore:
+class RestStore(RestArtifacts):
     """A :class:`~aioproj.tracking.base.TrackingStore` speaking MLflow's REST API.
 
     ``uri`` is ``http(s)://host[:port][/prefix]``, ``databricks`` or
@@ -233,198 +120,10 @@ class RestStore:
     :class:`~aioproj.errors.InvalidArgumentError` for bad arguments or credentials
     that cannot be found. Cancelling a call abandons the request in flight (its
     connection is dropped); the server may or may not have applied it.
+
+    The HTTP side (client, retries, errors) is :class:`~aioproj.tracking._rest_client.RestClient`;
+    DBFS and proxied artifacts are :class:`~aioproj.tracking._rest_artifacts.RestArtifacts`.
     """
-
-    def __init__(
-        self,
-        uri: str,
-        *,
-        sleep: Sleep | None = None,
-        max_tries: int = 5,
-        max_wait: float = 60.0,
-    ) -> None:
-        scheme = "databricks" if uri == "databricks" else urllib.parse.urlsplit(uri).scheme.lower()
-        if scheme not in ("http", "https", "databricks"):
-            raise InvalidArgumentError(f"The REST store cannot serve the tracking URI {uri!r}.")
-        self.uri: str = uri.rstrip("/") if scheme != "databricks" else uri
-        self._sleep: Sleep = sleep if sleep is not None else anyio.sleep
-        self._max_tries = max(1, max_tries)
-        self._max_wait = max_wait
-        self._client: httpx.AsyncClient | None = None
-        self._creds: HostCreds | None = None
-        self._client_lock = anyio.Lock()
-        self._name_lock = anyio.Lock()
-        self._artifact_uris: dict[str, str] = {}
-        #: HTTP requests sent (every attempt counts), for tests and benchmarks.
-        self.request_count = 0
-
-    def __repr__(self) -> str:
-        return f"RestStore({_display_host(self.uri)!r})"
-
-    # --- HTTP -------------------------------------------------------------------------
-
-    async def _ensure_client(self) -> tuple[httpx.AsyncClient, HostCreds]:
-        async with self._client_lock:
-            if self._client is None or self._creds is None:
-                creds = await anyio.to_thread.run_sync(resolve_creds, self.uri)
-                try:
-                    client = await anyio.to_thread.run_sync(_build_client, creds)
-                except (OSError, ssl.SSLError) as exc:
-                    raise InvalidArgumentError(
-                        f"Tracking URI {_display_host(creds.host)}: cannot load the TLS"
-                        f" certificates: {exc}"
-                    ) from exc
-                if creds.client_id and creds.client_secret:
-                    workspace = WorkspaceAuth(
-                        creds.host, client_id=creds.client_id, client_secret=creds.client_secret
-                    )
-                    client.auth = OAuthM2M(
-                        workspace, client, sleep=self._sleep, retry_timeout=self._max_wait
-                    )
-                self._client, self._creds = client, creds
-            return self._client, self._creds
-
-    def _scrub(self, text: str) -> str:
-        secrets = self._creds.secrets() if self._creds else ()
-        if self._client is not None and isinstance(self._client.auth, OAuthM2M):
-            secrets = (*secrets, *self._client.auth.secrets())
-        return scrub(text, secrets)
-
-    async def _request(
-        self,
-        method: str,
-        url_path: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, str] | None = None,
-        content: bytes | None = None,
-        creates: bool = False,
-        base: str | None = None,
-        sink: Callable[[httpx.Response], Awaitable[None]] | None = None,
-    ) -> httpx.Response:
-        """Send one request with retries; return the successful response.
-
-        With ``sink``, the response is streamed: a successful one is handed to ``sink``
-        (which reads the body) before it is returned; a body cut short is retried.
-
-        Raises:
-            RestError: the server answered with an error status (after retries).
-            TrackingError: the server could not be reached within the retry budget.
-        """
-        client, creds = await self._ensure_client()
-        host = base or creds.host
-        url = host + url_path
-        waited = 0.0
-        attempt = 0
-        while True:
-            attempt += 1
-            self.request_count += 1
-            delay: float | None
-            try:
-                if sink is None:
-                    response = await client.request(
-                        method, url, json=json, params=params, content=content
-                    )
-                else:
-                    async with client.stream(method, url, params=params) as response:
-                        if response.status_code < 300:
-                            await sink(response)
-                        else:
-                            await response.aread()
-            except DatabricksAuthError as exc:
-                # The OAuth token source retried within its own budget already.
-                raise RestError(
-                    self._scrub(f"{method} {url_path}: {exc}"),
-                    status_code=exc.status_code,
-                    error_code=exc.error_code,
-                ) from None
-            except httpx.TransportError as exc:
-                unsent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-                failure = self._scrub(
-                    f"{_display_host(host)}: {method} {url_path} failed after {attempt}"
-                    f" attempt(s): {type(exc).__name__}: {exc}"
-                )
-                if creates and not unsent:
-                    raise TrackingError(failure) from None
-                delay = backoff_delay(attempt)
-            else:
-                if response.status_code < 300:
-                    return response
-                await response.aread()
-                failure = ""
-                if response.status_code not in _RETRY_STATUSES or (
-                    creates and response.status_code not in _UNSENT_STATUSES
-                ):
-                    raise self._error(method, url_path, response, host, attempt)
-                delay = parse_retry_after(response.headers.get("Retry-After"))
-                if delay is None:
-                    delay = backoff_delay(attempt)
-            if attempt >= self._max_tries or waited + delay > self._max_wait:
-                if failure:
-                    raise TrackingError(failure) from None
-                raise self._error(method, url_path, response, host, attempt)
-            waited += delay
-            await self._sleep(delay)
-
-    def _error(
-        self, method: str, url_path: str, response: httpx.Response, host: str, attempts: int
-    ) -> RestError:
-        code = ""
-        message = ""
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if isinstance(body, dict):
-            code = str(body.get("error_code") or "")
-            message = str(body.get("message") or "")
-        if not message:
-            message = response.text[:500].strip() or response.reason_phrase
-        if not code:
-            code = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}.get(
-                response.status_code, "HTTP_ERROR"
-            )
-        hint = ""
-        if 300 <= response.status_code < 400:
-            code = "REDIRECT" if code == "HTTP_ERROR" else code
-            location = self._scrub(response.headers.get("Location", "?"))
-            hint = f" (the server redirects to {location}: use that as the tracking URI)"
-        elif response.status_code == 401:
-            hint = (
-                " (check MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD,"
-                " or the Databricks token)"
-            )
-        elif response.status_code == 403:
-            hint = " (the credentials are valid but not allowed to do this)"
-        retried = f" after {attempts} attempts" if attempts > 1 else ""
-        text = self._scrub(
-            f"{_display_host(host)}: {method} {url_path} failed{retried}: HTTP"
-            f" {response.status_code} {code}: {message}{hint}"
-        )
-        return RestError(text, status_code=response.status_code, error_code=code)
-
-    async def _call(
-        self,
-        method: str,
-        endpoint: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, str] | None = None,
-        creates: bool = False,
-    ) -> dict[str, Any]:
-        response = await self._request(
-            method, f"{_API}/{endpoint}", json=json, params=params, creates=creates
-        )
-        try:
-            body = response.json() if response.content else {}
-        except ValueError as exc:
-            raise TrackingError(
-                f"{_display_host(self.uri)}: {method} {_API}/{endpoint} returned a body that"
-                " is not JSON; is this an MLflow tracking server?"
-            ) from exc
-        if not isinstance(body, dict):
-            raise TrackingError(f"{_display_host(self.uri)}: unexpected answer to {endpoint}.")
-        return body
 
     # --- experiments ------------------------------------------------------------------
 
@@ -454,7 +153,7 @@ class RestStore:
         except RestError as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or exc.status_code == 404:
                 raise RestError(
-                    f"No experiment with id {experiment_id} in {_display_host(self.uri)}: {exc}",
+                    f"No experiment with id {experiment_id} in {display_host(self.uri)}: {exc}",
                     status_code=exc.status_code,
                     error_code=exc.error_code,
                 ) from None
@@ -541,14 +240,14 @@ class RestStore:
             "experiment_id": str(experiment_id),
             "start_time": start,
             "run_name": name,
-            "tags": _kv(first),
+            "tags": kv_list(first),
         }
         if USER_TAG in all_tags:
             body["user_id"] = all_tags[USER_TAG]
         info = await self._create_once(body, client_key)
         run_id = str(info.get("run_id") or info.get("run_uuid") or "")
         if not run_id:
-            raise TrackingError(f"{_display_host(self.uri)}: runs/create returned no run id.")
+            raise TrackingError(f"{display_host(self.uri)}: runs/create returned no run id.")
         try:
             await self._log_batch(run_id, checked_params, rest_tags)
         except BaseException:
@@ -588,12 +287,11 @@ class RestStore:
             except RestError as exc:
                 if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                     raise RestError(
-                        f"No experiment with id {experiment_id} in"
-                        f" {_display_host(self.uri)}: {exc}",
+                        f"No experiment with id {experiment_id} in {display_host(self.uri)}: {exc}",
                         status_code=exc.status_code,
                         error_code=exc.error_code,
                     ) from None
-                if client_key is None or exc.status_code not in _RETRY_STATUSES:
+                if client_key is None or exc.status_code not in RETRY_STATUSES:
                     raise
                 failure = exc
             except TrackingError as exc:
@@ -645,14 +343,14 @@ class RestStore:
     async def _log_batch(
         self, run_id: str, params: Mapping[str, str], tags: Mapping[str, str]
     ) -> None:
-        for batch_params, batch_tags in _batches(params, tags):
+        for batch_params, batch_tags in log_batches(params, tags):
             await self._call(
                 "POST",
                 "runs/log-batch",
                 json={
                     "run_id": run_id,
-                    "params": _kv(batch_params),
-                    "tags": _kv(batch_tags),
+                    "params": kv_list(batch_params),
+                    "tags": kv_list(batch_tags),
                     "metrics": [],
                 },
             )
@@ -686,7 +384,7 @@ class RestStore:
         except RestError as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or exc.status_code == 404:
                 raise RestError(
-                    f"Run '{run_id}' not found in {_display_host(self.uri)}: {exc}",
+                    f"Run '{run_id}' not found in {display_host(self.uri)}: {exc}",
                     status_code=exc.status_code,
                     error_code=exc.error_code,
                 ) from None
@@ -766,7 +464,7 @@ class RestStore:
         for run in body.get("runs") or []:
             run_id = str((run.get("info") or {}).get("run_id", ""))
             metrics = (run.get("data") or {}).get("metrics") or []
-            out[run_id] = [_metric(m) for m in metrics]
+            out[run_id] = [metric_of(m) for m in metrics]
         return out
 
     async def _metric_history(self, run_id: str, key: str) -> list[Metric]:
@@ -777,7 +475,7 @@ class RestStore:
             if page_token:
                 params["page_token"] = page_token
             body = await self._call("GET", "metrics/get-history", params=params)
-            out.extend(_metric(m) for m in body.get("metrics") or [])
+            out.extend(metric_of(m) for m in body.get("metrics") or [])
             page_token = str(body.get("next_page_token") or "")
             if not page_token:
                 return out
@@ -851,7 +549,7 @@ class RestStore:
             if parsed.netloc:
                 base = f"{urllib.parse.urlsplit(creds.host).scheme}://{parsed.netloc}"
             prefix = parsed.path.strip("/")
-            url_path = f"{_ARTIFACTS_API}/{urllib.parse.quote(f'{prefix}/{path}')}"
+            url_path = f"{ARTIFACTS_API}/{urllib.parse.quote(f'{prefix}/{path}')}"
             if append:
                 data = await self._read_proxied(url_path, base) + data
             await self._request("PUT", url_path, content=data, base=base)
@@ -878,113 +576,6 @@ class RestStore:
             " supported."
         )
 
-    async def _write_dbfs(self, path: str, data: bytes) -> None:
-        """Write a DBFS file of the workspace: one ``put``, or ``create``/``add-block``/
-        ``close`` past the API's 1 MiB per request."""
-        if len(data) <= _DBFS_BLOCK:
-            contents = base64.b64encode(data).decode("ascii")
-            await self._request(
-                "POST",
-                "/api/2.0/dbfs/put",
-                json={"path": path, "contents": contents, "overwrite": True},
-            )
-            return
-        answer = await self._request(
-            "POST", "/api/2.0/dbfs/create", json={"path": path, "overwrite": True}
-        )
-        handle = answer.json()["handle"]
-        for start in range(0, len(data), _DBFS_BLOCK):
-            block = base64.b64encode(data[start : start + _DBFS_BLOCK]).decode("ascii")
-            await self._request(
-                "POST", "/api/2.0/dbfs/add-block", json={"handle": handle, "data": block}
-            )
-        await self._request("POST", "/api/2.0/dbfs/close", json={"handle": handle})
-
-    async def _read_dbfs(self, path: str) -> bytes:
-        out = bytearray()
-        while True:
-            try:
-                response = await self._request(
-                    "GET",
-                    "/api/2.0/dbfs/read",
-                    params={"path": path, "offset": str(len(out)), "length": str(_DBFS_BLOCK)},
-                )
-            except RestError as exc:
-                if exc.status_code == 404 or exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                    return bytes(out)
-                raise
-            body = response.json()
-            if not body.get("bytes_read"):
-                return bytes(out)
-            out += base64.b64decode(body.get("data") or "")
-
-    def _proxy(self, location: str, creds: HostCreds) -> tuple[str, str]:
-        """The server base URL and artifact path of an ``mlflow-artifacts:`` location."""
-        parsed = urllib.parse.urlsplit(location)
-        if parsed.scheme.lower() != "mlflow-artifacts":
-            raise InvalidArgumentError(f"{location!r} is not an mlflow-artifacts: location.")
-        base = creds.host
-        if parsed.netloc:
-            base = f"{urllib.parse.urlsplit(creds.host).scheme}://{parsed.netloc}"
-        return base, urllib.parse.unquote(parsed.path).strip("/")
-
-    async def list_proxied_artifacts(self, location: str) -> list[tuple[str, bool]]:
-        """The entries ``(name, is_dir)`` of the artifact directory ``location`` (an
-        ``mlflow-artifacts:`` URI), read through the server's artifact proxy.
-
-        A file, or a path that does not exist, lists nothing (as MLflow's own client sees
-        it). Entry names that are not plain names (``..``, ``a/b``) are refused.
-
-        Raises:
-            TrackingError: the server refused or could not be reached; a malformed answer.
-        """
-        _client, creds = await self._ensure_client()
-        base, path = self._proxy(location, creds)
-        response = await self._request("GET", _ARTIFACTS_API, params={"path": path}, base=base)
-        try:
-            files = (response.json() if response.content else {}).get("files", [])
-        except (ValueError, AttributeError):
-            files = None
-        if not isinstance(files, list):
-            raise TrackingError(f"{_display_host(base)}: unexpected artifact listing for {path}.")
-        entries: list[tuple[str, bool]] = []
-        for item in files:
-            name = posixpath.basename(str(item.get("path", ""))) if isinstance(item, dict) else ""
-            if name in ("", ".", "..") or "\\" in name or "\0" in name:
-                raise TrackingError(
-                    f"{_display_host(base)}: the artifact listing of {path} names {item!r}."
-                )
-            entries.append((name, bool(item.get("is_dir"))))
-        return entries
-
-    async def download_proxied_artifact(self, location: str, target: Path) -> None:
-        """Stream the artifact file ``location`` (an ``mlflow-artifacts:`` URI) into
-        ``target`` through the server's artifact proxy, with the store's retries.
-
-        Raises:
-            RestError: the server answered with an error (404: no such artifact).
-            TrackingError: the server could not be reached within the retry budget.
-        """
-        _client, creds = await self._ensure_client()
-        base, path = self._proxy(location, creds)
-
-        async def write(response: httpx.Response) -> None:
-            async with await anyio.open_file(target, "wb") as out:
-                async for chunk in response.aiter_bytes(1 << 20):
-                    await out.write(chunk)
-
-        url_path = f"{_ARTIFACTS_API}/{urllib.parse.quote(path)}"
-        await self._request("GET", url_path, base=base, sink=write)
-
-    async def _read_proxied(self, url_path: str, base: str) -> bytes:
-        try:
-            response = await self._request("GET", url_path, base=base)
-        except RestError as exc:
-            if exc.status_code == 404 or exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return b""
-            raise
-        return response.content
-
     # --- the rest ---------------------------------------------------------------------
 
     def child_env(self) -> dict[str, str]:
@@ -999,13 +590,3 @@ class RestStore:
         if credentials and not all(os.environ.get(name) for name in credentials):
             env.update(credentials)
         return env
-
-    async def aclose(self) -> None:
-        """Close the pooled connections; a later call opens a new client.
-
-        Cancellation: the close is shielded, so connections are released regardless.
-        """
-        client, self._client = self._client, None
-        if client is not None:
-            with anyio.CancelScope(shield=True):
-                await client.aclose()

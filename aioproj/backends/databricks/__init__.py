@@ -8,16 +8,10 @@ from __future__ import annotations
 
 from aioproj._databricks_auth import WorkspaceAuth
 
-from ._backend import (
-    DatabricksBackend,
-    DatabricksExecution,
-    DatabricksLaunch,
-    check_backend_config,
-    check_tracking_uri,
-    parse_backend_config,
-    resolve_workspace,
-)
+from ._backend import DatabricksBackend, DatabricksLaunch, resolve_workspace
 from ._client import DatabricksApiError, DatabricksClient
+from ._config import check_backend_config, check_tracking_uri, parse_backend_config
+from ._execution import DatabricksExecution
 from ._poller import map_state
 
 __all__ = [

@@ -29,9 +29,9 @@ import anyio.to_thread
 from aioproj._databricks_auth import DatabricksAuthError, WorkspaceAuth
 from aioproj._databricks_auth import resolve_workspace as _resolve_workspace
 from aioproj._shared import SharedCalls
+from aioproj._status import RunStatus
 from aioproj.backends.base import Execution, LaunchRequest, StartRequest
 from aioproj.errors import AioprojError, BackendError, InvalidArgumentError
-from aioproj.handle import RunStatus
 from aioproj.project import EnvType
 from aioproj.tracking import TrackingStore
 
@@ -49,6 +49,14 @@ from ._code import (
     volume_code_dir,
     volume_file_exists,
 )
+from ._config import (
+    DOCKER_UNSUPPORTED,
+    ClusterConfig,
+    check_backend_config,
+    check_tracking_uri,
+    parse_backend_config,
+)
+from ._execution import JOBS_API, DatabricksExecution
 from ._poller import Poller, Watch, map_state
 
 __all__ = [
@@ -61,139 +69,12 @@ __all__ = [
 
 logger = logging.getLogger("aioproj.databricks")
 
-_JOBS = "/api/2.2/jobs"
-_CONFIG_KEYS = frozenset({"new_cluster", "libraries", "timeout_seconds", "run_name", "code_volume"})
 _TASK_KEY = "mlflow_project"
 
 RUN_URL_TAG = "mlflow.databricks.runURL"
 SHELL_JOB_RUN_ID_TAG = "mlflow.databricks.shellJobRunID"
 SHELL_JOB_ID_TAG = "mlflow.databricks.shellJobID"
 WEBAPP_URL_TAG = "mlflow.databricks.webappURL"
-
-_NO_CONFIG = "Backend spec must be provided when launching MLflow project runs on Databricks."
-_EXISTING_CLUSTER = (
-    "MLflow Project runs on Databricks must provide a *new cluster* specification."
-    " Project execution against existing clusters is not currently supported. For more"
-    " information, see https://mlflow.org/docs/latest/projects.html"
-    "#run-an-mlflow-project-on-databricks"
-)
-_DOCKER = "Running docker-based projects on Databricks is not yet supported."
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """What a backend config asks for: the cluster, its libraries, a timeout, a name."""
-
-    new_cluster: Mapping[str, Any]
-    libraries: tuple[Mapping[str, Any], ...]
-    timeout_seconds: int = 0
-    run_name: str | None = None
-    #: A Unity Catalog volume (``/Volumes/<catalog>/<schema>/<volume>[/dir]``) for the
-    #: code, instead of DBFS.
-    code_volume: str | None = None
-
-
-def check_tracking_uri(uri: str) -> None:
-    """MLflow's rule: the cluster logs to ``databricks[://profile]`` or an http(s) server.
-
-    Raises BackendError with MLflow's message otherwise.
-    """
-    lowered = uri.lower()
-    if lowered.startswith("databricks") or lowered.startswith(("http://", "https://")):
-        return
-    raise BackendError(
-        "When running on Databricks, the MLflow tracking URI must be of the form "
-        "'databricks' or 'databricks://profile', or a remote HTTP URI accessible to both the "
-        "current client and code running on Databricks. Got local tracking URI "
-        f"{uri}. Please specify a valid tracking URI via mlflow.set_tracking_uri or "
-        "by setting the MLFLOW_TRACKING_URI environment variable."
-    )
-
-
-def check_backend_config(config: Mapping[str, Any] | None) -> None:
-    """MLflow's first checks (``databricks.before_run_validations``), in its order.
-
-    Only ``None`` is a missing config: ``{}`` goes on to the next check, the tracking
-    URI (:func:`check_tracking_uri`), as in MLflow.
-
-    Raises:
-        BackendError: no config (MLflow's ``ExecutionException``).
-        InvalidArgumentError: ``existing_cluster_id`` (MLflow's ``MlflowException`` with
-            ``INVALID_PARAMETER_VALUE``), at the top or inside ``new_cluster``.
-    """
-    if config is None:
-        raise BackendError(_NO_CONFIG)
-    cluster = config.get("new_cluster")
-    if "existing_cluster_id" in config or (
-        isinstance(cluster, Mapping) and "existing_cluster_id" in cluster
-    ):
-        raise InvalidArgumentError(_EXISTING_CLUSTER)
-
-
-def parse_backend_config(config: Mapping[str, Any] | None) -> ClusterConfig:
-    """The cluster config of a backend config, in the forms MLflow accepts.
-
-    ``{"new_cluster": {...}, "libraries": [...]}`` (plus aioproj's optional
-    ``timeout_seconds``, ``run_name`` and ``code_volume``, a Unity Catalog volume to keep
-    the code in instead of DBFS), or a bare cluster spec (the whole dict is the
-    ``new_cluster``).
-
-    Raises:
-        BackendError: no config (MLflow's message), an empty one, or a malformed value
-            (the message names the key and what is expected).
-        InvalidArgumentError: ``existing_cluster_id`` (MLflow's message).
-    """
-    check_backend_config(config)
-    assert config is not None
-    if not config:
-        raise BackendError(
-            "The Databricks backend config is empty: give a cluster spec (spark_version,"
-            ' node_type_id, num_workers...) or {"new_cluster": {...}, "libraries": [...]}.'
-        )
-    if "new_cluster" not in config:
-        return ClusterConfig(new_cluster=dict(config), libraries=())
-    unknown = sorted(set(config) - _CONFIG_KEYS)
-    if unknown:
-        raise BackendError(
-            f"Unknown key(s) {unknown} in the Databricks backend config. With 'new_cluster'"
-            f" it may have {sorted(_CONFIG_KEYS)}; put cluster settings inside 'new_cluster'."
-        )
-    cluster = config["new_cluster"]
-    if not isinstance(cluster, Mapping):
-        raise BackendError(
-            "The Databricks backend config's 'new_cluster' must be an object (a cluster spec"
-            " with spark_version, node_type_id, num_workers...), got"
-            f" {type(cluster).__name__}."
-        )
-    libraries = config.get("libraries", [])
-    if not isinstance(libraries, list) or not all(isinstance(lib, Mapping) for lib in libraries):
-        raise BackendError(
-            "The Databricks backend config's 'libraries' must be a list of objects such as"
-            ' {"pypi": {"package": "scikit-learn==1.5.0"}}.'
-        )
-    timeout = config.get("timeout_seconds", 0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
-        raise BackendError(
-            "The Databricks backend config's 'timeout_seconds' must be a non-negative"
-            f" integer (0: no timeout), got {timeout!r}."
-        )
-    run_name = config.get("run_name")
-    if run_name is not None and not isinstance(run_name, str):
-        raise BackendError("The Databricks backend config's 'run_name' must be a string.")
-    volume = config.get("code_volume")
-    if volume is not None and (
-        not isinstance(volume, str)
-        or not volume.startswith("/Volumes/")
-        or len([p for p in volume.split("/") if p]) < 4
-        or ".." in volume.split("/")
-    ):
-        raise BackendError(
-            "The Databricks backend config's 'code_volume' must be a Unity Catalog volume"
-            f" path, /Volumes/<catalog>/<schema>/<volume>[/<dir>], got {volume!r}."
-        )
-    return ClusterConfig(
-        dict(cluster), tuple(dict(lib) for lib in libraries), timeout, run_name, volume
-    )
 
 
 def _now_ms() -> int:
@@ -221,7 +102,7 @@ async def _find_submitted(client: Any, state: Mapping[str, Any]) -> dict[str, An
         "limit": "25",
     }
     while True:
-        page = await client.call("GET", f"{_JOBS}/runs/list", params=params)
+        page = await client.call("GET", f"{JOBS_API}/runs/list", params=params)
         for run in page.get("runs") or []:
             if any(_task_runs(task, mlflow_run_id) for task in run.get("tasks") or []):
                 return dict(run)
@@ -407,7 +288,7 @@ class DatabricksBackend:
         check_tracking_uri(request.tracking_uri)
         cluster = parse_backend_config(request.backend_config)
         if request.project.env_type is EnvType.DOCKER:
-            raise BackendError(_DOCKER)
+            raise BackendError(DOCKER_UNSUPPORTED)
         if request.env_manager not in (None, "local"):
             raise BackendError(
                 f"env_manager={request.env_manager!r} is not supported on Databricks: the"
@@ -500,7 +381,7 @@ class DatabricksBackend:
         client = workspace.client
         if state.get("run_id") is not None:
             run = await client.call(
-                "GET", f"{_JOBS}/runs/get", params={"run_id": str(state["run_id"])}
+                "GET", f"{JOBS_API}/runs/get", params={"run_id": str(state["run_id"])}
             )
         else:
             found = await _find_submitted(client, state)
@@ -638,7 +519,7 @@ class DatabricksLaunch:
         logger.info("=== Running entry point %s of project on Databricks ===", self.entry_point)
         answer = await client.call(
             "POST",
-            f"{_JOBS}/runs/submit",
+            f"{JOBS_API}/runs/submit",
             json=self.submit_body(request, code_path, bootstrap_path),
             repeatable=True,
         )
@@ -649,12 +530,17 @@ class DatabricksLaunch:
                 f"Databricks workspace {client.host}: runs/submit returned no run_id."
             ) from None
         try:
-            run = await client.call("GET", f"{_JOBS}/runs/get", params={"run_id": str(db_run_id)})
+            run = await client.call(
+                "GET", f"{JOBS_API}/runs/get", params={"run_id": str(db_run_id)}
+            )
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
                 try:
                     await client.call(
-                        "POST", f"{_JOBS}/runs/cancel", json={"run_id": db_run_id}, repeatable=True
+                        "POST",
+                        f"{JOBS_API}/runs/cancel",
+                        json={"run_id": db_run_id},
+                        repeatable=True,
                     )
                 except AioprojError as exc:
                     logger.error("Could not cancel Databricks run %s: %s", db_run_id, exc)
@@ -679,102 +565,8 @@ class DatabricksLaunch:
         watch = Watch(run_id=db_run_id, start_time_ms=int(run.get("start_time") or 0))
         watch.update(run)
         execution = DatabricksExecution(
-            ws, watch, task_run_id, request.output.feed, request.output.close
+            ws.client, ws.poller, watch, task_run_id, request.output.feed, request.output.close
         )
         # What `aioproj recover` needs to ask the workspace if this process dies.
         execution.journal_state = {**self.journal_state, "run_id": db_run_id}
         return execution
-
-
-class DatabricksExecution:
-    """A run on Databricks as the handle sees it. ``run_id`` is the Databricks run id."""
-
-    waits_for_stop = False
-
-    def __init__(
-        self,
-        workspace: _Workspace,
-        watch: Watch,
-        task_run_id: int,
-        feed: Callable[[bytes], None],
-        close_output: Callable[[], None],
-    ) -> None:
-        self._ws = workspace
-        self._watch = watch
-        self.run_id = watch.run_id
-        self.task_run_id = task_run_id
-        self._feed = feed
-        self._close_output = close_output
-        self._cancel_sent = False
-        #: Why a cancel request could not be sent, if it could not.
-        self.cancel_error: Exception | None = None
-        #: What the run journal keeps to find the run again (set by the launch).
-        self.journal_state: dict[str, object] = {}
-
-    def __repr__(self) -> str:
-        return f"<DatabricksExecution run_id={self.run_id} status={self._watch.status.value}>"
-
-    def status(self) -> RunStatus:
-        return self._watch.status
-
-    async def wait(self) -> RunStatus:
-        """Follow the run (through the shared poller) to its end, then fetch its output.
-
-        Raises BackendError if the workspace keeps refusing the poller's requests.
-        """
-        try:
-            if not self._watch.done.is_set():
-                await self._ws.poller.follow(self._watch)
-            if self._watch.error is not None:
-                raise self._watch.error
-            await self._fetch_output()
-            return self._watch.status
-        finally:
-            self._close_output()
-
-    async def _fetch_output(self) -> None:
-        client = self._ws.client
-        try:
-            out = await client.call(
-                "GET", f"{_JOBS}/runs/get-output", params={"run_id": str(self.task_run_id)}
-            )
-        except AioprojError as exc:
-            self._feed(f"=== aioproj: could not fetch the run's output: {exc} ===\n".encode())
-            return
-        logs = out.get("logs")
-        if isinstance(logs, str) and logs:
-            self._feed(logs.encode() if logs.endswith("\n") else (logs + "\n").encode())
-        if out.get("logs_truncated"):
-            self._feed(b"=== Databricks kept only the last 5 MB of this output ===\n")
-        error = out.get("error")
-        trace = out.get("error_trace")
-        if isinstance(trace, str) and trace and (not isinstance(logs, str) or trace not in logs):
-            self._feed((trace.rstrip("\n") + "\n").encode())
-        state = (self._watch.run.get("state") or {}) if self._watch.run else {}
-        ending = state.get("result_state") or state.get("life_cycle_state") or "?"
-        message = state.get("state_message") or ""
-        if isinstance(error, str) and error:
-            message = error
-        if self._watch.status is not RunStatus.FINISHED:
-            tail = f": {message}" if message else ""
-            self._feed(f"=== Databricks run {self.run_id} ended {ending}{tail} ===\n".encode())
-
-    async def cancel(self) -> None:
-        """Ask Databricks to cancel the run (``runs/cancel``) and return at once.
-
-        Idempotent. Never raises: if the request cannot be sent, the error is logged and
-        kept in :attr:`cancel_error`, and the run is still followed to its end.
-        """
-        if self._watch.done.is_set() or self._cancel_sent:
-            return
-        self._cancel_sent = True
-        try:
-            await self._ws.client.call(
-                "POST", f"{_JOBS}/runs/cancel", json={"run_id": self.run_id}, repeatable=True
-            )
-        except AioprojError as exc:
-            self._cancel_sent = False
-            self.cancel_error = exc
-            logger.error("Could not cancel Databricks run %s: %s", self.run_id, exc)
-            return
-        self._ws.poller.nudge()

@@ -20,9 +20,9 @@ import anyio
 import httpx
 
 from aioproj._databricks_auth import DatabricksAuthError, OAuthM2M, WorkspaceAuth
+from aioproj._http import backoff_delay, parse_retry_after
 from aioproj._redact import scrub
 from aioproj.errors import BackendError
-from aioproj.tracking._http import backoff_delay, parse_retry_after
 
 __all__ = ["DatabricksApiError", "DatabricksClient"]
 

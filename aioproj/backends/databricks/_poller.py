@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 
-from aioproj.handle import RunStatus
+from aioproj._status import RunStatus
 
 from ._client import DatabricksApiError, DatabricksClient
 

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from aioproj._status import RunStatus
 from aioproj.errors import BackendError
-from aioproj.handle import RunStatus
 
 from ._spec import (
     MANAGED_SELECTOR,

@@ -17,8 +17,8 @@ from typing import Any
 
 import anyio
 
+from aioproj._http import backoff_delay
 from aioproj.errors import BackendError
-from aioproj.tracking._http import backoff_delay
 
 __all__ = ["ExpiredError", "KubeApiError", "KubeClient", "connect"]
 

@@ -13,8 +13,8 @@ import anyio
 import anyio.abc
 
 from aioproj._output import RunOutput
+from aioproj._status import RunStatus
 from aioproj.errors import BackendError
-from aioproj.handle import RunStatus
 
 from ._client import KubeApiError, KubeClient
 from ._spec import BUNDLE_KEY, LABEL_RUN_ID, JobPlan, build_job, labels_for, owner_reference

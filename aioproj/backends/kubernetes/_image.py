@@ -12,8 +12,8 @@ from pathlib import Path
 
 from aioproj._redact import scrub
 from aioproj._shared import SharedCalls
-from aioproj.envs._steps import run_step
-from aioproj.envs.docker import _auth_key, _build, _docker_output, _find_docker, _login
+from aioproj.envs.docker_cli import auth_key, build_image, docker_output, find_docker, login
+from aioproj.envs.steps import run_step
 from aioproj.errors import EnvironmentBuildError
 
 __all__ = ["build_and_push", "image_uri"]
@@ -48,7 +48,7 @@ async def build_and_push(
             base_image,
             image_uri(repository_uri, git_commit),
             str(project_dir),
-            _auth_key(docker_auth),
+            auth_key(docker_auth),
         ]
     )
     return await _BUILDS.run(
@@ -73,8 +73,8 @@ async def _build_and_push(
     docker_auth: Mapping[str, str] | None,
     on_output: Callable[[bytes], None] | None,
 ) -> tuple[str, str]:
-    docker = await _find_docker()
-    code, output = await _docker_output([docker, "info"], cwd=project_dir)
+    docker = await find_docker()
+    code, output = await docker_output([docker, "info"], cwd=project_dir)
     if code != 0:
         secrets = [docker_auth["password"]] if docker_auth and docker_auth.get("password") else []
         raise EnvironmentBuildError(
@@ -82,9 +82,9 @@ async def _build_and_push(
             f"following output:\n{scrub(output, secrets)}"
         )
     if docker_auth:
-        await _login(docker, docker_auth, cwd=project_dir)
+        await login(docker, docker_auth, cwd=project_dir)
     tag = image_uri(repository_uri, git_commit)
-    await _build(docker, base_image, tag, project_dir, on_output)
+    await build_image(docker, base_image, tag, project_dir, on_output)
     await run_step(
         [docker, "push", tag],
         what=f"Error while pushing to docker registry: pushing {tag}",
@@ -93,7 +93,7 @@ async def _build_and_push(
         env=os.environ,
         on_output=on_output,
     )
-    code, output = await _docker_output(
+    code, output = await docker_output(
         [docker, "image", "inspect", "--format", "{{json .RepoDigests}}", tag], cwd=project_dir
     )
     digest = _pick_digest(output, repository_uri) if code == 0 else None

@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
+from aioproj._http import split_uri_credentials
 from aioproj._redact import warn
 from aioproj.errors import BackendError
-from aioproj.tracking._http import split_uri_credentials
 
 __all__ = [
     "BUNDLE_DIR",

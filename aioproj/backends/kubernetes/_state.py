@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from aioproj.handle import RunStatus
+from aioproj._status import RunStatus
 
 __all__ = ["is_started", "job_outcome", "pod_problem", "run_status"]
 

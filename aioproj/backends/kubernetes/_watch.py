@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from aioproj.tracking._http import backoff_delay
+from aioproj._http import backoff_delay
 
 from ._client import ExpiredError, KubeClient
 

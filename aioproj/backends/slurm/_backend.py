@@ -23,12 +23,12 @@ import anyio
 import anyio.to_thread
 
 from aioproj._shared import SharedCalls
+from aioproj._status import RunStatus
 from aioproj._threads import run_short
 from aioproj.backends.base import Execution, LaunchRequest, StartRequest
 from aioproj.backends.batch import current_batch
 from aioproj.envs import PreparedEnv, prepare_env, select_env_manager
 from aioproj.errors import AioprojError, BackendError, InvalidArgumentError
-from aioproj.handle import RunStatus
 from aioproj.project import EnvType
 from aioproj.tracking import TrackingStore
 

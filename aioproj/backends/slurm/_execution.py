@@ -13,8 +13,8 @@ from pathlib import Path
 import anyio
 
 from aioproj._output import RunOutput
+from aioproj._status import RunStatus
 from aioproj._threads import run_short
-from aioproj.handle import RunStatus
 
 from ._cli import SlurmCli
 from ._poller import Poller, Watch

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from aioproj._status import RunStatus
 from aioproj.errors import BackendError
-from aioproj.handle import RunStatus
 
 from ._cli import QueueRow, SlurmCli
 from ._state import SCHEDULED_STATES, JobInfo

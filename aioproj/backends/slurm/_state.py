@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aioproj.handle import RunStatus
+from aioproj._status import RunStatus
 
 __all__ = [
     "FAILED_STATES",

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from aioproj.backends._process import ProcessGroup
+from aioproj._process import ProcessGroup
 
 __all__ = ["ACTIVE_STATES", "FakeRun", "RunScript", "drive", "run_process", "subprocess_env"]
 

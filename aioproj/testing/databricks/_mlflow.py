@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from aioproj.errors import InvalidArgumentError, TrackingError
-from aioproj.tracking import file_store as fs
+from aioproj.tracking import mlruns
 from aioproj.tracking.base import RUN_NAME_TAG, TERMINAL_STATUSES, validate_key
+from aioproj.tracking.file_store import FileStore
 
 __all__ = ["ARTIFACT_PREFIX", "MlflowApi", "MlflowApiError"]
 
@@ -62,7 +63,7 @@ class MlflowApi:
     """The tracking endpoints (``/api/2.0/mlflow/...``), backed by a file store at ``root``."""
 
     def __init__(self, root: Path) -> None:
-        self.store = fs.FileStore(root)
+        self.store = FileStore(root)
         self._layout = self.store._layout
         self.root = root
 
@@ -135,8 +136,8 @@ class MlflowApi:
 
     def _run_json(self, run_id: str) -> dict[str, Any]:
         folder, meta = self._layout._run_meta(run_id)
-        tags = fs._read_values(folder / "tags")
-        params = fs._read_values(folder / "params")
+        tags = mlruns.read_values(folder / "tags")
+        params = mlruns.read_values(folder / "params")
         metrics = _latest_metrics(folder / "metrics")
         exp_id = str(meta["experiment_id"])
         info: dict[str, Any] = {
@@ -145,7 +146,7 @@ class MlflowApi:
             "experiment_id": exp_id,
             "run_name": str(meta.get("run_name") or tags.get(RUN_NAME_TAG, "")),
             "user_id": str(meta.get("user_id") or "unknown"),
-            "status": fs._status_name(meta.get("status")),
+            "status": mlruns.status_name(meta.get("status")),
             "start_time": int(meta.get("start_time") or 0),
             "artifact_uri": f"dbfs:{ARTIFACT_PREFIX}/{exp_id}/{run_id}/artifacts",
             "lifecycle_stage": str(meta.get("lifecycle_stage", "active")),
@@ -192,17 +193,17 @@ class MlflowApi:
         def update() -> Any:
             folder, meta = self._layout._active_run_meta(run_id)
             if status is not None:
-                if status not in fs._STATUS_CODES:
+                if status not in mlruns.STATUS_CODES:
                     raise InvalidArgumentError(f"Invalid run status {status!r}.")
-                meta["status"] = fs._STATUS_CODES[str(status)]
+                meta["status"] = mlruns.STATUS_CODES[str(status)]
                 if status not in TERMINAL_STATUSES:
                     meta["end_time"] = None
             if end_time is not None:
                 meta["end_time"] = int(end_time)
             if run_name:
                 meta["run_name"] = str(run_name)
-                fs._write_values(folder / "tags", {RUN_NAME_TAG: str(run_name)})
-            fs._write_yaml(folder / fs._META, meta)
+                mlruns.write_values(folder / "tags", {RUN_NAME_TAG: str(run_name)})
+            mlruns.write_yaml(folder / mlruns.META, meta)
             return self._run_json(run_id)["info"]
 
         return {"run_info": await self._call(update)}
@@ -232,7 +233,7 @@ class MlflowApi:
                         f" Attempted logging new value '{value}'."
                     )
                 new_params[key] = value
-            fs._write_values(folder / "params", new_params)
+            mlruns.write_values(folder / "params", new_params)
             new_tags = {str(t["key"]): str(t.get("value", "")) for t in tags}
             for key in new_tags:
                 validate_key("tag", key)
@@ -280,7 +281,7 @@ class MlflowApi:
                 if not folder.is_dir():
                     continue
                 for entry in sorted(folder.iterdir()):
-                    if (entry / fs._META).is_file():
+                    if (entry / mlruns.META).is_file():
                         out.append(self._run_json(entry.name))
             out.sort(key=lambda r: -int(r["info"]["start_time"]))
             return out

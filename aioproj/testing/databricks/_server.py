@@ -8,7 +8,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 import re
 import secrets
 import socket
@@ -18,16 +17,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import anyio
 import anyio.abc
 from aiohttp import web
 
-from aioproj.testing._json import JsonBodyError, loads_bounded
-
+from ._api import ApiError, error_response
 from ._dbfs import DbfsError, FakeDbfs
-from ._jobs import FakeRun, RunScript, drive, run_process, subprocess_env
+from ._jobs import FakeRun, RunScript
+from ._jobs_api import JobsApi
 from ._mlflow import ARTIFACT_PREFIX, MlflowApi, MlflowApiError
 
 __all__ = ["FakeDatabricks", "Fault"]
@@ -35,41 +33,10 @@ __all__ = ["FakeDatabricks", "Fault"]
 logger = logging.getLogger("aioproj.testing.databricks")
 
 _API = re.compile(r"^/api/(2\.[0-2])/(.+)$")
-_TASK_TYPES = (
-    "spark_python_task",
-    "notebook_task",
-    "spark_jar_task",
-    "spark_submit_task",
-    "python_wheel_task",
-    "pipeline_task",
-    "sql_task",
-    "dbt_task",
-    "run_job_task",
-    "condition_task",
-    "for_each_task",
-    "shell_command_task",
-)
-_LIST_LIMIT_MAX = 25
 #: How many requests :attr:`FakeDatabricks.request_log` keeps.
 REQUEST_LOG_SIZE = 100_000
 _DEFAULT_TOKEN = "dapi-aioproj-emulator"
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-
-
-class _ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def _error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response(
-        {"error_code": code, "message": message}, status=status, headers=headers
-    )
 
 
 @dataclass
@@ -121,7 +88,7 @@ class Fault:
         return self.endpoint in key
 
 
-class FakeDatabricks:
+class FakeDatabricks(JobsApi):
     """An emulated Databricks workspace: Jobs API 2.0/2.1/2.2 runs, DBFS, the Files API for
     Unity Catalog volumes, MLflow tracking.
 
@@ -335,7 +302,7 @@ class FakeDatabricks:
         if not path.startswith("/oidc/") and not self._authorised(request):
             # Before anything is kept per request: unauthenticated floods stay flat.
             self.unauthenticated[request.method if request.method in _METHODS else "*"] += 1
-            return _error(
+            return error_response(
                 401,
                 "UNAUTHENTICATED",
                 "Credential was not sent or was of an unsupported type for this API.",
@@ -350,7 +317,7 @@ class FakeDatabricks:
                 wait = bucket.take(time.monotonic())
                 if wait > 0:
                     self.throttled[key] += 1
-                    return _error(
+                    return error_response(
                         429,
                         "REQUEST_LIMIT_EXCEEDED",
                         f"Too many requests for {endpoint}; the limit is {bucket.rate:g}/s.",
@@ -371,7 +338,9 @@ class FakeDatabricks:
                     502: "BAD_GATEWAY",
                     504: "DEADLINE_EXCEEDED",
                 }.get(fault.status, "INTERNAL_ERROR")
-                return _error(fault.status, code, f"Injected fault: HTTP {fault.status}", headers)
+                return error_response(
+                    fault.status, code, f"Injected fault: HTTP {fault.status}", headers
+                )
         response = await handler(request)
         if fault is not None and fault.drop_after:
             return self._drop(request)
@@ -412,7 +381,7 @@ class FakeDatabricks:
                 return await self._oidc(request)
             match = _API.match(path)
             if match is None:
-                raise _ApiError(
+                raise ApiError(
                     404, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {path}'"
                 )
             version, endpoint = match.groups()
@@ -425,44 +394,16 @@ class FakeDatabricks:
             for prefix in ("mlflow/", "preview/mlflow/"):
                 if endpoint.startswith(prefix):
                     return web.json_response(await self._mlflow(request, endpoint[len(prefix) :]))
-            raise _ApiError(
-                404, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {path}'"
-            )
-        except _ApiError as exc:
-            return _error(exc.status, exc.code, exc.message)
+            raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {path}'")
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
         except DbfsError as exc:
-            return _error(exc.status, exc.code, exc.message)
+            return error_response(exc.status, exc.code, exc.message)
         except MlflowApiError as exc:
-            return _error(exc.status, exc.code, exc.message)
+            return error_response(exc.status, exc.code, exc.message)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.exception("FakeDatabricks: %s %s failed", request.method, path)
-            return _error(500, "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}")
-
-    @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
-        if not request.can_read_body:
-            return {}
-        raw = await request.read()  # past client_max_size: 413, as the service answers
-        if not raw.strip():
-            return {}
-        try:
-            body = loads_bounded(raw)
-        except JsonBodyError as exc:
-            raise _ApiError(
-                400, "MALFORMED_REQUEST", f"Invalid JSON given in the body of the request: {exc}"
-            ) from None
-        if not isinstance(body, dict):
-            raise _ApiError(400, "MALFORMED_REQUEST", "The request body must be a JSON object")
-        return body
-
-    @staticmethod
-    def _method(request: web.Request, *allowed: str) -> None:
-        if request.method not in allowed:
-            raise _ApiError(
-                405 if request.method not in ("GET", "POST") else 404,
-                "ENDPOINT_NOT_FOUND",
-                f"No API found for '{request.method} {request.path}'",
-            )
+            return error_response(500, "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}")
 
     # -- OAuth M2M ---------------------------------------------------------------------
 
@@ -517,410 +458,14 @@ class FakeDatabricks:
                     "scope": str(form.get("scope", "all-apis")),
                 }
             )
-        raise _ApiError(
+        raise ApiError(
             404, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {request.path}'"
         )
 
     # -- Jobs --------------------------------------------------------------------------
 
-    async def _jobs(self, request: web.Request, version: str, endpoint: str) -> dict[str, Any]:
-        if endpoint == "runs/submit":
-            self._method(request, "POST")
-            return self._submit(version, await self._body(request))
-        if endpoint == "runs/get":
-            self._method(request, "GET")
-            run = self._run(request.query.get("run_id"), task_ok=True)
-            return run.run_json()
-        if endpoint == "runs/list":
-            self._method(request, "GET")
-            return self._list(request.query)
-        if endpoint == "runs/cancel":
-            self._method(request, "POST")
-            body = await self._body(request)
-            run = self._run(body.get("run_id"), task_ok=True)
-            if run.active:
-                run.cancel_requested.set()
-            return {}
-        if endpoint == "runs/get-output":
-            self._method(request, "GET")
-            raw = request.query.get("run_id")
-            run = self._run(raw, task_ok=True)
-            if version != "2.0" and str(run.run_id) == raw:
-                raise _ApiError(
-                    400,
-                    "INVALID_PARAMETER_VALUE",
-                    "Retrieving the output of runs with multiple tasks is not supported. Please"
-                    " retrieve the output of each individual task run instead.",
-                )
-            return run.output_json()
-        if endpoint == "runs/delete":
-            self._method(request, "POST")
-            body = await self._body(request)
-            run = self._run(body.get("run_id"))
-            if run.active:
-                raise _ApiError(400, "INVALID_STATE", "Cannot delete an active run")
-            run.deleted = True
-            return {}
-        raise _ApiError(
-            404, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {request.path}'"
-        )
-
-    def _run(self, raw: object, *, task_ok: bool = False) -> FakeRun:
-        try:
-            run_id = int(raw)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            raise _ApiError(
-                400, "INVALID_PARAMETER_VALUE", f"Invalid run_id: {raw!r} is not an integer"
-            ) from None
-        run = self.runs.get(run_id)
-        if run is None and task_ok:
-            run = next((r for r in self.runs.values() if r.task_run_id == run_id), None)
-        if run is None or run.deleted:
-            raise _ApiError(400, "INVALID_PARAMETER_VALUE", f"Run {run_id} does not exist")
-        return run
-
-    def _submit(self, version: str, body: dict[str, Any]) -> dict[str, Any]:
-        token = body.get("idempotency_token")
-        if token is not None:
-            if not isinstance(token, str) or len(token) > 64:
-                raise _ApiError(
-                    400,
-                    "INVALID_PARAMETER_VALUE",
-                    "idempotency_token must be a string of at most 64 characters",
-                )
-            if token in self._by_token:
-                existing = self.runs[self._by_token[token]]
-                if existing.deleted:
-                    raise _ApiError(
-                        400,
-                        "INVALID_PARAMETER_VALUE",
-                        f"The run with idempotency token {token} was deleted",
-                    )
-                return {"run_id": existing.run_id}
-        run_name = body.get("run_name", "Untitled")
-        if not isinstance(run_name, str) or len(run_name.encode()) > 4096:
-            raise _ApiError(
-                400, "INVALID_PARAMETER_VALUE", "run_name must be a string of at most 4096 bytes"
-            )
-        tasks = body.get("tasks")
-        if version == "2.0" and tasks is None:
-            tasks = [
-                {
-                    "task_key": "task",
-                    **{
-                        k: v
-                        for k, v in body.items()
-                        if k not in ("run_name", "idempotency_token", "timeout_seconds")
-                    },
-                }
-            ]
-        if not isinstance(tasks, list) or not tasks:
-            raise _ApiError(400, "INVALID_PARAMETER_VALUE", "At least one task is required.")
-        if len(tasks) > 1:
-            raise _ApiError(
-                400,
-                "INVALID_PARAMETER_VALUE",
-                "FakeDatabricks runs one task per submit run; got " + str(len(tasks)),
-            )
-        task = tasks[0]
-        if (
-            not isinstance(task, dict)
-            or not isinstance(task.get("task_key"), str)
-            or not task["task_key"]
-        ):
-            raise _ApiError(
-                400, "INVALID_PARAMETER_VALUE", "Task key must be set: tasks[0].task_key"
-            )
-        kinds = [k for k in _TASK_TYPES if k in task]
-        if len(kinds) != 1:
-            raise _ApiError(
-                400,
-                "INVALID_PARAMETER_VALUE",
-                f"Exactly one task type must be set for task {task['task_key']},"
-                f" got {kinds or 'none'}",
-            )
-        if kinds[0] != "spark_python_task":
-            raise _ApiError(
-                400,
-                "INVALID_PARAMETER_VALUE",
-                f"FakeDatabricks runs spark_python_task tasks only, not {kinds[0]}",
-            )
-        spt = task["spark_python_task"]
-        if not isinstance(spt, dict) or not isinstance(spt.get("python_file"), str):
-            raise _ApiError(
-                400, "INVALID_PARAMETER_VALUE", "spark_python_task.python_file is required"
-            )
-        params = spt.get("parameters", [])
-        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
-            raise _ApiError(
-                400,
-                "INVALID_PARAMETER_VALUE",
-                "spark_python_task.parameters must be a list of strings",
-            )
-        if not any(
-            k in task
-            for k in ("new_cluster", "existing_cluster_id", "job_cluster_key", "environment_key")
-        ):
-            raise _ApiError(
-                400,
-                "INVALID_PARAMETER_VALUE",
-                "One of job_cluster_key, new_cluster, or existing_cluster_id must be specified.",
-            )
-        cluster = task.get("new_cluster")
-        if cluster is not None and (
-            not isinstance(cluster, dict) or "spark_version" not in cluster
-        ):
-            raise _ApiError(
-                400, "INVALID_PARAMETER_VALUE", "Missing required field: new_cluster.spark_version"
-            )
-        libraries = task.get("libraries", [])
-        if not isinstance(libraries, list) or not all(isinstance(lib, dict) for lib in libraries):
-            raise _ApiError(400, "INVALID_PARAMETER_VALUE", "libraries must be a list of objects")
-        timeout = body.get("timeout_seconds") or task.get("timeout_seconds") or 0
-        if not isinstance(timeout, int) or timeout < 0:
-            raise _ApiError(
-                400, "INVALID_PARAMETER_VALUE", "timeout_seconds must be a non-negative integer"
-            )
-        run_id = next(self._ids)
-        task_run_id = next(self._ids)
-        job_id = next(self._job_ids)
-        script = self._scripts.popleft() if self._scripts else self.script
-        run = FakeRun(
-            run_id=run_id,
-            task_run_id=task_run_id,
-            job_id=job_id,
-            run_name=run_name,
-            task=dict(task),
-            script=script,
-            page_url=f"{self.host}/?o={self.workspace_id}#job/{job_id}/run/{run_id}",
-            timeout_seconds=timeout,
-            idempotency_token=token,
-        )
-        self.runs[run_id] = run
-        if token is not None:
-            self._by_token[token] = run_id
-        assert self._tg is not None
-        self._tg.start_soon(drive, run, self._execute)
-        return {"run_id": run_id}
-
-    async def _execute(self, run: FakeRun) -> str:
-        python_file = run.task["spark_python_task"]["python_file"]
-        script: Path | None
-        try:
-            if python_file.startswith("/Volumes/"):
-                script = self.volume_path(python_file)
-            else:
-                script = self.dbfs.local(self.dbfs.normalise(python_file))
-        except (DbfsError, _ApiError):
-            script = None
-        env = subprocess_env(
-            os.environ,
-            {
-                "DATABRICKS_HOST": self.host,
-                "DATABRICKS_TOKEN": self.token,
-                # The emulator's stand-in for the /dbfs FUSE mount of a cluster.
-                "AIOPROJ_DBFS_FUSE_ROOT": str(self.dbfs.root),
-                # ... and for the /Volumes mount of Unity Catalog volumes.
-                "AIOPROJ_VOLUMES_FUSE_ROOT": str(self.workdir / "uc"),
-                "DB_IS_DRIVER": "TRUE",
-                "DATABRICKS_RUNTIME_VERSION": "15.4",
-            },
-        )
-        cwd = self.workdir / "runs" / str(run.run_id)
-        return await run_process(run, python=self.python, script_path=script, cwd=cwd, env=env)
-
-    def _list(self, query: Any) -> dict[str, Any]:
-        def flag(name: str) -> bool:
-            return str(query.get(name, "false")).lower() in ("true", "1")
-
-        active_only, completed_only = flag("active_only"), flag("completed_only")
-        if active_only and completed_only:
-            raise _ApiError(
-                400, "INVALID_PARAMETER_VALUE", "active_only and completed_only cannot both be true"
-            )
-        try:
-            limit = int(query.get("limit", 20))
-            offset = int(query.get("page_token") or query.get("offset") or 0)
-            start_from = int(query.get("start_time_from", 0))
-            start_to = int(query.get("start_time_to", 0))
-        except ValueError:
-            raise _ApiError(400, "INVALID_PARAMETER_VALUE", "Invalid list parameters") from None
-        if limit == 0:
-            limit = _LIST_LIMIT_MAX
-        if not 1 <= limit <= _LIST_LIMIT_MAX:
-            raise _ApiError(
-                400, "INVALID_PARAMETER_VALUE", f"limit must be between 1 and {_LIST_LIMIT_MAX}"
-            )
-        run_type = query.get("run_type")
-        runs = [
-            r
-            for r in self.runs.values()
-            if not r.deleted
-            and (not active_only or r.active)
-            and (not completed_only or not r.active)
-            and (run_type in (None, "SUBMIT_RUN"))
-            and (not query.get("job_id") or str(r.job_id) == query.get("job_id"))
-            and r.start_time >= start_from
-            and (not start_to or r.start_time <= start_to)
-        ]
-        runs.sort(key=lambda r: (r.end_time or r.start_time, r.run_id), reverse=True)
-        page = runs[offset : offset + limit]
-        expand = flag("expand_tasks")
-        out: dict[str, Any] = {"has_more": offset + limit < len(runs)}
-        if page:
-            out["runs"] = [r.run_json(with_tasks=expand) for r in page]
-        if offset + limit < len(runs):
-            out["next_page_token"] = str(offset + limit)
-        if offset:
-            out["prev_page_token"] = str(max(0, offset - limit))
-        return out
-
     # -- DBFS --------------------------------------------------------------------------
-
-    async def _dbfs(self, request: web.Request, endpoint: str) -> dict[str, Any]:
-        dbfs = self.dbfs
-        if request.method == "GET":
-            query = request.query
-            body = await self._body(request) if request.can_read_body else {}
-            path = query.get("path", body.get("path"))
-            if endpoint == "get-status":
-                return await dbfs.get_status(path)
-            if endpoint == "list":
-                return await dbfs.list(path)
-            if endpoint == "read":
-                return await dbfs.read(
-                    path,
-                    query.get("offset", body.get("offset")),
-                    query.get("length", body.get("length")),
-                )
-            raise _ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for 'GET {request.path}'")
-        self._method(request, "POST")
-        body = await self._body(request)
-        if endpoint == "put":
-            await dbfs.put(
-                body.get("path"), body.get("contents", ""), bool(body.get("overwrite", False))
-            )
-            return {}
-        if endpoint == "create":
-            return {
-                "handle": await dbfs.create(body.get("path"), bool(body.get("overwrite", False)))
-            }
-        if endpoint == "add-block":
-            await dbfs.add_block(body.get("handle"), body.get("data"))
-            return {}
-        if endpoint == "close":
-            await dbfs.close(body.get("handle"))
-            return {}
-        if endpoint == "mkdirs":
-            await dbfs.mkdirs(body.get("path"))
-            return {}
-        if endpoint == "delete":
-            await dbfs.delete(body.get("path"), bool(body.get("recursive", False)))
-            return {}
-        if endpoint == "move":
-            await dbfs.move(body.get("source_path"), body.get("destination_path"))
-            return {}
-        raise _ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for 'POST {request.path}'")
 
     # -- Files API (Unity Catalog volumes) ---------------------------------------------
 
-    def volume_path(self, path: str) -> Path:
-        """The local file behind a ``/Volumes/...`` path."""
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        if len(parts) < 5 or parts[0] != "Volumes" or ".." in parts:
-            raise _ApiError(
-                400,
-                "INVALID_PARAMETER_VALUE",
-                f"Invalid path {path}: expected /Volumes/<catalog>/<schema>/<volume>/<file>",
-            )
-        return self.workdir / "uc" / "/".join(parts)
-
-    async def _files(self, request: web.Request, path: str) -> web.StreamResponse:
-        local = anyio.Path(self.volume_path(path))
-        missing = _ApiError(404, "NOT_FOUND", f"The file {path} does not exist.")
-        if request.method == "PUT":
-            overwrite = request.query.get("overwrite", "false").lower() in ("true", "1")
-            if await local.exists() and not overwrite:
-                raise _ApiError(409, "ALREADY_EXISTS", f"The file {path} already exists.")
-            data = await request.read()
-            await local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".aioproj-tmp-{secrets.token_hex(6)}")
-            await tmp.write_bytes(data)
-            await tmp.replace(local)
-            return web.Response(status=204)
-        if request.method in ("GET", "HEAD"):
-            if not await local.is_file():
-                if request.method == "HEAD":
-                    return web.Response(status=404)
-                raise missing
-            stat = await local.stat()
-            headers = {
-                "Content-Type": "application/octet-stream",
-                "Last-Modified": time.strftime(
-                    "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(stat.st_mtime)
-                ),
-            }
-            if request.method == "HEAD":
-                headers["Content-Length"] = str(stat.st_size)
-                return web.Response(status=200, headers=headers)
-            return web.Response(body=await local.read_bytes(), headers=headers)
-        if request.method == "DELETE":
-            if not await local.is_file():
-                raise missing
-            await local.unlink()
-            return web.Response(status=204)
-        raise _ApiError(
-            405, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {request.path}'"
-        )
-
     # -- MLflow ------------------------------------------------------------------------
-
-    async def _mlflow(self, request: web.Request, endpoint: str) -> dict[str, Any]:
-        api = self.mlflow
-        query = request.query
-        if request.method == "GET":
-            if endpoint == "experiments/get":
-                return await api.get_experiment(query.get("experiment_id", ""))
-            if endpoint == "experiments/get-by-name":
-                return await api.get_experiment_by_name(query.get("experiment_name", ""))
-            if endpoint == "runs/get":
-                return await api.get_run(query.get("run_id") or query.get("run_uuid") or "")
-            if endpoint in ("metrics/get-history", "metrics/get-history-bulk-interval"):
-                return await api.metric_history(
-                    query.get("run_id", ""), query.get("metric_key", "")
-                )
-            if endpoint == "experiments/search":
-                return await api.search_experiments()
-            raise _ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for 'GET {request.path}'")
-        self._method(request, "POST")
-        body = await self._body(request)
-        run_id = str(body.get("run_id") or body.get("run_uuid") or "")
-        if endpoint == "experiments/create":
-            return await api.create_experiment(body.get("name"))
-        if endpoint == "experiments/search":
-            return await api.search_experiments()
-        if endpoint == "runs/create":
-            return await api.create_run(body)
-        if endpoint == "runs/update":
-            return await api.update_run(body)
-        if endpoint == "runs/log-batch":
-            return await api.log_batch(
-                run_id,
-                metrics=body.get("metrics") or [],
-                params=body.get("params") or [],
-                tags=body.get("tags") or [],
-            )
-        if endpoint == "runs/log-metric":
-            return await api.log_batch(run_id, metrics=[body])
-        if endpoint == "runs/log-parameter":
-            return await api.log_batch(run_id, params=[body])
-        if endpoint == "runs/set-tag":
-            return await api.log_batch(run_id, tags=[body])
-        if endpoint == "runs/delete-tag":
-            return await api.delete_tag(run_id, str(body.get("key", "")))
-        if endpoint == "runs/search":
-            return await api.search_runs(body)
-        if endpoint in ("runs/log-inputs", "runs/log-model", "runs/outputs"):
-            await api.get_run(run_id)
-            return {}
-        raise _ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for 'POST {request.path}'")

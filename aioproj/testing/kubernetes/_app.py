@@ -11,7 +11,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +18,12 @@ from aiohttp import web
 from aioproj.testing._json import JsonBodyError, loads_bounded
 
 from ._cluster import Cluster, Faults
+from ._discovery import (
+    VERSION,
+    core_resources,
+    openapi_group,
+    resource_entry,
+)
 from ._store import (
     RESOURCES,
     Obj,
@@ -32,6 +37,7 @@ from ._store import (
     parse_rv,
     status_body,
 )
+from ._tables import table_of, wants_table
 
 __all__ = ["ApiServer", "RequestRecord"]
 
@@ -42,17 +48,6 @@ _RESOURCE_PATH = re.compile(
     r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<res>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>status|log))?)?$"
 )
 _NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces(?:/(?P<name>[^/]+))?$")
-_VERSION = {
-    "major": "1",
-    "minor": "32",
-    "gitVersion": "v1.32.0-fake",
-    "gitCommit": "0000000000000000000000000000000000000000",
-    "gitTreeState": "clean",
-    "buildDate": "2026-01-01T00:00:00Z",
-    "goVersion": "go1.23.0",
-    "compiler": "gc",
-    "platform": "linux/amd64",
-}
 
 
 @dataclass(frozen=True)
@@ -90,218 +85,6 @@ def _error(exc: StatusError) -> web.Response:
     if exc.code == 429:
         headers.setdefault("Retry-After", "1")
     return _json(exc.body, exc.code, headers)
-
-
-def _age(stamp: str | None, end: str | None = None) -> str:
-    if not stamp:
-        return "<unknown>"
-    start = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    finish = (
-        datetime.strptime(end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-        if end
-        else datetime.now(timezone.utc)
-    )
-    seconds = max(0, int((finish - start).total_seconds()))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60}s" if seconds < 600 else f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60}m"
-
-
-def _job_state(job: Obj) -> str:
-    if job["metadata"].get("deletionTimestamp"):
-        return "Terminating"
-    conditions = {
-        c["type"]
-        for c in job.get("status", {}).get("conditions") or []
-        if c.get("status") == "True"
-    }
-    for kind in ("Failed", "Complete", "FailureTarget", "SuccessCriteriaMet", "Suspended"):
-        if kind in conditions:
-            return kind
-    return "Running"
-
-
-def _pod_state(pod: Obj) -> str:
-    if pod["metadata"].get("deletionTimestamp"):
-        return "Terminating"
-    status = pod.get("status", {})
-    for cs in status.get("containerStatuses") or []:
-        state = cs.get("state", {})
-        if "waiting" in state and state["waiting"].get("reason"):
-            return str(state["waiting"]["reason"])
-        if "terminated" in state and state["terminated"].get("reason"):
-            return str(state["terminated"]["reason"])
-    return str(status.get("phase", "Pending"))
-
-
-def _columns(resource: Resource) -> list[tuple[str, str]]:
-    if resource.name == "jobs":
-        return [
-            ("Name", "string"),
-            ("Status", "string"),
-            ("Completions", "string"),
-            ("Duration", "string"),
-            ("Age", "string"),
-        ]
-    if resource.name == "pods":
-        return [
-            ("Name", "string"),
-            ("Ready", "string"),
-            ("Status", "string"),
-            ("Restarts", "string"),
-            ("Age", "string"),
-        ]
-    if resource.name == "events":
-        return [
-            ("Last Seen", "string"),
-            ("Type", "string"),
-            ("Reason", "string"),
-            ("Object", "string"),
-            ("Message", "string"),
-        ]
-    if resource.name == "secrets":
-        return [("Name", "string"), ("Type", "string"), ("Data", "string"), ("Age", "string")]
-    return [("Name", "string"), ("Data", "string"), ("Age", "string")]
-
-
-def _cells(resource: Resource, obj: Obj) -> list[Any]:
-    meta = obj["metadata"]
-    age = _age(meta.get("creationTimestamp"))
-    if resource.name == "jobs":
-        status = obj.get("status", {})
-        start = status.get("startTime")
-        duration = _age(start, status.get("completionTime")) if start else ""
-        completions = f"{status.get('succeeded', 0)}/{obj['spec'].get('completions', 1)}"
-        return [meta["name"], _job_state(obj), completions, duration, age]
-    if resource.name == "pods":
-        statuses = obj.get("status", {}).get("containerStatuses") or []
-        ready = sum(1 for s in statuses if s.get("ready"))
-        restarts = sum(int(s.get("restartCount", 0)) for s in statuses)
-        total = len(obj.get("spec", {}).get("containers") or [])
-        return [meta["name"], f"{ready}/{total}", _pod_state(obj), str(restarts), age]
-    if resource.name == "events":
-        involved = obj.get("involvedObject", {})
-        return [
-            _age(obj.get("lastTimestamp")),
-            obj.get("type", ""),
-            obj.get("reason", ""),
-            f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '')}",
-            obj.get("message", ""),
-        ]
-    data = len(obj.get("data") or {}) + len(obj.get("binaryData") or {})
-    if resource.name == "secrets":
-        return [meta["name"], obj.get("type", "Opaque"), str(data), age]
-    return [meta["name"], str(data), age]
-
-
-def _table(resource: Resource, items: list[Obj], rv: str) -> Obj:
-    return {
-        "kind": "Table",
-        "apiVersion": "meta.k8s.io/v1",
-        "metadata": {"resourceVersion": rv},
-        "columnDefinitions": [
-            {
-                "name": n,
-                "type": t,
-                "format": "name" if n == "Name" else "",
-                "description": "",
-                "priority": 0,
-            }
-            for n, t in _columns(resource)
-        ],
-        "rows": [
-            {
-                "cells": _cells(resource, obj),
-                "object": {
-                    "kind": "PartialObjectMetadata",
-                    "apiVersion": "meta.k8s.io/v1",
-                    "metadata": obj["metadata"],
-                },
-            }
-            for obj in items
-        ],
-    }
-
-
-def _wants_table(request: web.Request) -> bool:
-    return "as=Table" in request.headers.get("Accept", "")
-
-
-def _core_resources() -> list[Obj]:
-    out = []
-    for resource in RESOURCES.values():
-        if resource.group:
-            continue
-        out.append(_resource_entry(resource))
-        if resource.name == "pods":
-            out.append(
-                {
-                    "name": "pods/log",
-                    "singularName": "",
-                    "namespaced": True,
-                    "kind": "Pod",
-                    "verbs": ["get"],
-                }
-            )
-            out.append(
-                {
-                    "name": "pods/status",
-                    "singularName": "",
-                    "namespaced": True,
-                    "kind": "Pod",
-                    "verbs": ["get", "patch", "update"],
-                }
-            )
-    out.append(
-        {
-            "name": "namespaces",
-            "singularName": "namespace",
-            "namespaced": False,
-            "kind": "Namespace",
-            "verbs": ["get", "list"],
-            "shortNames": ["ns"],
-        }
-    )
-    return out
-
-
-def _resource_entry(resource: Resource) -> Obj:
-    entry: Obj = {
-        "name": resource.name,
-        "singularName": resource.kind.lower(),
-        "namespaced": True,
-        "kind": resource.kind,
-        "verbs": list(resource.verbs),
-    }
-    if resource.short_names:
-        entry["shortNames"] = list(resource.short_names)
-    if resource.categories:
-        entry["categories"] = list(resource.categories)
-    return entry
-
-
-def _openapi_group(prefix: str, resources: list[Resource]) -> Obj:
-    paths: Obj = {}
-    for resource in resources:
-        paths[f"{prefix}/namespaces/{{namespace}}/{resource.name}/{{name}}"] = {
-            "patch": {
-                "x-kubernetes-group-version-kind": {
-                    "group": resource.group,
-                    "version": resource.version,
-                    "kind": resource.kind,
-                },
-                "parameters": [
-                    {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}
-                ],
-            }
-        }
-    return {
-        "openapi": "3.0.0",
-        "info": {"title": "FakeKubernetes", "version": "v1.32.0"},
-        "paths": paths,
-    }
 
 
 #: How many requests :attr:`ApiServer.requests` keeps: a flood must not grow the emulator.
@@ -406,7 +189,7 @@ class ApiServer:
 
     def _static(self, path: str) -> Obj | None:
         if path == "/version":
-            return dict(_VERSION)
+            return dict(VERSION)
         if path in ("/healthz", "/readyz", "/livez"):
             return {"status": "ok"}
         if path == "/api":
@@ -427,7 +210,7 @@ class ApiServer:
         if path == "/apis/batch":
             return {"kind": "APIGroup", "apiVersion": "v1", **group}
         if path == "/api/v1":
-            return {"kind": "APIResourceList", "groupVersion": "v1", "resources": _core_resources()}
+            return {"kind": "APIResourceList", "groupVersion": "v1", "resources": core_resources()}
         if path == "/apis/batch/v1":
             jobs = RESOURCES["jobs"]
             return {
@@ -435,7 +218,7 @@ class ApiServer:
                 "apiVersion": "v1",
                 "groupVersion": "batch/v1",
                 "resources": [
-                    _resource_entry(jobs),
+                    resource_entry(jobs),
                     {
                         "name": "jobs/status",
                         "singularName": "",
@@ -453,9 +236,9 @@ class ApiServer:
                 }
             }
         if path == "/openapi/v3/apis/batch/v1":
-            return _openapi_group("/apis/batch/v1", [RESOURCES["jobs"]])
+            return openapi_group("/apis/batch/v1", [RESOURCES["jobs"]])
         if path == "/openapi/v3/api/v1":
-            return _openapi_group("/api/v1", [r for r in RESOURCES.values() if not r.group])
+            return openapi_group("/api/v1", [r for r in RESOURCES.values() if not r.group])
         return None
 
     def _namespace(self, name: str | None) -> web.Response:
@@ -513,8 +296,8 @@ class ApiServer:
             raise StatusError(404, "NotFound", "the server could not find the requested resource")
         if method == "GET":
             obj = self.store.get(resource, namespace, name)
-            if _wants_table(request):
-                return _json(_table(resource, [obj], obj["metadata"]["resourceVersion"]))
+            if wants_table(request):
+                return _json(table_of(resource, [obj], obj["metadata"]["resourceVersion"]))
             return _json(obj)
         if method == "PUT":
             body = await self._body(request)
@@ -623,8 +406,8 @@ class ApiServer:
             items = items[start : start + limit]
         else:
             items = items[start:]
-        if _wants_table(request):
-            return _json(_table(resource, items, rv))
+        if wants_table(request):
+            return _json(table_of(resource, items, rv))
         listed = [
             {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")} for obj in items
         ]

@@ -27,9 +27,10 @@ import contextlib
 import logging
 import math
 import os
+import shlex
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,13 +40,26 @@ import anyio
 from aioproj._threads import run_short
 from aioproj.errors import BackendError
 
-from .docker import ENV_FILE_VAR, RUN_ID_LABEL, DockerPreparedEnv, _docker_output, env_file_text
+from .docker_cli import docker_output
 
 if TYPE_CHECKING:
+    from aioproj._status import RunStatus
     from aioproj.backends.base import Execution, Launch, StartRequest
-    from aioproj.handle import RunStatus
 
-__all__ = ["ContainerExecution", "ContainerLaunch", "recover_containers", "stop_run_containers"]
+__all__ = [
+    "ENV_FILE_VAR",
+    "RUN_ID_LABEL",
+    "ContainerExecution",
+    "ContainerLaunch",
+    "env_file_text",
+    "recover_containers",
+    "stop_run_containers",
+]
+
+#: The label of every container aioproj starts: its run's id (found again by it).
+RUN_ID_LABEL = "aioproj.run_id"
+#: The host variable naming the run's env file (set for the docker CLI at start).
+ENV_FILE_VAR = "AIOPROJ_DOCKER_ENV_FILE"
 
 logger = logging.getLogger("aioproj")
 
@@ -59,7 +73,7 @@ async def run_containers(docker: str, run_id: str) -> list[str]:
 
     Raises :class:`BackendError` if docker cannot list them.
     """
-    code, output = await _docker_output(
+    code, output = await docker_output(
         [docker, "ps", "-aq", "--no-trunc", "--filter", f"label={RUN_ID_LABEL}={run_id}"],
         cwd=Path("/"),
     )
@@ -91,10 +105,10 @@ async def stop_run_containers(
         return 0
     seconds = str(max(0, math.ceil(grace_period)))
     # Errors are expected here: a --rm container removes itself once stopped.
-    await _docker_output([docker, "stop", "--time", seconds, *found], cwd=Path("/"))
+    await docker_output([docker, "stop", "--time", seconds, *found], cwd=Path("/"))
     with anyio.move_on_after(_REMOVAL_WAIT):
         while left := await run_containers(docker, run_id):
-            await _docker_output([docker, "rm", "-f", *left], cwd=Path("/"))
+            await docker_output([docker, "rm", "-f", *left], cwd=Path("/"))
             await anyio.sleep(0.1)
     left = await run_containers(docker, run_id)
     if left:
@@ -170,12 +184,32 @@ def _remove_env_dir(directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def env_file_text(values: Mapping[str, str]) -> str:
+    """The env file: one ``export NAME='value'`` line per variable, for ``/bin/sh``.
+
+    Names are those an MLproject or aioproj accepts (checked when parsed); values are
+    single-quoted, so the shell reads them as data whatever they hold. Raises nothing.
+    """
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
+
+
 class ContainerLaunch:
     """A local launch of a docker_env run: writes its env file, and follows its container."""
 
-    def __init__(self, inner: Launch, env: DockerPreparedEnv) -> None:
+    def __init__(
+        self,
+        inner: Launch,
+        *,
+        docker: str,
+        file_env_names: Sequence[str] = (),
+        defined: Mapping[str, str] | None = None,
+    ) -> None:
         self._inner = inner
-        self._env = env
+        self._docker = docker
+        #: The variables that reach the container through the env file (none: no file).
+        self._file_env_names = tuple(file_env_names)
+        #: The values ``docker_env.environment`` sets (may be secret).
+        self._defined = dict(defined or {})
 
     @property
     def tags(self) -> Mapping[str, str]:
@@ -186,7 +220,7 @@ class ContainerLaunch:
         """Noted with the run's intent, before anything exists: if the driver dies while
         the run starts, ``aioproj recover`` still looks for its container."""
         state = dict(getattr(self._inner, "journal_state", None) or {})
-        state["docker"] = self._env.docker
+        state["docker"] = self._docker
         return state
 
     def __getattr__(self, name: str) -> Any:
@@ -196,9 +230,9 @@ class ContainerLaunch:
         """Write the env file, start the run. Raises as the wrapped launch; a failed or
         cancelled start removes the env file."""
         env_dir: Path | None = None
-        if self._env.file_env_names:
-            merged = {**os.environ, **self._env.defined, **request.tracking_env}
-            values = {n: merged[n] for n in self._env.file_env_names if n in merged}
+        if self._file_env_names:
+            merged = {**os.environ, **self._defined, **request.tracking_env}
+            values = {n: merged[n] for n in self._file_env_names if n in merged}
             env_file = await run_short(_write_env_file, request.run_id, values)
             env_dir = env_file.parent
             request = replace(
@@ -213,7 +247,7 @@ class ContainerLaunch:
             raise
         return ContainerExecution(
             execution,
-            docker=self._env.docker,
+            docker=self._docker,
             run_id=request.run_id,
             env_dir=env_dir,
             grace_period=request.grace_period,

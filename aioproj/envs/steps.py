@@ -1,8 +1,16 @@
-"""One build step of an environment: a child process whose output is kept for errors."""
+"""One build step of an environment: a child process whose output is kept for errors.
+
+Each step says what it does as it starts, every :data:`PROGRESS_INTERVAL` seconds while it
+runs (with its latest output line) and when it is done, on the ``aioproj.envs`` logger at
+INFO: an environment build of several minutes shows where it is instead of staying silent
+(``aioproj run`` and ``aioproj sweep`` print these lines).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import signal
@@ -16,7 +24,12 @@ from anyio.abc import Process
 from aioproj._marks import marked_env
 from aioproj.errors import EnvironmentBuildError
 
-__all__ = ["OutputTail", "run_step"]
+__all__ = ["PROGRESS_INTERVAL", "OutputTail", "kill_group", "run_step"]
+
+logger = logging.getLogger("aioproj.envs")
+
+#: Seconds between the "still running" lines of a long step.
+PROGRESS_INTERVAL = 15.0
 
 #: Bytes of a step's output kept for the error message.
 _TAIL_BYTES = 16_384
@@ -35,6 +48,14 @@ class OutputTail:
         self._data += chunk
         if len(self._data) > self._limit:
             del self._data[: len(self._data) - self._limit]
+
+    def last_line(self) -> str:
+        """The last non-empty line so far, decoded (at most 120 characters)."""
+        lines = self._data[-4096:].decode("utf-8", errors="replace").splitlines()
+        for line in reversed(lines):
+            if line.strip():
+                return line.strip()[:120]
+        return ""
 
     def text(self, lines: int = _TAIL_LINES) -> str:
         """The last ``lines`` lines, decoded."""
@@ -76,12 +97,47 @@ async def run_step(
             f"{what} failed: cannot run {shlex.join(args)}: {exc.strerror or exc}. {hint}"
         ) from exc
     tail = OutputTail()
-    code = await _supervise(process, tail, on_output)
+    progress = _Progress(what, tail)
+    try:
+        code = await _supervise(process, tail, on_output)
+    finally:
+        progress.stop()
     if code != 0:
         raise EnvironmentBuildError(
             f"{what} failed (exit code {code}) running: {shlex.join(args)}\n"
             f"--- last output ---\n{tail.text()}\n---\n{hint}"
         )
+    logger.info("%s: done in %.1f s", what, progress.seconds())
+
+
+class _Progress:
+    """Says that a step started, then every PROGRESS_INTERVAL seconds that it still runs
+    (with its latest output line), from loop callbacks: no task, nothing to cancel but a
+    timer."""
+
+    def __init__(self, what: str, tail: OutputTail) -> None:
+        self._what = what
+        self._tail = tail
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        logger.info("%s ...", what)
+        self._timer = self._loop.call_later(PROGRESS_INTERVAL, self._report)
+
+    def seconds(self) -> float:
+        return self._loop.time() - self._started
+
+    def _report(self) -> None:
+        last = self._tail.last_line()
+        logger.info(
+            "%s: still running (%.0f s)%s",
+            self._what,
+            self.seconds(),
+            f"; last output: {last}" if last else "",
+        )
+        self._timer = self._loop.call_later(PROGRESS_INTERVAL, self._report)
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 async def _supervise(
@@ -96,7 +152,7 @@ async def _supervise(
                 on_output(chunk)
         return await process.wait()
     except BaseException:
-        _kill_group(process.pid)
+        kill_group(process.pid)
         with anyio.CancelScope(shield=True):
             await process.wait()
         raise
@@ -105,6 +161,6 @@ async def _supervise(
             await process.aclose()
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     with contextlib.suppress(OSError):
         os.killpg(pgid, signal.SIGKILL)

@@ -23,7 +23,7 @@ import anyio
 
 from aioproj._threads import run_short
 
-__all__ = ["ProcessGroup"]
+__all__ = ["ProcessGroup", "open_pidfd"]
 
 #: Signals Python ignores that a child should get with their default action, as
 #: subprocess.Popen(restore_signals=True) does.
@@ -54,7 +54,7 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _open_pidfd(pid: int) -> int | None:
+def open_pidfd(pid: int) -> int | None:
     """A pidfd for ``pid``, or None where the kernel or a sandbox refuses one (then the
     exit is polled instead)."""
     try:
@@ -131,7 +131,7 @@ def _spawn_watched(
 ) -> tuple[int, int, int | None]:
     """:func:`_spawn`, and the child's pidfd, in the same worker-thread call."""
     pid, read_fd = _spawn(shell, command, cwd, env)
-    return pid, read_fd, _open_pidfd(pid)
+    return pid, read_fd, open_pidfd(pid)
 
 
 class ProcessGroup:
@@ -152,7 +152,7 @@ class ProcessGroup:
         self.pid = pid
         self._out_fd: int | None = read_fd
         self._on_output = on_output
-        self._pidfd = pidfd if pidfd is not None else _open_pidfd(pid)
+        self._pidfd = pidfd if pidfd is not None else open_pidfd(pid)
         self._exit_lock = anyio.Lock()
         self.returncode: int | None = None
         self.empty = False
