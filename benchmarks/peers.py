@@ -5,10 +5,10 @@ time.sleep(float(sys.argv[1]))" 0`` started at once and awaited, each through
 
 - **aioproj**: ``Runner.run(..., synchronous=False, env_manager="local")`` on a file
   store, in this process (local_sweep.py's ``with_aioproj``);
-- **Prefect 3**: one flow that submits N tasks (the default thread-pool task runner), each
-  running the command with ``subprocess.run``; the default tracking: a temporary local
-  Prefect server (SQLite in a fresh ``PREFECT_HOME``) records the flow run and every task
-  run with its state and logs;
+- **Prefect 3**: one flow that submits N tasks (the default thread-pool task runner: a
+  thread a task, unbounded), each running the command with ``subprocess.run``; the
+  default tracking: a temporary local Prefect server (SQLite in a fresh ``PREFECT_HOME``)
+  records the flow run and every task run with its state and logs;
 - **Ray 2**: N ``@ray.remote`` tasks, each running the command with ``subprocess.run``, on
   a local cluster started by ``ray.init()`` with its defaults (one CPU a task, so as many
   at once as the machine has cores); nothing is tracked;
@@ -97,6 +97,8 @@ def _run_command() -> int:
 def _prefect(root: Path) -> tuple[str, Callable[[int], None], Callable[[], None]]:
     os.environ["PREFECT_HOME"] = str(root / "prefect")
     os.environ.pop("PREFECT_API_URL", None)
+    # The temporary server's start-up waits 20 s by default: not enough on a busy machine.
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     import prefect
     from prefect import flow, task
 
