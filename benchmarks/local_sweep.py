@@ -66,17 +66,22 @@ def _child_env() -> dict[str, str]:
 # -- baselines ------------------------------------------------------------------------------
 
 
-async def lean_floor(n: int) -> None:
-    """posix_spawn + a pipe and a pidfd watched by loop callbacks: no threads, no tasks."""
+async def lean_floor(n: int, *, command: str | None = None, max_parallel: int = 0) -> None:
+    """posix_spawn + a pipe and a pidfd watched by loop callbacks: no threads, no tasks.
+
+    ``command`` (default: the workload's) runs under ``bash -c``; with ``max_parallel``
+    at most that many run at once, the next one started as one ends."""
     loop = asyncio.get_running_loop()
     bash = shutil.which("bash") or "/bin/bash"
-    argv = [bash, "-c", COMMAND.format(sleep=0)]
+    argv = [bash, "-c", COMMAND.format(sleep=0) if command is None else command]
     env = _child_env()
-    remaining = n
+    remaining = to_start = n
     done = loop.create_future()
     codes: list[int] = []
 
     def start_one() -> None:
+        nonlocal to_start
+        to_start -= 1
         read_fd, write_fd = os.pipe()
         pid = os.posix_spawn(
             bash,
@@ -101,6 +106,8 @@ async def lean_floor(n: int) -> None:
                 remaining -= 1
                 if remaining == 0:
                     done.set_result(None)
+                elif to_start:
+                    start_one()
 
         def on_output() -> None:
             try:
@@ -122,7 +129,7 @@ async def lean_floor(n: int) -> None:
         loop.add_reader(read_fd, on_output)
         loop.add_reader(pidfd, on_exit)
 
-    for _ in range(n):
+    for _ in range(min(n, max_parallel or n)):
         start_one()
     await done
     assert codes == [0] * n, codes
