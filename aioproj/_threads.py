@@ -5,11 +5,14 @@ spawn, its final status. Each hop to a worker thread and back costs the event lo
 than the call itself (a lock, a queue, a wake-up, a future), so calls made while others
 are waiting are run together: :func:`run_short` queues a call, and one worker-thread hop
 runs every call queued by then, one after the other, and hands each its result. At most
-:data:`SHORT_CALL_THREADS` such hops run at once: more threads doing Python work starve
-the event loop of the GIL (a 10 ms timer fired 200-350 ms late while 200 runs started on
-anyio's 40 default threads). Calls that wait for something else (a network fetch, an
-environment build, a lock held by another process) keep using anyio's default limiter,
-so they cannot hold these threads.
+:data:`SHORT_CALL_THREADS` such hops run at once: every thread doing Python work takes the
+GIL from the event loop for up to the switch interval (5 ms) at a time. A 10 ms timer fired
+200-350 ms late while 200 runs started on anyio's 40 default threads, and its p99 was
+25-40 ms with 4 short-call threads against 13-24 ms with one, at the same wall time and
+less CPU per run (benchmarks/local_sweep.py, N = 200 and 1,000, interleaved). So a call
+made here must not wait for anything but the local machine: calls that wait for something
+else (a network fetch, an environment build, a lock held by another process) use anyio's
+default limiter, so they cannot hold this thread.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ __all__ = ["SHORT_CALL_THREADS", "run_short"]
 _T = TypeVar("_T")
 
 #: Worker threads for short calls, per event loop.
-SHORT_CALL_THREADS = 4
+SHORT_CALL_THREADS = 1
 
 
 @dataclass(eq=False)
