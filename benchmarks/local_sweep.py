@@ -16,14 +16,17 @@ Printed per N, as median [min-max] of ``--reps`` repetitions: wall time of the l
 floor, of asyncio's subprocesses and of aioproj; aioproj's ratio to each; aioproj's
 driver CPU per run, absolute (this process's user+system time over all its threads,
 children excluded: ``time.process_time``), next to the floor's; the p99 lag of a 10 ms
-timer on the loop during a separate round of each; the load average while it ran.
+timer on the loop during separate rounds of each; the load average while it ran. First,
+in fresh interpreters (``--reps`` of them), after writing aioproj's bytecode as an install
+does: ``import aioproj``, the CPU of the first run on a fresh loop and Runner, and of a
+second Runner's first run in the same interpreter; their difference is the one-off cost.
 
     python benchmarks/local_sweep.py                 # N = 1, 50, 200
     python benchmarks/local_sweep.py -n 200 -n 1000 --reps 3
     python benchmarks/local_sweep.py -n 10 --mlflow  # also mlflow.projects.run, if installed
 
 Targets (DESIGN.md §5): aioproj / lean floor <= 1.2 at N = 200 and 1,000; driver CPU
-<= 3 ms per run; loop lag p99 <= 20 ms while 200 runs start.
+<= 3 ms per run; loop lag p99 <= 20 ms while 200 runs start; one-off cost <= 50 ms.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import asyncio
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -251,28 +255,72 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{med * scale:.{digits}f} [{low * scale:.{digits}f}-{high * scale:.{digits}f}]"
 
 
+def _compile_bytecode() -> None:
+    """Write aioproj's bytecode, as installing it does: the first-run figures are then an
+    installed package's, not a source tree's compiled on every import (which is what
+    they would be with PYTHONDONTWRITEBYTECODE set, or a read-only checkout)."""
+    import compileall
+    import importlib.util
+
+    spec = importlib.util.find_spec("aioproj")
+    if spec is None or spec.origin is None:
+        raise SystemExit("aioproj is not importable from this Python")
+    compileall.compile_dir(os.path.dirname(spec.origin), quiet=1)
+
+
+def _first_run_in_fresh_process() -> tuple[float, float, float]:
+    """In a fresh interpreter: ``import aioproj`` wall seconds, the CPU seconds of the first
+    run on a fresh loop with a fresh Runner (one-off imports included), and of the same on
+    a second fresh loop and Runner (what every Runner pays)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--first-run"], stdout=subprocess.PIPE, text=True, check=True
+    )
+    imported, first, second = map(float, done.stdout.split())
+    return imported, first, second
+
+
+def _first_run_here() -> None:
+    """``--first-run``: what :func:`_first_run_in_fresh_process` reads."""
+    start = time.perf_counter()
+    import aioproj  # noqa: F401
+
+    imported = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        project = _make_project(root)
+        asyncio.run(lean_floor(2))  # warm up bash and python, as the main rounds do
+        _, first = measure(with_aioproj, 1, project, (root / "first").as_uri())
+        _, second = measure(with_aioproj, 1, project, (root / "second").as_uri())
+    print(imported, first, second)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, action="append", help="runs per round (repeatable)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mlflow", action="store_true", help="also time mlflow.projects.run")
+    parser.add_argument("--first-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.first_run:
+        _first_run_here()
+        return
     sizes = args.n or [1, 50, 200]
 
-    import_start = time.perf_counter()
+    _compile_bytecode()
+    firsts = [_first_run_in_fresh_process() for _ in range(args.reps)]
     import aioproj  # noqa: F401  (imported once, outside the timings)
 
-    print(f"import aioproj: {(time.perf_counter() - import_start) * 1000:.0f} ms")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"in a fresh interpreter: import aioproj {spread([f[0] for f in firsts], 1000, 0)} ms"
+        f" wall; the first run on a fresh loop {spread([f[1] for f in firsts], 1000, 0)} ms CPU,"
+        f" a second Runner's first run {spread([f[2] for f in firsts], 1000, 0)} ms CPU:"
+        f" one-off cost {spread([f[1] - f[2] for f in firsts], 1000, 0)} ms CPU"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         project = _make_project(root)
         asyncio.run(lean_floor(2))  # warm up bash and python
-        first_wall, first_cpu = measure(with_aioproj, 1, project, (root / "first").as_uri())
-        print(
-            f"first run on a fresh loop (one-off imports included): {first_wall * 1000:.0f} ms"
-            f" wall, {first_cpu * 1000:.0f} ms CPU"
-        )
         print(
             "N | lean floor s | asyncio s | aioproj s | aioproj/floor | aioproj/asyncio"
             " | aioproj CPU ms/run | floor CPU ms/run | lag p99 ms aioproj (floor)"
@@ -293,16 +341,21 @@ def main() -> None:
                 ratios_asyncio.append(a_wall / s_wall)
                 cpu_ours.append(a_cpu / n)
                 cpu_floor.append(f_cpu / n)
-            # One more round of each, untimed, with a lag watcher on the loop.
-            floor_lags: list[float] = []
-            asyncio.run(_lagged(lean_floor(n), floor_lags))
-            lags: list[float] = []
-            asyncio.run(_lagged(with_aioproj(n, project, (root / f"lag-{n}").as_uri()), lags))
+            # As many more rounds of each, untimed, with a lag watcher on the loop.
+            lags, floor_lags = [], []
+            for rep in range(args.reps):
+                lagged: list[float] = []
+                asyncio.run(_lagged(lean_floor(n), lagged))
+                floor_lags.append(_p99(lagged))
+                lagged = []
+                store = (root / f"lag-{n}-{rep}").as_uri()
+                asyncio.run(_lagged(with_aioproj(n, project, store), lagged))
+                lags.append(_p99(lagged))
             print(
                 f"{n} | {spread(floors, digits=3)} | {spread(asyncios, digits=3)}"
                 f" | {spread(ours, digits=3)} | {spread(ratios)} | {spread(ratios_asyncio)}"
                 f" | {spread(cpu_ours, 1000)} | {spread(cpu_floor, 1000)}"
-                f" | {_p99(lags):.1f} ({_p99(floor_lags):.1f})",
+                f" | {spread(lags, digits=1)} ({spread(floor_lags, digits=1)})",
                 flush=True,
             )
             entries = store_entries_per_run(store, n)

@@ -12,8 +12,22 @@ its runs and records each run's true final status. See :mod:`._log` for the file
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._log import Journal, JournalError
 from ._records import record_exit
-from ._recover import RECOVERED_TAG, RecoveredRun, recover
+
+if TYPE_CHECKING:
+    from ._recover import RECOVERED_TAG, RecoveredRun, recover
 
 __all__ = ["RECOVERED_TAG", "Journal", "JournalError", "RecoveredRun", "record_exit", "recover"]
+
+
+def __getattr__(name: str) -> Any:
+    # Recovery is imported when asked for: a driver that only writes its journal does
+    # not pay for it on its first run.
+    if name in {"RECOVERED_TAG", "RecoveredRun", "recover"}:
+        from . import _recover
+
+        return getattr(_recover, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

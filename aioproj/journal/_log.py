@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -95,7 +94,7 @@ class Journal:
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = directory if directory is not None else cache_root() / "journal"
         #: ``<pid>-<random>``: names the files, and marks the driver's processes.
-        self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.id = f"{os.getpid()}-{os.urandom(4).hex()}"
         self.path = self.directory / f"{self.id}.log"
         self._lock_fd: int | None = None
         self._log_fd: int | None = None
