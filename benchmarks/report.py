@@ -39,6 +39,8 @@ RUNS: dict[str, dict[str, list[list[str]]]] = {
     },
     "cancel_sweep": {"small": [["-n", "50"]], "full": [["-n", "200"]]},
     "import_time": {"small": [["--reps", "5"]], "full": [["--reps", "20"]]},
+    "long_sweep": {"small": [["-n", "2000", "--reps", "1"]], "full": [["--reps", "1"]]},
+    "peers": {"small": [["-n", "20", "--reps", "1"]], "full": [["-n", "200", "--reps", "3"]]},
     "env_sweep": {"small": [["--runs", "5"]], "full": [["--runs", "20"]]},
     "sweep_overhead": {"small": [["-n", "20"]], "full": [["-n", "100"]]},
     "load": {"small": [["-n", "50", "--sweep", "200"]], "full": [[]]},
@@ -85,28 +87,36 @@ def run_script(script: str, args: list[str], timeout: float) -> Outcome:
     return Outcome(script, args, code, seconds, output)
 
 
-_ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)(.*)$")
+_ROW = re.compile(r"^(\d+) \|")
+_MLFLOW = re.compile(r"mlflow\.projects\.run N=(\d+): ([\d.]+) s")
+
+
+def _median(cell: str) -> float:
+    """The median of a ``median [min-max]`` cell."""
+    return float(cell.split()[0])
 
 
 def parse_local_sweep(output: str) -> list[dict[str, float]]:
-    """Rows of local_sweep.py: N, floor s, aioproj s, ratio, CPU ms/run[, mlflow s]."""
-    rows = []
+    """Rows of local_sweep.py's table (medians): N, lean floor s, aioproj s, their ratio,
+    aioproj's driver CPU ms/run, lag p99 ms, and mlflow s where it was timed."""
+    rows: list[dict[str, float]] = []
     for line in output.splitlines():
-        match = _ROW.match(line)
-        if not match:
-            continue
-        n, floor, ours, ratio, cpu, rest = match.groups()
-        row = {
-            "n": float(n),
-            "floor_s": float(floor),
-            "aioproj_s": float(ours),
-            "ratio": float(ratio),
-            "cpu_ms": float(cpu),
-        }
-        numbers = re.findall(r"(?<![\w(])(\d+\.\d+)(?![\w)])", rest)
-        if len(numbers) >= 3:  # lag p99, then mlflow s and mlflow/aioproj
-            row["mlflow_s"] = float(numbers[-2])
-        rows.append(row)
+        if _ROW.match(line):
+            cells = [c.strip() for c in line.split("|")]
+            rows.append(
+                {
+                    "n": float(cells[0]),
+                    "floor_s": _median(cells[1]),
+                    "aioproj_s": _median(cells[3]),
+                    "ratio": _median(cells[4]),
+                    "cpu_ms": _median(cells[6]),
+                    "lag_ms": _median(cells[8]),
+                }
+            )
+        elif match := _MLFLOW.search(line):
+            for row in rows:
+                if row["n"] == float(match[1]):
+                    row["mlflow_s"] = float(match[2])
     return rows
 
 
@@ -138,7 +148,7 @@ def plot(table: list[tuple[int, str, str, str]], size: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for column, label, style in ((1, "bare subprocess floor", "k--"), (2, "aioproj", "o-")):
+    for column, label, style in ((1, "lean floor", "k--"), (2, "aioproj", "o-")):
         points = [(row[0], float(row[column])) for row in table if row[column] != "-"]
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
@@ -178,8 +188,9 @@ def write_report(outcomes: list[Outcome], size: str, skipped: list[str]) -> None
             "## Runs per second",
             "",
             "N trivial local runs started at once and awaited (env manager `local`, file "
-            "store), as runs per second: aioproj, the bare floor (the same commands with "
-            "`asyncio.create_subprocess_exec`) and `mlflow.projects.run(synchronous=False)`"
+            "store), as runs per second: aioproj, the lean floor (the same commands started "
+            "with `posix_spawn` and watched with loop callbacks on a pipe and a pidfd: "
+            "benchmarks/local_sweep.py) and `mlflow.projects.run(synchronous=False)`"
             + ("" if has_mlflow else " (not installed here)")
             + ".",
             "",
@@ -187,13 +198,14 @@ def write_report(outcomes: list[Outcome], size: str, skipped: list[str]) -> None
             "|---:|---:|---:|---:|",
             *(f"| {n} | {f} | {a} | {m} |" for n, f, a, m in table),
             "",
-            "| N | aioproj / floor wall time | engine CPU ms/run | mlflow / aioproj wall time |",
-            "|---:|---:|---:|---:|",
+            "| N | aioproj / lean floor wall time | driver CPU ms/run | loop lag p99 ms"
+            " | mlflow / aioproj wall time |",
+            "|---:|---:|---:|---:|---:|",
         ]
         for row in sorted(sweep_rows, key=lambda r: (r["n"], "mlflow_s" in r)):
             versus = f"{row['mlflow_s'] / row['aioproj_s']:.0f}x" if "mlflow_s" in row else "-"
-            n, ratio, cpu = int(row["n"]), row["ratio"], row["cpu_ms"]
-            lines.append(f"| {n} | {ratio:.2f} | {cpu:.2f} | {versus} |")
+            n, ratio, cpu, lag = int(row["n"]), row["ratio"], row["cpu_ms"], row["lag_ms"]
+            lines.append(f"| {n} | {ratio:.2f} | {cpu:.2f} | {lag:.1f} | {versus} |")
         lines += ["", plot(table, size), ""]
     lines += ["## Every benchmark", "", "| script | arguments | exit | wall s |"]
     lines.append("|---|---|---:|---:|")
