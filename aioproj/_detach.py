@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -30,6 +30,7 @@ from aioproj._status import RunStatus
 from aioproj.errors import ExecutionError, InvalidArgumentError
 
 if TYPE_CHECKING:
+    from aioproj._run_args import RunArgs
     from aioproj.tracking.base import TrackingStore
 
 __all__ = [
@@ -59,51 +60,34 @@ class SupervisorError(ExecutionError):
         self.usage = usage
 
 
-def cli_args(
-    uri: str,
-    *,
-    entry_point: str,
-    version: str | None,
-    parameters: Mapping[str, Any] | None,
-    docker_args: Mapping[str, str | bool] | None,
-    experiment_name: str | None,
-    experiment_id: str | int | None,
-    backend_config: Mapping[str, Any] | str | None,
-    storage_dir: str | os.PathLike[str] | None,
-    run_id: str | None,
-    run_name: str | None,
-    env_manager: str | None,
-    build_image: bool,
-) -> list[str]:
+def cli_args(args: RunArgs) -> list[str]:
     """The ``aioproj run`` arguments of a :func:`aioproj.run` call."""
-    argv = ["run", uri, "-e", entry_point, "--wait"]
-    if version is not None:
-        argv += ["-v", version]
-    for name, value in (parameters or {}).items():
+    argv = ["run", args.uri, "-e", args.entry_point, "--wait"]
+    if args.version is not None:
+        argv += ["-v", args.version]
+    for name, value in (args.parameters or {}).items():
         argv += ["-P", f"{name}={value}"]
-    for name, flag in (docker_args or {}).items():
+    for name, flag in (args.docker_args or {}).items():
         if flag is True:
             argv += ["-A", str(name)]
         elif flag is not False:
             argv += ["-A", f"{name}={flag}"]
-    if experiment_name is not None:
-        argv += ["--experiment-name", experiment_name]
-    if experiment_id is not None:
-        argv += ["--experiment-id", str(experiment_id)]
-    if backend_config is not None:
-        argv += [
-            "-c",
-            backend_config if isinstance(backend_config, str) else json.dumps(backend_config),
-        ]
-    if storage_dir is not None:
-        argv += ["--storage-dir", os.fspath(storage_dir)]
-    if run_id is not None:
-        argv += ["--run-id", run_id]
-    if run_name is not None:
-        argv += ["--run-name", run_name]
-    if env_manager is not None:
-        argv += ["--env-manager", env_manager]
-    if build_image:
+    if args.experiment_name is not None:
+        argv += ["--experiment-name", args.experiment_name]
+    if args.experiment_id is not None:
+        argv += ["--experiment-id", str(args.experiment_id)]
+    config = args.backend_config
+    if config is not None:
+        argv += ["-c", config if isinstance(config, str) else json.dumps(config)]
+    if args.storage_dir is not None:
+        argv += ["--storage-dir", os.fspath(args.storage_dir)]
+    if args.run_id is not None:
+        argv += ["--run-id", args.run_id]
+    if args.run_name is not None:
+        argv += ["--run-name", args.run_name]
+    if args.env_manager is not None:
+        argv += ["--env-manager", args.env_manager]
+    if args.build_image:
         argv.append("--build-image")
     return argv
 

@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 
 from aioproj._paths import cache_root
+from aioproj._run_args import RunArgs
 from aioproj._shared import SharedCalls
 from aioproj.backends import (
     Backend,
@@ -90,32 +91,16 @@ class RunPreparation:
     _shared: SharedCalls
     _downloads: PathDownloads | None
 
-    async def _prepare(
-        self,
-        uri: str,
-        *,
-        entry_point: str,
-        version: str | None,
-        parameters: Mapping[str, Any] | None,
-        docker_args: Mapping[str, str | bool] | None,
-        experiment_name: str | None,
-        experiment_id: str | int | None,
-        backend: str | Backend,
-        backend_config: Mapping[str, Any] | str | None,
-        storage_dir: str | Path | None,
-        synchronous: bool,
-        env_manager: str | None,
-        build_image: bool,
-        docker_auth: Mapping[str, str] | None,
-    ) -> Prepared:
+    async def _prepare(self, args: RunArgs) -> Prepared:
         """Everything that can fail before a run is tracked: fetch the source, validate
         the project and parameters, prepare the backend, find the experiment."""
-        the_backend = await self._backend(backend)
-        config = await load_backend_config(backend_config)
+        the_backend = await self._backend(args.backend)
+        config = await load_backend_config(args.backend_config)
         store = await self._store()
         assert self._sources is not None
         # Runs started together (a sweep) share one fetch, one parse, one lookup.
         sources = self._sources
+        uri, version = args.uri, args.version
         source = await self._shared.run(
             f"fetch\0{uri}\0{version}", lambda: sources.fetch(uri, version)
         )
@@ -123,12 +108,14 @@ class RunPreparation:
             f"project\0{source.directory}",
             lambda: anyio.to_thread.run_sync(load_project, source.directory),
         )
-        ep = project.get_entry_point(entry_point)
+        ep = project.get_entry_point(args.entry_point)
         has_paths = any(p.type == "path" for p in ep.parameters.values())
         if has_paths:  # checks files exist
-            resolved = await anyio.to_thread.run_sync(resolve_parameters, project, ep, parameters)
+            resolved = await anyio.to_thread.run_sync(
+                resolve_parameters, project, ep, args.parameters
+            )
         else:
-            resolved = resolve_parameters(project, ep, parameters)
+            resolved = resolve_parameters(project, ep, args.parameters)
         # Tags and params checked before an environment, experiment or run is made.
         check_record(
             tags={**run_tags(source, ep, the_backend.name), **(extra_run_tags.get() or {})},
@@ -140,24 +127,25 @@ class RunPreparation:
             entry_point=ep,
             parameters=resolved,
             backend_config=config,
-            env_manager=env_manager,
-            docker_args=dict(docker_args or {}),
-            storage_dir=Path(storage_dir) if storage_dir is not None else None,
-            build_image=build_image,
-            docker_auth=docker_auth,
+            env_manager=args.env_manager,
+            docker_args=dict(args.docker_args or {}),
+            storage_dir=Path(args.storage_dir) if args.storage_dir is not None else None,
+            build_image=args.build_image,
+            docker_auth=args.docker_auth,
             env_cache_dir=(self._cache_dir or cache_root()) / "envs",
             tracking_uri=store.uri,
             version=version,
-            synchronous=synchronous,
+            synchronous=args.synchronous,
         )
         downloaded: Localized | None = None
         if has_paths and getattr(the_backend, "downloads_path_parameters", False):
             launch, downloaded = await self._prepare_downloading(
-                the_backend, request, parameters, store
+                the_backend, request, args.parameters, store
             )
         else:
             launch = await the_backend.prepare(request)
-        exp_key = None if experiment_id is None else str(experiment_id)
+        experiment_name = args.experiment_name
+        exp_key = None if args.experiment_id is None else str(args.experiment_id)
         try:
             exp_id = await self._shared.run(
                 f"experiment\0{store.uri}\0{experiment_name}\0{exp_key}",

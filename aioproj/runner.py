@@ -25,6 +25,7 @@ from aioproj._marks import build_mark, process_mark
 from aioproj._output import EchoMode
 from aioproj._paths import cache_root
 from aioproj._prepare import extra_run_tags
+from aioproj._run_args import RunArgs
 from aioproj._shared import SharedCalls
 from aioproj._start import RunStarting
 from aioproj.backends import (
@@ -256,83 +257,8 @@ class Runner(RunStarting):
                 )
             validate_env_manager(env_manager)
             check_record(run_name=run_name, experiment_name=experiment_name)
-            if detach:
-                from aioproj._detach import check_detach, cli_args  # detached runs only
-
-                check_detach(backend, synchronous, docker_auth)
-                return await self._run_detached(
-                    cli_args(
-                        uri,
-                        entry_point=entry_point,
-                        version=version,
-                        parameters=parameters,
-                        docker_args=docker_args,
-                        experiment_name=experiment_name,
-                        experiment_id=experiment_id,
-                        backend_config=backend_config,
-                        storage_dir=storage_dir,
-                        run_id=run_id,
-                        run_name=run_name,
-                        env_manager=env_manager,
-                        build_image=build_image,
-                    )
-                )
-            await self._open_journal()
-            # Processes started while preparing (environment builds) carry the driver's
-            # mark, so `aioproj recover` stops them if this process dies meanwhile.
-            mark = process_mark.set(build_mark(self._journal.id))
-            try:
-                return await self._run(
-                    uri,
-                    entry_point=entry_point,
-                    version=version,
-                    parameters=parameters,
-                    docker_args=docker_args,
-                    experiment_name=experiment_name,
-                    experiment_id=experiment_id,
-                    backend=backend,
-                    backend_config=backend_config,
-                    storage_dir=storage_dir,
-                    synchronous=synchronous,
-                    run_id=run_id,
-                    run_name=run_name,
-                    env_manager=env_manager,
-                    build_image=build_image,
-                    docker_auth=docker_auth,
-                )
-            finally:
-                process_mark.reset(mark)
-        finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-                self._idle = anyio.Event()
-
-    async def _run(
-        self,
-        uri: str,
-        *,
-        entry_point: str,
-        version: str | None,
-        parameters: Mapping[str, Any] | None,
-        docker_args: Mapping[str, str | bool] | None,
-        experiment_name: str | None,
-        experiment_id: str | int | None,
-        backend: str | Backend,
-        backend_config: Mapping[str, Any] | str | None,
-        storage_dir: str | Path | None,
-        synchronous: bool,
-        run_id: str | None,
-        run_name: str | None,
-        env_manager: str | None,
-        build_image: bool,
-        docker_auth: Mapping[str, str] | None,
-    ) -> SubmittedRun:
-        """The phases of :meth:`run` once its arguments are checked: prepare (nothing
-        tracked yet), wait for a slot, track and start (never interrupted), follow."""
-        async with self._starting:
-            prepared = await self._prepare(
-                uri,
+            args = RunArgs(
+                uri=uri,
                 entry_point=entry_point,
                 version=version,
                 parameters=parameters,
@@ -343,16 +269,42 @@ class Runner(RunStarting):
                 backend_config=backend_config,
                 storage_dir=storage_dir,
                 synchronous=synchronous,
+                run_id=run_id,
+                run_name=run_name,
                 env_manager=env_manager,
                 build_image=build_image,
                 docker_auth=docker_auth,
             )
+            if detach:
+                from aioproj._detach import check_detach, cli_args  # detached runs only
+
+                check_detach(backend, synchronous, docker_auth)
+                return await self._run_detached(cli_args(args))
+            await self._open_journal()
+            # Processes started while preparing (environment builds) carry the driver's
+            # mark, so `aioproj recover` stops them if this process dies meanwhile.
+            mark = process_mark.set(build_mark(self._journal.id))
+            try:
+                return await self._run(args)
+            finally:
+                process_mark.reset(mark)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+                self._idle = anyio.Event()
+
+    async def _run(self, args: RunArgs) -> SubmittedRun:
+        """The phases of :meth:`run` once its arguments are checked: prepare (nothing
+        tracked yet), wait for a slot, track and start (never interrupted), follow."""
+        async with self._starting:
+            prepared = await self._prepare(args)
         try:
             held = await self._acquire_slots(prepared.backend)
             async with self._starting:
                 handle = await self._start_in_runner(
                     functools.partial(
-                        self._track_and_start, prepared, run_id=run_id, run_name=run_name
+                        self._track_and_start, prepared, run_id=args.run_id, run_name=args.run_name
                     ),
                     held,
                 )
@@ -362,7 +314,7 @@ class Runner(RunStarting):
             if prepared.downloads is not None:  # removes what no started run uses
                 await prepared.downloads.release()
         try:
-            if synchronous:
+            if args.synchronous:
                 if not await handle.wait():
                     raise RunFailedError(handle.run_id, (await handle.get_status()).value)
                 logger.info("=== Run (ID '%s') succeeded ===", handle.run_id)

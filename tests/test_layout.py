@@ -43,7 +43,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the backend interface and run output", ("aioproj._output", "aioproj.backends.base")),
     ("environments", ("aioproj.envs",)),
     ("backends", ("aioproj.backends",)),
-    ("the run journal and the detached supervisor", ("aioproj.journal", "aioproj._detach")),
+    (
+        "a run's arguments, the run journal and the detached supervisor",
+        ("aioproj._run_args", "aioproj.journal", "aioproj._detach"),
+    ),
     ("the run handle", ("aioproj.handle",)),
     ("the runner and its phases", ("aioproj.runner", "aioproj._prepare", "aioproj._start")),
     ("sweeps and views of recorded runs", ("aioproj.sweeps", "aioproj._browse")),
