@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import tarfile
+import tempfile
 from pathlib import Path
 
 import anyio
@@ -401,6 +403,32 @@ async def test_poller_sends_no_request_per_run(
     assert rounds
     assert max(rounds) <= 2 * (1 + count // 25)
     assert sum(rounds) / len(rounds) < 3
+
+
+async def test_runs_started_together_share_one_temporary_directory_and_leave_none(
+    ws: FakeDatabricks,
+    project: Path,
+    backend: DatabricksBackend,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every run of a burst found no directory for the code tarballs yet; each used to make
+    # one, and all but the last were left in the temp dir for good.
+    temp = anyio.Path(tmp_path / "temp")
+    await temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ws.script = RunScript(pending=0.05, running=0.1, terminating=0.01, outcome="SUCCESS")
+    async with aioproj.Runner(echo="off") as runner:
+        runs = await asyncio.gather(
+            *(
+                runner.run(str(project), backend=backend, backend_config=CLUSTER, synchronous=False)
+                for _ in range(20)
+            )
+        )
+        assert len([p async for p in temp.glob("aioproj-databricks-*")]) == 1
+        assert [await r for r in runs] == [RunStatus.FINISHED] * 20
+    await backend.aclose()
+    assert [p async for p in temp.iterdir()] == []
 
 
 async def test_a_run_deleted_on_the_workspace_fails_alone(

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -322,9 +323,11 @@ class DatabricksBackend:
 
     async def _archive(self, directory: Path) -> CodeArchive:
         if self._tmp is None:
-            self._tmp = Path(
-                await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "aioproj-databricks-")
-            )
+            made = await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "aioproj-databricks-")
+            if self._tmp is None:
+                self._tmp = Path(made)
+            else:  # a run started alongside made one first: the runs share that one
+                await anyio.to_thread.run_sync(os.rmdir, made)
         target = self._tmp
 
         async def build() -> CodeArchive:
@@ -399,17 +402,19 @@ class DatabricksBackend:
         Runs still going on Databricks keep going. Shielded from cancellation.
         """
         with anyio.CancelScope(shield=True):
-            workspaces, self._workspaces = self._workspaces, {}
-            for workspace in workspaces.values():
-                await workspace.client.aclose()
-            stores, self._tag_stores = self._tag_stores, {}
-            for store in stores.values():
-                await store.aclose()
-            if self._tmp is not None:
-                tmp, self._tmp = self._tmp, None
-                await anyio.to_thread.run_sync(
-                    functools.partial(shutil.rmtree, tmp, ignore_errors=True)
-                )
+            try:
+                workspaces, self._workspaces = self._workspaces, {}
+                for workspace in workspaces.values():
+                    await workspace.client.aclose()
+                stores, self._tag_stores = self._tag_stores, {}
+                for store in stores.values():
+                    await store.aclose()
+            finally:
+                if self._tmp is not None:
+                    tmp, self._tmp = self._tmp, None
+                    await anyio.to_thread.run_sync(
+                        functools.partial(shutil.rmtree, tmp, ignore_errors=True)
+                    )
 
 
 @dataclass(frozen=True)
