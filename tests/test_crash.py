@@ -322,14 +322,16 @@ STALLING_CONDA = """\
 # A stand-in for conda whose environment builds never end.
 case "$1 $2" in
   "env list") echo '{"envs": []}' ;;
-  "env create"|"create "*) echo "$$" >> "$MARKS/build"; sleep 300 ;;
+  "env create"|"create "*) touch "$TMPDIR/half-built"; echo "$TMPDIR" > "$MARKS/tmpdir"
+    echo "$$" >> "$MARKS/build"; sleep 300 ;;
   *) echo "conda stand-in" ;;
 esac
 """
 
 
 async def test_killed_during_the_environment_build(tmp_path: Path, tracking_uri: str) -> None:
-    """The build's process carries the driver's mark: recover stops it; nothing tracked."""
+    """The build's process carries the driver's mark: recover stops it and removes its
+    temporary directory; nothing tracked."""
     scene = Scene(tmp_path, tracking_uri)
     (scene.project / "conda.yaml").write_text("name: x\ndependencies: [python=3.11]\n")
     text = (scene.project / "MLproject").read_text()
@@ -351,9 +353,12 @@ async def test_killed_during_the_environment_build(tmp_path: Path, tracking_uri:
         (build_pid,) = [int(p) for p in (scene.marks / "build").read_text().split()]
         await scene.kill_driver()
         assert not process_gone(build_pid)  # the build outlived its driver
+        build_temp = Path((scene.marks / "tmpdir").read_text().strip())
+        assert await anyio.Path(build_temp / "half-built").exists()
         records = await scene.recover_and_check(expect_runs=0)
         assert records == []
         assert process_gone(build_pid)
+        assert not await anyio.Path(build_temp).exists()  # the build's TMPDIR went with it
     finally:
         del os.environ["CONDA_EXE"], os.environ["MARKS"]
 

@@ -16,7 +16,7 @@ import pytest
 from aioproj.envs import steps
 from aioproj.errors import EnvironmentBuildError
 
-from .support import make_project
+from .support import make_project, until
 
 MLPROJECT = """
 name: progress
@@ -72,6 +72,36 @@ async def test_a_failed_step_is_not_done_and_stops_reporting(
     await anyio.sleep(0.3)  # the timer of a finished step is gone
     assert len(_messages(caplog)) == count
     assert not [m for m in _messages(caplog) if "done in" in m]
+
+
+@pytest.mark.parametrize("outcome", ["done", "failed", "cancelled"])
+async def test_a_steps_temporary_files_go_with_it(tmp_path: Path, outcome: str) -> None:
+    """What a build leaves in its TMPDIR (ensurepip's wheel, pip's unpacked sources) is
+    removed when the step ends, however it ends."""
+    seen = tmp_path / "tmpdir"
+    script = f'touch "$TMPDIR/pip-unpacked"; echo "$TMPDIR" > {seen}; '
+    script += {"done": "exit 0", "failed": "exit 1", "cancelled": "sleep 60"}[outcome]
+
+    async def step() -> None:
+        await steps.run_step(
+            ["sh", "-c", script], what="Building", hint="", cwd=tmp_path, env=os.environ
+        )
+
+    if outcome == "cancelled":
+        with anyio.move_on_after(30) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(step)
+                await until(seen.exists)
+                tg.cancel_scope.cancel()
+        assert not scope.cancelled_caught
+    elif outcome == "failed":
+        with pytest.raises(EnvironmentBuildError):
+            await step()
+    else:
+        await step()
+    temp = Path((await anyio.Path(seen).read_text()).strip())
+    assert temp.name.startswith("aioproj-build-")
+    assert not await anyio.Path(temp).exists()
 
 
 def test_aioproj_run_prints_what_it_builds_and_each_step(tmp_path: Path) -> None:

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import anyio
 from anyio.abc import Process
 
-from aioproj._marks import marked_env
+from aioproj._marks import build_temp_prefix, journal_of, marked_env, process_mark
 from aioproj.errors import EnvironmentBuildError
 
 __all__ = ["PROGRESS_INTERVAL", "OutputTail", "kill_group", "run_step"]
@@ -80,13 +83,39 @@ async def run_step(
     is killed and reaped before the cancellation propagates. The process carries the
     mark of the run preparation it belongs to (:mod:`aioproj._marks`), so ``aioproj
     recover`` stops it if the driver dies during the build.
+
+    The step's ``TMPDIR`` (and ``TMP``, ``TEMP``) is a directory of its own, removed when
+    it ends, on every path: what pip, ensurepip, uv or conda leave there when a build is
+    cancelled or fails goes with it (``aioproj recover`` removes a dead driver's).
     """
     args = [str(a) for a in argv]
+    mark = process_mark.get()
+    temp = await anyio.to_thread.run_sync(
+        lambda: tempfile.mkdtemp(prefix=build_temp_prefix(journal_of(mark)))
+    )
+    try:
+        step_env = {**marked_env(env, mark), "TMPDIR": temp, "TMP": temp, "TEMP": temp}
+        await _run_in(args, what, hint, cwd, step_env, on_output)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(
+                functools.partial(shutil.rmtree, temp, ignore_errors=True)
+            )
+
+
+async def _run_in(
+    args: list[str],
+    what: str,
+    hint: str,
+    cwd: Path,
+    env: dict[str, str],
+    on_output: Callable[[bytes], None] | None,
+) -> None:
     try:
         process = await anyio.open_process(
             args,
             cwd=cwd,
-            env=marked_env(env),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -322,13 +321,10 @@ class DatabricksBackend:
         )
 
     async def _archive(self, directory: Path) -> CodeArchive:
-        if self._tmp is None:
-            made = await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "aioproj-databricks-")
-            if self._tmp is None:
-                self._tmp = Path(made)
-            else:  # a run started alongside made one first: the runs share that one
-                await anyio.to_thread.run_sync(os.rmdir, made)
+        # Made once: the runs of a burst that find none share the one being made.
         target = self._tmp
+        if target is None:
+            target = await self._archives.run("\0temp", self._make_tmp)
 
         async def build() -> CodeArchive:
             try:
@@ -339,6 +335,12 @@ class DatabricksBackend:
                 ) from exc
 
         return await self._archives.run(str(directory), build)
+
+    async def _make_tmp(self) -> Path:
+        self._tmp = Path(
+            await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "aioproj-databricks-")
+        )
+        return self._tmp
 
     async def _set_tags(self, uri: str, run_id: str, tags: Mapping[str, str]) -> None:
         from aioproj.tracking import open_store
