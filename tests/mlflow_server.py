@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .support import download_artifact
+
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
@@ -140,7 +142,7 @@ def read_back(tracking_uri: str, run_id: str) -> dict[str, Any]:
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
     tags = dict(run.data.tags)
-    artifacts = client.download_artifacts(run_id, "aioproj/output.log")
+    output = download_artifact(client, run_id, "aioproj/output.log")
     return {
         "status": run.info.status,
         "run_name": run.info.run_name,
@@ -150,7 +152,7 @@ def read_back(tracking_uri: str, run_id: str) -> dict[str, Any]:
         "params": dict(run.data.params),
         "metrics": dict(run.data.metrics),
         "tags": {k: v for k, v in tags.items() if k not in _STORE_DEPENDENT_TAGS},
-        "output": Path(artifacts).read_text(),
+        "output": output.decode(),
     }
 
 

@@ -144,3 +144,13 @@ async def until(check: Any, *, limit: float = 30.0, interval: float = 0.01) -> N
     with anyio.fail_after(limit):
         while not await anyio.to_thread.run_sync(check):  # noqa: ASYNC110
             await anyio.sleep(interval)
+
+
+def download_artifact(client: Any, run_id: str, path: str) -> bytes:
+    """The bytes of a run's artifact through MLflow's client, from a temporary directory
+    that is removed (MLflow's ``download_artifacts`` without a destination leaves one in
+    the system temp dir for good)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="aioproj-test-artifact-") as tmp:
+        return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()

@@ -254,7 +254,7 @@ async def test_mlflow_run_read_by_us(store: FileStore) -> None:
     assert ours.status == "RUNNING"
 
 
-async def test_artifacts_listed_by_mlflow(store: FileStore) -> None:
+async def test_artifacts_listed_by_mlflow(store: FileStore, tmp_path: Path) -> None:
     run = await store.create_run("0", run_name=None, tags={}, params={})
     await store.log_artifact_bytes(run.run_id, "aioproj/output.log", b"one\n")
     await store.log_artifact_bytes(run.run_id, "aioproj/output.log", b"two\n", append=True)
@@ -263,7 +263,7 @@ async def test_artifacts_listed_by_mlflow(store: FileStore) -> None:
     assert sorted(a.path for a in top) == ["aioproj", "top.txt"]
     nested = await mlf(store, "list_artifacts", run.run_id, "aioproj")
     assert [(a.path, a.file_size) for a in nested] == [("aioproj/output.log", 8)]
-    local = await mlf(store, "download_artifacts", run.run_id, "aioproj/output.log")
+    local = await mlf(store, "download_artifacts", run.run_id, "aioproj/output.log", str(tmp_path))
     assert await anyio.Path(local).read_bytes() == b"one\ntwo\n"
     with pytest.raises(InvalidArgumentError, match="artifact path"):
         await store.log_artifact_bytes(run.run_id, "../escape", b"")

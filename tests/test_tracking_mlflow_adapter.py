@@ -17,6 +17,7 @@ from aioproj.tracking import FileStore, MlflowStore, TrackingStore, open_store
 from aioproj.tracking.base import CLIENT_KEY_TAG
 
 from .mlflow_server import read_back, write_tracked_project
+from .support import download_artifact
 
 pytestmark = [
     pytest.mark.anyio,
@@ -90,7 +91,7 @@ def _view(uri: str, run_id: str) -> dict[str, Any]:
         "user": run.info.user_id,
         "tags": dict(run.data.tags),
         "params": dict(run.data.params),
-        "artifact": Path(client.download_artifacts(run_id, "aioproj/output.log")).read_bytes(),
+        "artifact": download_artifact(client, run_id, "aioproj/output.log"),
     }
 
 

@@ -24,6 +24,7 @@ from aioproj.tracking.base import CLIENT_KEY_TAG
 from aioproj.tracking.rest import RestError
 
 from .mlflow_server import MlflowServer, free_port, read_back, write_tracked_project
+from .support import download_artifact
 
 pytestmark = pytest.mark.anyio
 
@@ -133,7 +134,6 @@ PARAMS = {"alpha": "0.5", "words": "two words", "empty": ""}
 def _mlflow_view(uri: str, run_id: str) -> dict[str, Any]:
     client = _client(uri)
     run = client.get_run(run_id)
-    local = client.download_artifacts(run_id, "aioproj/output.log")
     return {
         "status": run.info.status,
         "run_name": run.info.run_name,
@@ -143,7 +143,7 @@ def _mlflow_view(uri: str, run_id: str) -> dict[str, Any]:
         "user_id": run.info.user_id,
         "tags": dict(run.data.tags),
         "params": dict(run.data.params),
-        "artifact": Path(local).read_bytes(),
+        "artifact": download_artifact(client, run_id, "aioproj/output.log"),
     }
 
 
