@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ async def test_databricks_driver_killed_while_the_submit_is_in_flight(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The driver's temp dir, and this process's (where recover looks), are the test's own.
+    temp = anyio.Path(tmp_path / "temp")
+    await temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     with FaultProxy(ws.host) as proxy:
         monkeypatch.setenv("DATABRICKS_HOST", proxy.url)
         submitted = proxy.hold("POST", "/jobs/runs/submit")
@@ -68,6 +74,8 @@ async def test_databricks_driver_killed_while_the_submit_is_in_flight(
         )
         await until(submitted.is_set, limit=60)
         await _kill(proc)
+        # The dead driver's code tarball is left, in a directory named for it.
+        (tarballs,) = [p async for p in temp.glob(f"aioproj-databricks-{proc.pid}-*")]
         (entry,) = await journal_runs()
         assert not entry.started  # the Databricks run id never reached the journal
         run_id = entry.run_id
@@ -75,6 +83,7 @@ async def test_databricks_driver_killed_while_the_submit_is_in_flight(
         (fake,) = ws.runs.values()
         # While the Databricks run runs, recover leaves it (and its entry) alone.
         (still,) = await aioproj.recover()
+        assert not await tarballs.exists()
         assert (still.run_id, still.status) == (run_id, None)
         await until(lambda: fake.result_state is not None, limit=60)
         (ended,) = await aioproj.recover()

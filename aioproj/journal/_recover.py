@@ -33,7 +33,7 @@ import anyio
 import anyio.to_thread
 
 from aioproj._marks import build_temp_prefix
-from aioproj._paths import cache_root
+from aioproj._paths import cache_root, remove_orphaned_temps
 from aioproj.errors import AioprojError
 
 from ._log import lock_path, try_lock
@@ -167,6 +167,8 @@ async def recover(
             # Every leftover process of the dead drivers, builds included, in one stop.
             await _stop(dead_ids, grace_period)
             await anyio.to_thread.run_sync(_remove_build_temps, dead_ids)
+            # The Databricks backend's code tarballs of processes that were killed.
+            await anyio.to_thread.run_sync(remove_orphaned_temps, "databricks")
             # A run that ended on its own meanwhile wrote its exit code: that is its truth.
             exits = await anyio.to_thread.run_sync(_reread_exits, files)
             for index, (journal, run) in enumerate(todo):

@@ -28,6 +28,7 @@ import anyio.to_thread
 
 from aioproj._databricks_auth import DatabricksAuthError, WorkspaceAuth
 from aioproj._databricks_auth import resolve_workspace as _resolve_workspace
+from aioproj._paths import process_temp_prefix
 from aioproj._shared import SharedCalls
 from aioproj._status import RunStatus
 from aioproj.backends.base import Execution, LaunchRequest, StartRequest
@@ -337,9 +338,11 @@ class DatabricksBackend:
         return await self._archives.run(str(directory), build)
 
     async def _make_tmp(self) -> Path:
-        self._tmp = Path(
-            await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "aioproj-databricks-")
+        # Named for this process: `aioproj recover` removes it if the process is killed.
+        made = await anyio.to_thread.run_sync(
+            lambda: tempfile.mkdtemp(prefix=process_temp_prefix("databricks"))
         )
+        self._tmp = Path(made)
         return self._tmp
 
     async def _set_tags(self, uri: str, run_id: str, tags: Mapping[str, str]) -> None:
