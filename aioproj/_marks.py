@@ -17,14 +17,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Mapping
 
-__all__ = [
-    "MARK_VARIABLE",
-    "build_mark",
-    "build_temp_prefix",
-    "journal_of",
-    "marked_env",
-    "process_mark",
-]
+__all__ = ["MARK_VARIABLE", "build_mark", "marked_env", "process_mark"]
 
 #: The environment variable that marks a process as started by an aioproj driver.
 MARK_VARIABLE = "AIOPROJ_RUN_MARK"
@@ -39,17 +32,6 @@ process_mark: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 def build_mark(journal_id: str) -> str:
     """The mark of the environment builds of the driver whose journal is ``journal_id``."""
     return f"{journal_id}/build"
-
-
-def build_temp_prefix(journal_id: str | None) -> str:
-    """The name prefix of the temporary directory an environment build step gets as its
-    ``TMPDIR``: ``aioproj recover`` removes a dead driver's by its journal id."""
-    return f"aioproj-build-{journal_id or 'unjournaled'}-"
-
-
-def journal_of(mark: str | None) -> str | None:
-    """The journal id in a mark (``<journal id>/<what>``)."""
-    return mark.partition("/")[0] if mark else None
 
 
 def marked_env(env: Mapping[str, str], mark: str | None = None) -> dict[str, str]:

@@ -25,7 +25,7 @@ import anyio
 from aioproj._redact import scrub
 from aioproj.errors import EnvironmentBuildError
 
-from .steps import OutputTail, kill_group, run_step
+from .steps import OutputTail, run_step, supervise
 
 __all__ = [
     "CODE_DIR",
@@ -185,23 +185,7 @@ async def docker_output(
             f"Cannot run {shlex.join(argv[:3])}: {exc.strerror or exc}. {NO_DOCKER}"
         ) from exc
     tail = OutputTail(limit=1 << 20)
-    try:
-        if stdin is not None:
-            assert process.stdin is not None
-            await process.stdin.send(stdin)
-            await process.stdin.aclose()
-        assert process.stdout is not None
-        async for chunk in process.stdout:
-            tail.add(chunk)
-        code = await process.wait()
-    except BaseException:
-        kill_group(process.pid)
-        with anyio.CancelScope(shield=True):
-            await process.wait()
-        raise
-    finally:
-        with anyio.CancelScope(shield=True):
-            await process.aclose()
+    code = await supervise(process, tail, stdin=stdin)
     return code, tail.text(lines=10_000)
 
 

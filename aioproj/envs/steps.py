@@ -24,10 +24,11 @@ from pathlib import Path
 import anyio
 from anyio.abc import Process
 
-from aioproj._marks import build_temp_prefix, journal_of, marked_env, process_mark
+from aioproj._marks import marked_env
+from aioproj._paths import process_temp_prefix
 from aioproj.errors import EnvironmentBuildError
 
-__all__ = ["PROGRESS_INTERVAL", "OutputTail", "kill_group", "run_step"]
+__all__ = ["PROGRESS_INTERVAL", "OutputTail", "kill_group", "run_step", "supervise"]
 
 logger = logging.getLogger("aioproj.envs")
 
@@ -89,12 +90,11 @@ async def run_step(
     cancelled or fails goes with it (``aioproj recover`` removes a dead driver's).
     """
     args = [str(a) for a in argv]
-    mark = process_mark.get()
     temp = await anyio.to_thread.run_sync(
-        lambda: tempfile.mkdtemp(prefix=build_temp_prefix(journal_of(mark)))
+        lambda: tempfile.mkdtemp(prefix=process_temp_prefix("build"))
     )
     try:
-        step_env = {**marked_env(env, mark), "TMPDIR": temp, "TMP": temp, "TEMP": temp}
+        step_env = {**marked_env(env), "TMPDIR": temp, "TMP": temp, "TEMP": temp}
         await _run_in(args, what, hint, cwd, step_env, on_output)
     finally:
         with anyio.CancelScope(shield=True):
@@ -128,7 +128,7 @@ async def _run_in(
     tail = OutputTail()
     progress = _Progress(what, tail)
     try:
-        code = await _supervise(process, tail, on_output)
+        code = await supervise(process, tail, on_output)
     finally:
         progress.stop()
     if code != 0:
@@ -169,11 +169,20 @@ class _Progress:
         self._timer.cancel()
 
 
-async def _supervise(
-    process: Process, tail: OutputTail, on_output: Callable[[bytes], None] | None
+async def supervise(
+    process: Process,
+    tail: OutputTail,
+    on_output: Callable[[bytes], None] | None = None,
+    *,
+    stdin: bytes | None = None,
 ) -> int:
-    """Collect output until exit; kill the group and reap it on any error or cancel."""
+    """Write ``stdin`` (if any) and close it, collect output until exit; return the exit
+    code. On any error or cancellation the process group is killed and reaped first."""
     try:
+        if stdin is not None:
+            assert process.stdin is not None
+            await process.stdin.send(stdin)
+            await process.stdin.aclose()
         assert process.stdout is not None
         async for chunk in process.stdout:
             tail.add(chunk)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,6 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from aioproj._marks import build_temp_prefix
 from aioproj._paths import cache_root, remove_orphaned_temps
 from aioproj.errors import AioprojError
 
@@ -166,9 +163,10 @@ async def recover(
         if not dry_run and dead_ids:
             # Every leftover process of the dead drivers, builds included, in one stop.
             await _stop(dead_ids, grace_period)
-            await anyio.to_thread.run_sync(_remove_build_temps, dead_ids)
-            # The Databricks backend's code tarballs of processes that were killed.
-            await anyio.to_thread.run_sync(remove_orphaned_temps, "databricks")
+            # What killed processes left in the temp dir: environment build steps' TMPDIR
+            # (once their processes are stopped), the Databricks backend's code tarballs.
+            for kind in ("build", "databricks"):
+                await anyio.to_thread.run_sync(remove_orphaned_temps, kind)
             # A run that ended on its own meanwhile wrote its exit code: that is its truth.
             exits = await anyio.to_thread.run_sync(_reread_exits, files)
             for index, (journal, run) in enumerate(todo):
@@ -258,15 +256,6 @@ async def _stop(journal_ids: set[str], grace_period: float) -> None:
     if journal_ids:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(stop_marked, journal_ids, grace_period)
-
-
-def _remove_build_temps(journal_ids: set[str]) -> None:
-    """The temporary directories of the dead drivers' environment build steps (their
-    ``TMPDIR``, in this process's temp dir: see :func:`aioproj.envs.steps.run_step`)."""
-    base = Path(tempfile.gettempdir())
-    for journal_id in journal_ids:
-        for path in base.glob(build_temp_prefix(journal_id) + "*"):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 async def _plan(run: RunState, processes_alive: bool, now: int) -> Plan:
