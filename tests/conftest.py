@@ -13,6 +13,7 @@ from blockbuster import BlockBuster, blockbuster_ctx
 from . import mlflow_plugin_wheel
 from .docker_daemon import TEST_LABEL, DockerDaemon, DockerUnavailable, Registry
 from .mlflow_server import MlflowServer
+from .support import unavailable
 
 #: Session services that one test process must own: tests using them run in one xdist
 #: worker each (``--dist loadgroup``), so no two workers install, start or stop them.
@@ -112,13 +113,6 @@ def mlflow_test_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
         yield mlflow_plugin_wheel.PLUGIN_NAME
     finally:
         mlflow_plugin_wheel.uninstall()
-
-
-def unavailable(reason: str) -> None:
-    """Skip, with the reason, where a system service cannot be had; fail in CI."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: a service the tests need must be available)")
-    pytest.skip(reason)
 
 
 _DOCKER_TIMINGS = pytest.StashKey[dict[str, float]]()

@@ -6,9 +6,10 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
+import pytest
 
 PYTHON = sys.executable
 
@@ -154,3 +155,10 @@ def download_artifact(client: Any, run_id: str, path: str) -> bytes:
 
     with tempfile.TemporaryDirectory(prefix="aioproj-test-artifact-") as tmp:
         return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip, with the reason, where a system service cannot be had; fail in CI."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: a service the tests need must be available)")
+    pytest.skip(reason)
